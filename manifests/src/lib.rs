@@ -1,0 +1,43 @@
+//! Every byte a codeclm dataset puts on disk: codec shards, the Parquet sample manifests, the
+//! dataset config, and the directory layout that ties them together. The pipeline writes these
+//! formats and the model reads them; neither defines a format of its own.
+
+pub mod dataset;
+pub mod error;
+pub mod jpeg_stream;
+pub mod reader;
+pub mod samples;
+pub mod shard;
+
+pub use dataset::{DatasetConfig, DatasetLayout};
+pub use error::{Error, Result};
+pub use reader::Dataset;
+pub use samples::{SampleRow, Status};
+pub use shard::{Codec, CodecShard, CodecShardWriter, RecordLocation};
+
+/// Writes `bytes` to `path` atomically: a temp file beside it, fsync, then rename, so a reader
+/// (or a resumed build) sees either the old file or the whole new one, never a torn write.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = tmp_path(path);
+    let io = |source| Error::Io {
+        path: tmp.clone(),
+        source,
+    };
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The temp name used while `path` is being written (`name.tmp` in the same directory, so the
+/// final rename never crosses file systems). Stale ones are swept when a build resumes.
+pub fn tmp_path(path: &std::path::Path) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}

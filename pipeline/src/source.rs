@@ -1,0 +1,583 @@
+//! Where inputs come from: a directory tree, a file list, webdataset `.tar` shards, or Parquet
+//! files with an image-bytes column (Hugging Face layout). A source is planned into *parts* —
+//! the unit of work, resume and multi-machine sharding — in a deterministic order, lazily, so
+//! memory stays bounded however many inputs there are. Opening a part yields its items.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use polars::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// What kind of source a path is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// A directory tree of media files, walked recursively in sorted order.
+    Dir,
+    /// A text file with one path per line (relative paths are relative to the list's folder).
+    List,
+    /// webdataset shards: one `.tar` file, or a directory of them (img2dataset output).
+    Tar,
+    /// Parquet files with an image column (`{bytes, path}` struct or binary): one file or a directory.
+    Parquet,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceSpec {
+    pub kind: SourceKind,
+    pub path: PathBuf,
+    /// Parquet only: the image column (default: the first `{bytes, ...}` struct or binary column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("source {path}: {message}")]
+    Bad { path: PathBuf, message: String },
+}
+
+fn bad(path: &Path, message: impl Into<String>) -> SourceError {
+    SourceError::Bad {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+/// File extensions of sidecar files that a directory walk skips (webdataset/img2dataset keep
+/// captions and metadata next to the images).
+const SIDECARS: &[&str] = &[
+    "json", "txt", "md", "csv", "tsv", "parquet", "yaml", "yml", "xml", "py", "sh", "toml", "html",
+    "htm",
+];
+/// webdataset member extensions that hold an image.
+const TAR_IMAGE_EXTS: &[&str] = &[
+    "jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm", "tga", "avif", "heic",
+    "jxl",
+];
+
+impl SourceSpec {
+    /// Works out the kind from the path: `.tar` or a directory of them is webdataset, `.parquet`
+    /// or a directory of them is Parquet, another regular file is a list, any other directory a tree.
+    pub fn detect(path: &Path) -> Result<SourceSpec, SourceError> {
+        let meta = std::fs::metadata(path)
+            .map_err(|e| bad(path, format!("cannot read it ({e}); check the path")))?;
+        let ext = |p: &Path| {
+            p.extension()
+                .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        };
+        let kind = if meta.is_file() {
+            match ext(path).as_deref() {
+                Some("tar") => SourceKind::Tar,
+                Some("parquet") => SourceKind::Parquet,
+                _ => SourceKind::List,
+            }
+        } else {
+            let top: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| bad(path, format!("cannot list it: {e}")))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .collect();
+            let count = |x: &str| top.iter().filter(|p| ext(p).as_deref() == Some(x)).count();
+            let media = top.iter().filter(|p| !matches!(ext(p).as_deref(), Some(e) if SIDECARS.contains(&e) || e == "tar")).count();
+            if count("tar") > 0 && media == 0 {
+                SourceKind::Tar
+            } else if count("parquet") > 0 && media == 0 && count("tar") == 0 {
+                SourceKind::Parquet
+            } else {
+                SourceKind::Dir
+            }
+        };
+        Ok(SourceSpec {
+            kind,
+            path: path.to_path_buf(),
+            column: None,
+        })
+    }
+}
+
+/// One input: its identity (stable across runs and machines) and how to get its bytes.
+#[derive(Debug)]
+pub struct Item {
+    /// Path relative to the source root, `shard.tar#key`, or `file.parquet#row`.
+    pub identity: String,
+    pub kind: &'static str,
+    /// File extension, lower case, when there is one (names formats that have no signature).
+    pub ext: Option<String>,
+    pub payload: Payload,
+}
+
+#[derive(Debug)]
+pub enum Payload {
+    /// Read by the worker (parallel I/O for directory sources).
+    File(PathBuf),
+    Bytes(Vec<u8>),
+    /// The source itself failed for this input (unreadable archive member, bad row).
+    Failed(String),
+}
+
+impl Item {
+    /// The input's bytes, reading the file if needed.
+    pub fn bytes(&mut self) -> Result<Vec<u8>, String> {
+        match std::mem::replace(&mut self.payload, Payload::Bytes(Vec::new())) {
+            Payload::Bytes(b) => Ok(b),
+            Payload::File(p) => {
+                std::fs::read(&p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+            }
+            Payload::Failed(m) => Err(m),
+        }
+    }
+}
+
+/// A planned part: cheap to hold (at most `part_size` paths), opened only if it must be built.
+#[derive(Clone, Debug)]
+pub enum PartPlan {
+    Files {
+        root: PathBuf,
+        paths: Vec<PathBuf>,
+        kind: SourceKind,
+    },
+    Tar {
+        root: PathBuf,
+        file: PathBuf,
+    },
+    ParquetRows {
+        root: PathBuf,
+        file: PathBuf,
+        column: Option<String>,
+        start: usize,
+        len: usize,
+    },
+}
+
+fn lower_ext(p: &Path) -> Option<String> {
+    p.extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+}
+
+fn rel_identity(root: &Path, p: &Path) -> String {
+    p.strip_prefix(root)
+        .unwrap_or(p)
+        .to_string_lossy()
+        .replace('\\', "/")
+}
+
+/// Plans the source into parts, lazily and deterministically.
+pub fn plan(
+    spec: &SourceSpec,
+    part_size: usize,
+) -> Result<Box<dyn Iterator<Item = Result<PartPlan, SourceError>>>, SourceError> {
+    let part_size = part_size.max(1);
+    let root = spec.path.clone();
+    match spec.kind {
+        SourceKind::Dir => {
+            let walk = walkdir::WalkDir::new(&root)
+                .follow_links(true)
+                .sort_by_file_name()
+                .into_iter();
+            let files = walk.filter_map(move |entry| match entry {
+                Ok(e) if e.file_type().is_file() => {
+                    let hidden = e.file_name().to_string_lossy().starts_with('.');
+                    let sidecar =
+                        matches!(lower_ext(e.path()).as_deref(), Some(x) if SIDECARS.contains(&x));
+                    (!hidden && !sidecar).then(|| Ok(e.into_path()))
+                }
+                Ok(_) => None,
+                Err(e) => Some(Err(bad(
+                    e.path().unwrap_or(Path::new("?")),
+                    format!("cannot walk: {e}"),
+                ))),
+            });
+            Ok(Box::new(chunk_paths(
+                files,
+                part_size,
+                root,
+                SourceKind::Dir,
+            )))
+        }
+        SourceKind::List => {
+            let file =
+                File::open(&root).map_err(|e| bad(&root, format!("cannot open the list: {e}")))?;
+            let base = root.parent().map(Path::to_path_buf).unwrap_or_default();
+            let list = root.clone();
+            let lines = BufReader::new(file)
+                .lines()
+                .filter_map(move |line| match line {
+                    Ok(l) if l.trim().is_empty() || l.trim_start().starts_with('#') => None,
+                    Ok(l) => Some(Ok(PathBuf::from(l.trim()))),
+                    Err(e) => Some(Err(bad(&list, format!("cannot read the list: {e}")))),
+                });
+            Ok(Box::new(chunk_paths(
+                lines,
+                part_size,
+                base,
+                SourceKind::List,
+            )))
+        }
+        SourceKind::Tar => {
+            let files = files_with_ext(&root, "tar")?;
+            let base = if root.is_dir() {
+                root.clone()
+            } else {
+                root.parent().map(Path::to_path_buf).unwrap_or_default()
+            };
+            Ok(Box::new(files.into_iter().map(move |file| {
+                Ok(PartPlan::Tar {
+                    root: base.clone(),
+                    file,
+                })
+            })))
+        }
+        SourceKind::Parquet => {
+            let files = files_with_ext(&root, "parquet")?;
+            let base = if root.is_dir() {
+                root.clone()
+            } else {
+                root.parent().map(Path::to_path_buf).unwrap_or_default()
+            };
+            let column = spec.column.clone();
+            let mut plans = Vec::new();
+            for file in files {
+                let rows = File::open(&file)
+                    .map_err(|e| e.to_string())
+                    .and_then(|f| ParquetReader::new(f).num_rows().map_err(|e| e.to_string()))
+                    .map_err(|e| bad(&file, format!("cannot read its Parquet metadata: {e}")))?;
+                let mut start = 0;
+                while start < rows || (rows == 0 && start == 0) {
+                    let len = part_size.min(rows - start);
+                    plans.push(Ok(PartPlan::ParquetRows {
+                        root: base.clone(),
+                        file: file.clone(),
+                        column: column.clone(),
+                        start,
+                        len,
+                    }));
+                    if rows == 0 {
+                        break;
+                    }
+                    start += len;
+                }
+            }
+            Ok(Box::new(plans.into_iter()))
+        }
+    }
+}
+
+fn files_with_ext(root: &Path, ext: &str) -> Result<Vec<PathBuf>, SourceError> {
+    if root.is_file() {
+        return Ok(vec![root.to_path_buf()]);
+    }
+    let mut files: Vec<PathBuf> = walkdir::WalkDir::new(root)
+        .sort_by_file_name()
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file() && lower_ext(e.path()).as_deref() == Some(ext))
+        .map(|e| e.into_path())
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(bad(root, format!("no .{ext} files found")));
+    }
+    Ok(files)
+}
+
+fn chunk_paths(
+    mut paths: impl Iterator<Item = Result<PathBuf, SourceError>>,
+    part_size: usize,
+    root: PathBuf,
+    kind: SourceKind,
+) -> impl Iterator<Item = Result<PartPlan, SourceError>> {
+    std::iter::from_fn(move || {
+        let mut chunk = Vec::with_capacity(part_size.min(4096));
+        for p in paths.by_ref() {
+            match p {
+                Ok(p) => chunk.push(p),
+                Err(e) => return Some(Err(e)),
+            }
+            if chunk.len() == part_size {
+                break;
+            }
+        }
+        (!chunk.is_empty()).then(|| {
+            Ok(PartPlan::Files {
+                root: root.clone(),
+                paths: std::mem::take(&mut chunk),
+                kind,
+            })
+        })
+    })
+}
+
+/// Opens a planned part and yields its items in order.
+pub fn open(plan: PartPlan) -> Box<dyn Iterator<Item = Item> + Send> {
+    match plan {
+        PartPlan::Files { root, paths, kind } => Box::new(paths.into_iter().map(move |p| {
+            let (identity, path) = match kind {
+                SourceKind::List => (
+                    p.to_string_lossy().to_string(),
+                    if p.is_absolute() {
+                        p.clone()
+                    } else {
+                        root.join(&p)
+                    },
+                ),
+                _ => (rel_identity(&root, &p), p.clone()),
+            };
+            Item {
+                identity,
+                kind: "file",
+                ext: lower_ext(&path),
+                payload: Payload::File(path),
+            }
+        })),
+        PartPlan::Tar { root, file } => Box::new(TarItems::open(&root, &file)),
+        PartPlan::ParquetRows {
+            root,
+            file,
+            column,
+            start,
+            len,
+        } => Box::new(ParquetItems::new(&root, &file, column, start, len)),
+    }
+}
+
+/// Streams the images of one webdataset shard: members grouped by key (the member path up to
+/// the first `.` of its file name); the first image member of each key is the sample. A reader
+/// thread walks the archive and hands items over a small bounded channel, so memory stays at a
+/// few images however large the shard is.
+struct TarItems {
+    rx: crossbeam_channel::Receiver<Item>,
+}
+
+impl TarItems {
+    fn open(root: &Path, file: &Path) -> TarItems {
+        let name = rel_identity(root, file);
+        let file = file.to_path_buf();
+        let (tx, rx) = crossbeam_channel::bounded(16);
+        std::thread::spawn(move || read_tar(&name, &file, &tx));
+        TarItems { rx }
+    }
+}
+
+fn read_tar(name: &str, file: &Path, tx: &crossbeam_channel::Sender<Item>) {
+    let failed = |key: &str, message: String| Item {
+        identity: format!("{name}#{key}"),
+        kind: "tar",
+        ext: None,
+        payload: Payload::Failed(message),
+    };
+    let f = match File::open(file) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = tx.send(failed("", format!("cannot open {}: {e}", file.display())));
+            return;
+        }
+    };
+    let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, f));
+    let entries = match archive.entries() {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = tx.send(failed(
+                "",
+                format!("{} is not a readable tar archive: {e}", file.display()),
+            ));
+            return;
+        }
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut last_key = String::new();
+    for entry in entries {
+        let mut entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = tx.send(failed(
+                    &format!("{last_key}~damaged"),
+                    format!(
+                        "tar archive {} is damaged after member {last_key:?}: {e}",
+                        file.display()
+                    ),
+                ));
+                return;
+            }
+        };
+        if entry.header().entry_type() != tar::EntryType::Regular {
+            continue;
+        }
+        let Ok(path) = entry.path().map(|p| p.to_string_lossy().to_string()) else {
+            continue;
+        };
+        let (dir, base) = match path.rsplit_once('/') {
+            Some((d, b)) => (format!("{d}/"), b.to_string()),
+            None => (String::new(), path.clone()),
+        };
+        let Some((stem, ext)) = base.split_once('.') else {
+            continue;
+        };
+        let ext = ext.rsplit('.').next().unwrap_or(ext).to_ascii_lowercase();
+        if !TAR_IMAGE_EXTS.contains(&ext.as_str()) {
+            continue;
+        }
+        let key = format!("{dir}{stem}");
+        last_key = key.clone();
+        if !seen.insert(key.clone()) {
+            continue;
+        }
+        let mut bytes = Vec::with_capacity(entry.size().min(1 << 30) as usize);
+        let payload = match entry.read_to_end(&mut bytes) {
+            Ok(_) => Payload::Bytes(bytes),
+            Err(e) => Payload::Failed(format!("cannot read tar member {path}: {e}")),
+        };
+        if tx
+            .send(Item {
+                identity: format!("{name}#{key}"),
+                kind: "tar",
+                ext: Some(ext),
+                payload,
+            })
+            .is_err()
+        {
+            return; // the consumer stopped
+        }
+    }
+}
+
+impl Iterator for TarItems {
+    type Item = Item;
+    fn next(&mut self) -> Option<Item> {
+        self.rx.recv().ok()
+    }
+}
+
+/// Streams rows `[start, start + len)` of a Parquet file's image column, a few hundred at a time.
+struct ParquetItems {
+    name: String,
+    file: PathBuf,
+    column: Option<String>,
+    next_row: usize,
+    end: usize,
+    buffer: std::vec::IntoIter<Item>,
+    failed: bool,
+}
+
+const PARQUET_BATCH: usize = 256;
+
+impl ParquetItems {
+    fn new(
+        root: &Path,
+        file: &Path,
+        column: Option<String>,
+        start: usize,
+        len: usize,
+    ) -> ParquetItems {
+        ParquetItems {
+            name: rel_identity(root, file),
+            file: file.to_path_buf(),
+            column,
+            next_row: start,
+            end: start + len,
+            buffer: Vec::new().into_iter(),
+            failed: false,
+        }
+    }
+
+    fn read_batch(&mut self) -> Result<Vec<Item>, String> {
+        let f = File::open(&self.file)
+            .map_err(|e| format!("cannot open {}: {e}", self.file.display()))?;
+        let mut reader = ParquetReader::new(f);
+        let schema = reader.schema().map_err(|e| e.to_string())?;
+        let column = match &self.column {
+            Some(c) => c.clone(),
+            None => pick_image_column(&schema).ok_or_else(|| {
+                format!("{}: no image column found (a struct with a `bytes` field, or a binary column); name it with --image-column", self.file.display())
+            })?,
+        };
+        let n = PARQUET_BATCH.min(self.end - self.next_row);
+        let df = reader
+            .with_columns(Some(vec![column.clone()]))
+            .with_slice(Some((self.next_row, n)))
+            .finish()
+            .map_err(|e| {
+                format!(
+                    "cannot read rows {}..{} of {}: {e}",
+                    self.next_row,
+                    self.next_row + n,
+                    self.file.display()
+                )
+            })?;
+        let col = df.column(&column).map_err(|e| e.to_string())?;
+        let binary = match col.dtype() {
+            DataType::Struct(_) => col
+                .struct_()
+                .and_then(|s| s.field_by_name("bytes"))
+                .and_then(|s| s.binary().cloned())
+                .map_err(|e| format!("column {column}: {e}"))?,
+            DataType::Binary => col.binary().map_err(|e| e.to_string())?.clone(),
+            other => return Err(format!("column {column} has type {other}, expected binary or a struct with `bytes`; name another with --image-column")),
+        };
+        let items = (0..df.height())
+            .map(|i| {
+                let row = self.next_row + i;
+                let payload = match binary.get(i) {
+                    Some(b) => Payload::Bytes(b.to_vec()),
+                    None => Payload::Failed(format!("row {row} has no image bytes (null)")),
+                };
+                Item {
+                    identity: format!("{}#{row}", self.name),
+                    kind: "parquet",
+                    ext: None,
+                    payload,
+                }
+            })
+            .collect();
+        self.next_row += n;
+        Ok(items)
+    }
+}
+
+/// The first column that looks like Hugging Face's image feature (`{bytes, path}`) or raw bytes.
+fn pick_image_column(schema: &ArrowSchema) -> Option<String> {
+    use polars::prelude::ArrowDataType as A;
+    let has_bytes = |dt: &A| match dt {
+        A::Struct(fields) => fields.iter().any(|f| {
+            f.name.as_str() == "bytes"
+                && matches!(f.dtype, A::Binary | A::LargeBinary | A::BinaryView)
+        }),
+        A::Binary | A::LargeBinary | A::BinaryView => true,
+        _ => false,
+    };
+    schema
+        .iter()
+        .find(|(_, f)| has_bytes(&f.dtype))
+        .map(|(name, _)| name.to_string())
+}
+
+impl Iterator for ParquetItems {
+    type Item = Item;
+    fn next(&mut self) -> Option<Item> {
+        if let Some(item) = self.buffer.next() {
+            return Some(item);
+        }
+        if self.failed || self.next_row >= self.end {
+            return None;
+        }
+        match self.read_batch() {
+            Ok(items) => {
+                self.buffer = items.into_iter();
+                self.buffer.next()
+            }
+            Err(message) => {
+                // One row for the rest of the part: the run goes on with the next part.
+                self.failed = true;
+                Some(Item {
+                    identity: format!("{}#{}-{}", self.name, self.next_row, self.end),
+                    kind: "parquet",
+                    ext: None,
+                    payload: Payload::Failed(message),
+                })
+            }
+        }
+    }
+}
