@@ -1,6 +1,8 @@
 //! `codeclm`: the command line. Glue only: parse arguments once into validated configs, call the
 //! libraries, print the whole error chain on failure.
 
+mod bench;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -30,6 +32,9 @@ enum Command {
     /// Build, inspect, export and merge datasets of codec bytes.
     #[command(subcommand)]
     Dataset(DatasetCommand),
+    /// Benchmarks: single-threaded images/s and peak memory (see tools/bench_compare.py).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 #[derive(Subcommand)]
@@ -225,6 +230,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Dataset(DatasetCommand::Verify { dir }) => verify(&dir),
+        Command::Bench(cmd) => bench::run(cmd),
     }
 }
 

@@ -1,0 +1,98 @@
+//! The bad-input corpus (tests/fixtures/bad): every file becomes a manifest row with the right
+//! status and a message that says what is wrong; the run goes on and good files still land.
+
+use codeclm_manifests::{Dataset, Status};
+
+use crate::common::*;
+
+#[test]
+fn every_bad_file_is_a_row_with_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    for e in std::fs::read_dir(fixtures("bad")).unwrap().flatten() {
+        std::fs::copy(e.path(), src.join(e.file_name())).unwrap();
+    }
+    // Good photos mixed in: they must come through untouched by their neighbours' failures.
+    for good in ["chelsea.png", "rocket.jpg"] {
+        std::fs::copy(fixtures("images").join(good), src.join(good)).unwrap();
+    }
+    let out = build(&src, &tmp.path().join("ds"), &["--part-size", "4"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("2 ok, 12 failed"), "{stdout}");
+
+    let ds = Dataset::open(&tmp.path().join("ds")).unwrap();
+    let expect: &[(&str, Status, &str)] = &[
+        ("empty.jpg", Status::Empty, "empty"),
+        ("truncated.jpg", Status::Truncated, "Premature end"),
+        ("truncated.png", Status::Truncated, "end of file"),
+        ("corrupt_header.jpg", Status::Corrupt, "JPEG"),
+        ("corrupt_scan.jpg", Status::Corrupt, "Corrupt JPEG data"),
+        ("not_an_image.jpg", Status::Unrecognized, "not an image"),
+        ("random.bin", Status::Unrecognized, "not an image"),
+        ("bomb.png", Status::TooLarge, "--max-pixels"),
+        ("huge_dims.jpg", Status::TooLarge, "65000x65000"),
+        ("unsupported.ppm", Status::Unsupported, "PNM"),
+        ("unsupported.tga", Status::Unsupported, "TGA"),
+        ("zero_dims.png", Status::Corrupt, "dimensions"),
+        ("chelsea.png", Status::Ok, ""),
+        ("rocket.jpg", Status::Ok, ""),
+    ];
+    assert_eq!(ds.rows().len(), expect.len(), "one row per input, README.md skipped as a sidecar");
+    for (name, status, needle) in expect {
+        let row = ds.rows().iter().find(|r| r.source == *name).unwrap_or_else(|| panic!("no row for {name}"));
+        assert_eq!(row.status, *status, "{name}: {:?}", row.error);
+        if *status == Status::Ok {
+            assert!(row.error.is_none() && row.codec_bytes.unwrap() > 1000);
+            ds.jpeg_file(row).unwrap();
+        } else {
+            let err = row.error.as_deref().unwrap_or_default();
+            assert!(err.contains(needle), "{name}: error {err:?} should mention {needle:?}");
+            assert!(row.shard.is_none() && row.codec_bytes.is_none());
+        }
+    }
+}
+
+#[test]
+fn pixel_limit_is_configurable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::copy(fixtures("images").join("chelsea.png"), src.join("chelsea.png")).unwrap();
+    build(&src, &tmp.path().join("ds"), &["--max-pixels", "10000"]);
+    let ds = Dataset::open(&tmp.path().join("ds")).unwrap();
+    assert_eq!(ds.rows()[0].status, Status::TooLarge);
+}
+
+#[test]
+fn damaged_shard_is_reported_with_file_and_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds_dir = tmp.path().join("ds");
+    build(&fixtures("images"), &ds_dir, &[]);
+    run_ok(codeclm().args(["dataset", "verify"]).arg(&ds_dir));
+    let shard = ds_dir.join("shards/part-000000-jpeg-000.shard");
+    let len = std::fs::metadata(&shard).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&shard).unwrap().set_len(len - 100).unwrap();
+    let out = codeclm().args(["dataset", "verify"]).arg(&ds_dir).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("part-000000-jpeg-000.shard") && err.contains("rerun `codeclm dataset build`"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn resuming_with_other_settings_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds_dir = tmp.path().join("ds");
+    build(&fixtures("images"), &ds_dir, &[]);
+    let out = codeclm()
+        .args(["dataset", "build", "--no-progress", "--quality", "30", "--images"])
+        .arg(fixtures("images"))
+        .arg("--out")
+        .arg(&ds_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("image.jpeg.quality: 25 vs 30") && err.contains("choose a new --out"), "{err}");
+}

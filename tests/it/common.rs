@@ -1,0 +1,97 @@
+//! Shared helpers: paths, running the CLI, reading datasets, the Python reference.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use codeclm_manifests::Dataset;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixtures(sub: &str) -> PathBuf {
+    repo().join("tests/fixtures").join(sub)
+}
+
+pub fn codeclm() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_codeclm"));
+    c.env("CODECLM_LOG", "warn");
+    c
+}
+
+/// Runs the CLI and insists that it succeeded.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn codeclm");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn build(images: &Path, out: &Path, extra: &[&str]) -> Output {
+    run_ok(codeclm().args(["dataset", "build", "--no-progress", "--images"]).arg(images).arg("--out").arg(out).args(extra))
+}
+
+/// Source identity -> stored codec bytes, for every successful sample.
+pub fn codec_by_source(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let ds = Dataset::open(dir).unwrap();
+    ds.rows().iter().filter(|r| r.is_ok()).map(|r| (r.source.clone(), ds.codec_bytes(r).unwrap())).collect()
+}
+
+/// Runs `tools/pillow_ref.py`; fails with an install hint when Pillow is missing.
+pub fn pillow_ref(out: &Path, args: &[&str], files: &[PathBuf]) {
+    let status = Command::new("python3")
+        .arg(repo().join("tools/pillow_ref.py"))
+        .arg("--out")
+        .arg(out)
+        .args(args)
+        .args(files)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("python3 is required for the reference tests");
+    assert!(
+        status.success(),
+        "tools/pillow_ref.py failed: the reference tests need Pillow 13 (`pip install -r tools/requirements.txt`)"
+    );
+}
+
+/// Every file under `dir` (relative path -> bytes), except run logs, which hold timings.
+pub fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for entry in walk(dir) {
+        let rel = entry.strip_prefix(dir).unwrap().to_string_lossy().to_string();
+        if rel.starts_with("runs/") {
+            continue;
+        }
+        out.insert(rel, std::fs::read(&entry).unwrap());
+    }
+    out
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            files.extend(walk(&p));
+        } else {
+            files.push(p);
+        }
+    }
+    files.sort();
+    files
+}
+
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let (ta, tb) = (tree(a), tree(b));
+    let names = |t: &BTreeMap<String, Vec<u8>>| t.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(names(&ta), names(&tb), "{} and {} hold different files", a.display(), b.display());
+    for (name, bytes) in &ta {
+        assert!(bytes == &tb[name], "{name} differs between {} and {}", a.display(), b.display());
+    }
+}

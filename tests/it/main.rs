@@ -1,0 +1,8 @@
+//! Integration tests on real media: one binary (one link of the whole stack), one module per concern.
+
+mod bad_inputs;
+mod common;
+mod pillow_identity;
+mod resume_and_shards;
+mod sources;
+mod transforms;

@@ -1,0 +1,101 @@
+//! Atomic writes and resume (kill the build at random points, rerun, get the uninterrupted
+//! bytes), and multi-machine sharding (3 workers + merge = one run).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::common::*;
+
+/// Bundled photos plus the odd corpus: ~36 inputs of mixed formats and sizes.
+fn mixed_source(root: &Path) -> PathBuf {
+    let src = root.join("src");
+    for (sub, dir) in [("images", "a"), ("odd", "b"), ("bad", "c")] {
+        let d = src.join(dir);
+        std::fs::create_dir_all(&d).unwrap();
+        for e in std::fs::read_dir(fixtures(sub)).unwrap().flatten() {
+            std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+        }
+    }
+    src
+}
+
+const FLAGS: &[&str] = &["--part-size", "3", "--workers", "1", "--shard-max-mib", "1"];
+
+#[test]
+fn killed_builds_resume_to_the_uninterrupted_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = mixed_source(tmp.path());
+    let reference = tmp.path().join("reference");
+    build(&src, &reference, FLAGS);
+
+    let resumed = tmp.path().join("resumed");
+    // Kill at increasing points (a fixed pseudo-random schedule), then let a final run finish.
+    let mut killed_mid_run = 0;
+    let mut seed = 0x2545F4914F6CDD1Du64;
+    for _ in 0..8 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = Duration::from_millis(5 + seed % 120);
+        let mut child = codeclm()
+            .args(["dataset", "build", "--no-progress", "--images"])
+            .arg(&src)
+            .arg("--out")
+            .arg(&resumed)
+            .args(FLAGS)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL: no cleanup, no flush
+            killed_mid_run += 1;
+        }
+        child.wait().unwrap();
+    }
+    assert!(killed_mid_run >= 3, "only {killed_mid_run} runs were interrupted: the test did not test resume");
+    let out = build(&src, &resumed, FLAGS);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("dataset complete"));
+    assert_same_tree(&reference, &resumed);
+
+    // A rerun of a finished dataset does nothing and changes nothing.
+    let out = build(&src, &resumed, FLAGS);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("built 0 images"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_same_tree(&reference, &resumed);
+}
+
+#[test]
+fn three_workers_and_a_merge_equal_one_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = mixed_source(tmp.path());
+    let single = tmp.path().join("single");
+    build(&src, &single, FLAGS);
+
+    // Separate machines: each writes its own directory, then merge.
+    let mut dirs = Vec::new();
+    for i in 0..3 {
+        let dir = tmp.path().join(format!("worker{i}"));
+        let out = build(&src, &dir, &[FLAGS, &["--shard-index", &i.to_string(), "--num-shards", "3"]].concat());
+        assert!(String::from_utf8_lossy(&out.stdout).contains("dataset merge"));
+        assert!(!dir.join("samples.parquet").exists());
+        dirs.push(dir);
+    }
+    let merged = tmp.path().join("merged");
+    run_ok(codeclm().args(["dataset", "merge", "--out"]).arg(&merged).args(&dirs));
+    assert_same_tree(&single, &merged);
+
+    // Shared storage: all workers write one directory; the last one to finish consolidates.
+    let shared = tmp.path().join("shared");
+    for i in 0..3 {
+        build(&src, &shared, &[FLAGS, &["--shard-index", &i.to_string(), "--num-shards", "3"]].concat());
+    }
+    assert_same_tree(&single, &shared);
+
+    // Merging datasets built with different settings is refused.
+    let other = tmp.path().join("other");
+    build(&src, &other, &[FLAGS, &["--quality", "50"]].concat());
+    let out = codeclm().args(["dataset", "merge", "--out"]).arg(tmp.path().join("bad")).arg(&single).arg(&other).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("different settings"));
+}
