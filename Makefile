@@ -1,0 +1,63 @@
+# codeclm: the commands users run. `make dataset` and `make test` work on a fresh machine with
+# Rust installed: they install what else they need (nasm; Python references for the tests).
+
+SHELL := /bin/bash
+CARGO ?= cargo
+PYTHON ?= python3
+BIN := target/release/codeclm
+BUNDLED := tests/fixtures/images
+
+# make dataset SRC=dir|list.txt|shards/|file.parquet OUT=dir ARGS="--preprocess paper ..."
+SRC ?= $(BUNDLED)
+OUT ?= data
+ARGS ?=
+# The bundled set is 10 photos: hold out more of it than the 1% default so `val` is not empty.
+ifeq ($(SRC),$(BUNDLED))
+VAL_FRACTION ?= 0.2
+else
+VAL_FRACTION ?= 0.01
+endif
+
+.PHONY: all setup deps pydeps build dataset test bench fmt clippy clean
+
+all: build
+
+## setup: system packages (nasm) and the Python references used by tests and benchmarks
+setup: deps pydeps
+
+deps:
+	@command -v nasm >/dev/null 2>&1 || { \
+	  echo "installing nasm (mozjpeg's SIMD needs it)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq nasm >/dev/null; \
+	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq nasm >/dev/null; \
+	  else echo "please install nasm (apt-get install nasm / brew install nasm)"; exit 1; fi; }
+
+pydeps:
+	@$(PYTHON) -c "import PIL, polars, numpy, zstandard; assert PIL.__version__ == '13.0.0', PIL.__version__" 2>/dev/null || \
+	  $(PYTHON) -m pip install -q -r tools/requirements.txt
+
+build: deps
+	$(CARGO) build --release
+
+## dataset: build a dataset (default: the bundled photos into data/), then summarise it
+dataset: build
+	$(BIN) dataset build --images $(SRC) --out $(OUT) --val-fraction $(VAL_FRACTION) $(ARGS)
+	$(BIN) dataset inspect $(OUT)
+
+## test: unit tests, integration tests on real media, byte identity against Pillow
+test: deps pydeps
+	$(CARGO) test --release --workspace
+
+## bench: criterion benches + the same-run comparison against Pillow
+bench: build pydeps
+	$(CARGO) bench --bench image_pipeline
+	$(PYTHON) tools/bench_compare.py
+
+fmt:
+	$(CARGO) fmt --all
+
+clippy:
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+clean:
+	rm -rf data bench-out
