@@ -39,11 +39,16 @@ fn photo_500x375(name: &str) -> Vec<u8> {
             max_pixels: u64::MAX,
             choose_scale: &|_, _| 1,
             read_exif: false,
+            center_square: false,
         };
         let d = jpeg::decode(&bytes, &opts).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         (d.rgb, d.width, d.height)
     };
-    let (cw, ch) = if w * 3 >= h * 4 { (h * 4 / 3, h) } else { (w, w * 3 / 4) };
+    let (cw, ch) = if w * 3 >= h * 4 {
+        (h * 4 / 3, h)
+    } else {
+        (w, w * 3 / 4)
+    };
     assert!(cw >= 500 && ch >= 375, "{name} is too small for 500x375");
     let rect = ((w - cw) / 2, (h - ch) / 2, cw, ch);
     resize::resample(&rgb, w, h, rect, 500, 375, Resampler::Lanczos3).unwrap()
@@ -74,8 +79,15 @@ fn encode_only(c: &mut Criterion) {
         .iter()
         .map(|n| {
             let rgb = photo_500x375(n);
-            resize::to_square(&rgb, 500, 375, 256, ResizeMode::CenterCrop, Resampler::Lanczos3)
-                .unwrap()
+            resize::to_square(
+                &rgb,
+                500,
+                375,
+                256,
+                ResizeMode::CenterCrop,
+                Resampler::Lanczos3,
+            )
+            .unwrap()
         })
         .collect();
     let mut g = c.benchmark_group("encode_only");
@@ -105,7 +117,11 @@ fn pipeline_group(c: &mut Criterion, group: &str, cfg: ImageConfig) {
 }
 
 fn decode_resize_encode(c: &mut Criterion) {
-    pipeline_group(c, "decode_resize_encode", ImageConfig::preset(Preprocess::Default));
+    pipeline_group(
+        c,
+        "decode_resize_encode",
+        ImageConfig::preset(Preprocess::Default),
+    );
 }
 
 fn paper_preset(c: &mut Criterion) {

@@ -12,8 +12,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use codeclm_pipeline::process::process_image;
-use codeclm_pipeline::resize::{self, Resampler};
-use codeclm_pipeline::{decode, jpeg, ImageConfig, Preprocess};
+use codeclm_pipeline::resize::Resampler;
+use codeclm_pipeline::{jpeg, ImageConfig, Preprocess};
 
 use crate::{PreprocessArg, ResamplerArg};
 
@@ -86,7 +86,8 @@ fn images(args: ImagesArgs) -> Result<()> {
             .iter()
             .zip(&args.files)
             .map(|((b, ext), p)| {
-                prepare(b, ext.as_deref(), &cfg).with_context(|| format!("preparing {}", p.display()))
+                prepare(b, ext.as_deref(), &cfg)
+                    .with_context(|| format!("preparing {}", p.display()))
             })
             .collect::<Result<Vec<_>>>()?;
         let one_pass = || -> Result<u64> {
@@ -127,7 +128,11 @@ fn images(args: ImagesArgs) -> Result<()> {
         PreprocessArg::Default => "default",
         PreprocessArg::Paper => "paper",
     };
-    let mode = if args.encode_only { "encode-only" } else { "end-to-end" };
+    let mode = if args.encode_only {
+        "encode-only"
+    } else {
+        "end-to-end"
+    };
     let line = serde_json::json!({
         "tool": "codeclm",
         "mode": mode,
@@ -152,16 +157,9 @@ fn images(args: ImagesArgs) -> Result<()> {
 
 /// Decode + resize one image as `process_image` would, leaving the encode out.
 fn prepare(bytes: &[u8], ext: Option<&str>, cfg: &ImageConfig) -> Result<Vec<u8>> {
-    let choose_scale = |w: u32, h: u32| {
-        if cfg.dct_scaling {
-            resize::dct_scale_for(cfg.resize, w, h, cfg.size)
-        } else {
-            1
-        }
-    };
-    let d = decode::decode(bytes, &cfg.decode, &choose_scale, ext).map_err(anyhow::Error::msg)?;
-    resize::to_square(&d.rgb, d.width, d.height, cfg.size, cfg.resize, cfg.resampler)
-        .map_err(anyhow::Error::msg)
+    codeclm_pipeline::process::prepare(bytes, ext, cfg)
+        .map(|(square, _)| square)
+        .map_err(|failed| anyhow::anyhow!("{}", failed.error.unwrap_or_default()))
 }
 
 /// One untimed warm-up pass, then `repeat` timed passes: (seconds, output bytes of timed passes).

@@ -108,7 +108,11 @@ def prepare_inputs(out: Path) -> tuple[list[Path], list[Path]]:
 
 def run_json(cmd: list[str]) -> dict:
     env = dict(os.environ, **SINGLE_THREAD_ENV)
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    # Through a small shell that forks (not execs) the command: Linux carries ru_maxrss across
+    # execve, so a benchmark started straight from this (larger) Python process would report
+    # this process's peak RSS as its own floor.
+    r = subprocess.run(["sh", "-c", '"$@"; exit $?', "sh", *cmd], capture_output=True,
+                       text=True, env=env)
     if r.returncode != 0:
         sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -117,8 +121,8 @@ def run_json(cmd: list[str]) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeat", type=int, default=5, help="timed passes per process")
-    ap.add_argument("--rounds", type=int, default=1, help="runs per row; the best is kept")
+    ap.add_argument("--repeat", type=int, default=20, help="timed passes per process")
+    ap.add_argument("--rounds", type=int, default=3, help="runs per row; the best is kept")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out")
     ap.add_argument("--bin", type=Path, default=ROOT / "target" / "release" / "codeclm")
     a = ap.parse_args()

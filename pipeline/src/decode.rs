@@ -88,6 +88,9 @@ pub struct Decoded {
     pub exif_orientation: Option<u32>,
     /// DCT scale denominator used (JPEG only; 1 otherwise).
     pub scale_denom: u32,
+    /// When the decoder cropped to the centred square (see [`decode`]'s `center_square`): the
+    /// square's (x, y, side) in `rgb`, which then holds only the part around it.
+    pub square: Option<(u32, u32, u32)>,
 }
 
 /// Formats we recognise by signature but do not decode, so they are reported as such.
@@ -123,11 +126,14 @@ fn unsupported_signature(bytes: &[u8], ext: Option<&str>) -> Option<&'static str
 /// Decodes `bytes` (the whole file). `choose_scale` gets the stored JPEG dimensions and returns
 /// the DCT-domain scale denominator (1, 2, 4, 8) to decode at; other formats decode at full size.
 /// `ext` is the source's file extension, used only to name formats without a signature.
+/// `center_square` lets the JPEG decoder skip what lies outside the centred square (the result's
+/// `square` then says where it is); other formats ignore it.
 pub fn decode(
     bytes: &[u8],
     settings: &DecodeSettings,
     choose_scale: &dyn Fn(u32, u32) -> u32,
     ext: Option<&str>,
+    center_square: bool,
 ) -> Result<Decoded, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::new(
@@ -153,9 +159,8 @@ pub fn decode(
         }
     };
     match format {
-        ImageFormat::Jpeg => {
-            decode_jpeg(bytes, settings, choose_scale).map_err(|e| e.in_format("jpeg"))
-        }
+        ImageFormat::Jpeg => decode_jpeg(bytes, settings, choose_scale, center_square)
+            .map_err(|e| e.in_format("jpeg")),
         ImageFormat::Png
         | ImageFormat::Gif
         | ImageFormat::WebP
@@ -178,8 +183,10 @@ fn decode_jpeg(
     bytes: &[u8],
     settings: &DecodeSettings,
     choose_scale: &dyn Fn(u32, u32) -> u32,
+    center_square: bool,
 ) -> Result<Decoded, DecodeError> {
     let opts = jpeg::DecodeOptions {
+        center_square,
         max_pixels: settings.max_pixels,
         choose_scale,
         read_exif: settings.apply_exif_orientation,
@@ -211,6 +218,7 @@ fn decode_jpeg(
         src_height: d.src_height,
         exif_orientation: orientation.map(|o| o.to_exif() as u32),
         scale_denom: d.scale_denom,
+        square: d.square,
     };
     if let Some(o) = orientation.filter(|_| settings.apply_exif_orientation) {
         if o != image::metadata::Orientation::NoTransforms {
@@ -310,6 +318,7 @@ fn decode_with_image(
         src_height: h,
         exif_orientation,
         scale_denom: 1,
+        square: None,
     })
 }
 
@@ -379,23 +388,23 @@ mod tests {
     fn empty_and_garbage_are_classified() {
         let s = DecodeSettings::default();
         assert_eq!(
-            decode(b"", &s, &no_scale, None).unwrap_err().status,
+            decode(b"", &s, &no_scale, None, false).unwrap_err().status,
             Status::Empty
         );
         assert_eq!(
-            decode(b"<html>hi</html>", &s, &no_scale, Some("jpg"))
+            decode(b"<html>hi</html>", &s, &no_scale, Some("jpg"), false)
                 .unwrap_err()
                 .status,
             Status::Unrecognized
         );
         assert_eq!(
-            decode(b"\x00\x00\x02\x00\x00", &s, &no_scale, Some("tga"))
+            decode(b"\x00\x00\x02\x00\x00", &s, &no_scale, Some("tga"), false)
                 .unwrap_err()
                 .status,
             Status::Unsupported
         );
         assert_eq!(
-            decode(b"P6\n2 2\n255\n012345678901", &s, &no_scale, None)
+            decode(b"P6\n2 2\n255\n012345678901", &s, &no_scale, None, false)
                 .unwrap_err()
                 .status,
             Status::Unsupported

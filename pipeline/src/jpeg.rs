@@ -97,7 +97,7 @@ struct Messages {
     premature_eof: bool,
     /// A warning that means the entropy-coded data is damaged (the picture is partly garbage).
     damaged: bool,
-    /// libjpeg skipped bytes that are not markers where a marker should be.
+    /// libjpeg skipped bytes that are not markers where a marker should be, before the data ended.
     extraneous: bool,
 }
 
@@ -138,8 +138,14 @@ unsafe extern "C-unwind" fn emit_message(cinfo: &mut jpeg_common_struct, level: 
     if code == JWRN_JPEG_EOF as c_int {
         messages.premature_eof = true;
     }
+    // Garbage skipped before the data ran out means a damaged stream. After it, a few skipped
+    // bytes are only the decoder tripping over the fake EOI it inserts at a truncation, but
+    // a long run (reported when that fake EOI is finally found) is garbage too.
     if code == JWRN_EXTRANEOUS_DATA as c_int {
-        messages.extraneous = true;
+        let skipped = (*(*cinfo.err).msg_parm.i())[0];
+        if !messages.premature_eof || skipped >= 64 {
+            messages.extraneous = true;
+        }
     }
     if [
         JWRN_HIT_MARKER,
@@ -228,6 +234,9 @@ pub struct DecodedJpeg {
     pub exif: Option<Vec<u8>>,
     /// libjpeg warnings about damaged data it decoded anyway.
     pub warnings: u32,
+    /// With [`DecodeOptions::center_square`]: where the centred square of the (scaled) image lies
+    /// in `rgb` as (x, y, side). `rgb` then holds only the columns and rows it needed.
+    pub square: Option<(u32, u32, u32)>,
 }
 
 /// How the decoder should scale and how large an image it may allocate.
@@ -238,6 +247,11 @@ pub struct DecodeOptions<'a> {
     pub choose_scale: &'a dyn Fn(u32, u32) -> u32,
     /// Keep the APP1 EXIF payload (for orientation).
     pub read_exif: bool,
+    /// Only the centred square is wanted: skip the columns (`jpeg_crop_scanline`) and rows
+    /// (`jpeg_skip_scanlines`: entropy-decoded, not reconstructed) outside it. Ignored when an
+    /// EXIF orientation would rotate the image. Pixels near the crop edge may differ from a full
+    /// decode's by the upsampling context, so Pillow-exact paths leave this off.
+    pub center_square: bool,
 }
 
 struct Decompress {
@@ -351,12 +365,35 @@ unsafe fn decode_inner(
     cinfo.scale_denom = scale_denom;
     cinfo.dct_method = J_DCT_METHOD::JDCT_ISLOW;
     jpeg_start_decompress(cinfo);
-    let (w, h) = (cinfo.output_width as usize, cinfo.output_height as usize);
+    let (full_w, full_h) = (cinfo.output_width, cinfo.output_height);
+    let rotated = exif
+        .as_deref()
+        .and_then(image::metadata::Orientation::from_exif_chunk)
+        .is_some_and(|o| o != image::metadata::Orientation::NoTransforms);
+    // The rows to keep, and where the square sits in what we keep.
+    let (mut keep_top, mut keep_rows, mut square) = (0u32, full_h, None);
+    if opts.center_square && !rotated && full_w != full_h {
+        let side = full_w.min(full_h);
+        if full_w > full_h {
+            let (mut xoff, mut width) = ((full_w - side) / 2, side);
+            let wanted_x = xoff;
+            jpeg_crop_scanline(cinfo, &mut xoff, &mut width); // aligns xoff down to an iMCU
+            square = Some((wanted_x - xoff, 0, side));
+        } else {
+            keep_top = (full_h - side) / 2;
+            keep_rows = side;
+            square = Some((0, 0, side));
+        }
+    }
+    let (w, h) = (cinfo.output_width as usize, keep_rows as usize);
     let comps = cinfo.output_components as usize;
     let row_bytes = w * comps;
     let mut buf = vec![0u8; row_bytes * h];
-    while (cinfo.output_scanline as usize) < h {
-        let y = cinfo.output_scanline as usize;
+    if keep_top > 0 {
+        jpeg_skip_scanlines(cinfo, keep_top);
+    }
+    while ((cinfo.output_scanline - keep_top) as usize) < h {
+        let y = (cinfo.output_scanline - keep_top) as usize;
         let mut rows: [*mut u8; 4] = [std::ptr::null_mut(); 4];
         let n = (h - y).min(4);
         for (i, row) in rows.iter_mut().enumerate().take(n) {
@@ -366,6 +403,11 @@ unsafe fn decode_inner(
         if read == 0 {
             break;
         }
+    }
+    // The rest is still entropy-decoded, so damage or truncation below the square is noticed.
+    let remaining = cinfo.output_height - cinfo.output_scanline;
+    if remaining > 0 {
+        jpeg_skip_scanlines(cinfo, remaining);
     }
     jpeg_finish_decompress(cinfo);
     if d.messages.premature_eof {
@@ -395,6 +437,7 @@ unsafe fn decode_inner(
         components: cinfo.num_components as u32,
         exif,
         warnings: d.messages.warnings,
+        square,
     })
 }
 
@@ -600,6 +643,7 @@ mod tests {
             max_pixels,
             choose_scale: &|_, _| 1,
             read_exif: true,
+            center_square: false,
         }
     }
 
@@ -704,6 +748,7 @@ mod tests {
                 max_pixels: 1 << 30,
                 choose_scale: &|_, _| 4,
                 read_exif: false,
+                center_square: false,
             },
         )
         .unwrap();

@@ -42,46 +42,14 @@ impl Outcome {
 
 /// Decodes, resizes and encodes one image under `cfg`. Never panics on bad input.
 pub fn process_image(bytes: &[u8], ext: Option<&str>, cfg: &ImageConfig) -> Outcome {
-    let size = cfg.size;
-    let mode = cfg.resize;
-    let choose_scale = |w: u32, h: u32| {
-        if cfg.dct_scaling {
-            resize::dct_scale_for(mode, w, h, size)
-        } else {
-            1
-        }
+    let (square, mut out) = match prepare(bytes, ext, cfg) {
+        Ok(prepared) => prepared,
+        Err(failed) => return failed,
     };
-    let src_bytes = bytes.len() as u64;
-    let d = match decode::decode(bytes, &cfg.decode, &choose_scale, ext) {
-        Ok(d) => d,
-        Err(e) => {
-            return Outcome {
-                src_format: e.format,
-                ..Outcome::failed(e.status, e.message, src_bytes)
-            }
-        }
-    };
-    let mut out = Outcome {
-        src_format: Some(d.format),
-        src_width: Some(d.src_width),
-        src_height: Some(d.src_height),
-        src_bytes,
-        exif_orientation: d.exif_orientation,
-        decode_scale: Some(d.scale_denom),
-        ..Outcome::default()
-    };
-    let square = match resize::to_square(&d.rgb, d.width, d.height, size, mode, cfg.resampler) {
-        Ok(s) => s,
-        Err(e) => {
-            out.status = Some(Status::EncodeError);
-            out.error = Some(format!("resize failed: {e}"));
-            return out;
-        }
-    };
-    match jpeg::encode(&square, size, size, &cfg.jpeg, true) {
+    match jpeg::encode(&square, cfg.size, cfg.size, &cfg.jpeg, true) {
         Ok(stream) => {
-            out.width = Some(size);
-            out.height = Some(size);
+            out.width = Some(cfg.size);
+            out.height = Some(cfg.size);
             out.codec = Some(stream);
         }
         Err(e) => {
@@ -90,4 +58,62 @@ pub fn process_image(bytes: &[u8], ext: Option<&str>, cfg: &ImageConfig) -> Outc
         }
     }
     out
+}
+
+/// The decode and resize half of [`process_image`]: the `size` x `size` RGB pixels to encode and
+/// the outcome facts so far, or the finished outcome of a failure.
+pub fn prepare(
+    bytes: &[u8],
+    ext: Option<&str>,
+    cfg: &ImageConfig,
+) -> Result<(Vec<u8>, Outcome), Outcome> {
+    let (size, mode) = (cfg.size, cfg.resize);
+    let choose_scale = |w: u32, h: u32| {
+        if cfg.dct_scaling {
+            resize::dct_scale_for(mode, w, h, size)
+        } else {
+            1
+        }
+    };
+    let src_bytes = bytes.len() as u64;
+    // The Lanczos3 path may let the JPEG decoder skip what the centre crop discards; the Pillow
+    // resamplers must see exactly Pillow's pixels, so they get a full decode.
+    let crop_in_decoder =
+        mode == resize::ResizeMode::CenterCrop && cfg.resampler == resize::Resampler::Lanczos3;
+    let d =
+        decode::decode(bytes, &cfg.decode, &choose_scale, ext, crop_in_decoder).map_err(|e| {
+            Outcome {
+                src_format: e.format,
+                ..Outcome::failed(e.status, e.message, src_bytes)
+            }
+        })?;
+    let out = Outcome {
+        src_format: Some(d.format),
+        src_width: Some(d.src_width),
+        src_height: Some(d.src_height),
+        src_bytes,
+        exif_orientation: d.exif_orientation,
+        decode_scale: Some(d.scale_denom),
+        ..Outcome::default()
+    };
+    let resized = match d.square {
+        Some((x, y, side)) => resize::resample(
+            &d.rgb,
+            d.width,
+            d.height,
+            (x, y, side, side),
+            size,
+            size,
+            cfg.resampler,
+        ),
+        None => resize::to_square(&d.rgb, d.width, d.height, size, mode, cfg.resampler),
+    };
+    match resized {
+        Ok(square) => Ok((square, out)),
+        Err(e) => Err(Outcome {
+            status: Some(Status::EncodeError),
+            error: Some(format!("resize failed: {e}")),
+            ..out
+        }),
+    }
 }

@@ -124,6 +124,10 @@ impl Item {
     pub fn bytes(&mut self) -> Result<Vec<u8>, String> {
         match std::mem::replace(&mut self.payload, Payload::Bytes(Vec::new())) {
             Payload::Bytes(b) => Ok(b),
+            Payload::File(p) if p.is_dir() => Err(format!(
+                "cannot read the directory {}: check its permissions (or a symlink loop)",
+                p.display()
+            )),
             Payload::File(p) => {
                 std::fs::read(&p).map_err(|e| format!("cannot read {}: {e}", p.display()))
             }
@@ -186,10 +190,12 @@ pub fn plan(
                     (!hidden && !sidecar).then(|| Ok(e.into_path()))
                 }
                 Ok(_) => None,
-                Err(e) => Some(Err(bad(
-                    e.path().unwrap_or(Path::new("?")),
-                    format!("cannot walk: {e}"),
-                ))),
+                // An unreadable directory or a symlink loop: the path becomes an input whose
+                // read fails, so the manifest records the error and the build goes on.
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    e.path().map(|p| Ok(p.to_path_buf()))
+                }
             });
             Ok(Box::new(chunk_paths(
                 files,

@@ -38,16 +38,27 @@ fn every_bad_file_is_a_row_with_a_clear_error() {
         ("chelsea.png", Status::Ok, ""),
         ("rocket.jpg", Status::Ok, ""),
     ];
-    assert_eq!(ds.rows().len(), expect.len(), "one row per input, README.md skipped as a sidecar");
+    assert_eq!(
+        ds.rows().len(),
+        expect.len(),
+        "one row per input, README.md skipped as a sidecar"
+    );
     for (name, status, needle) in expect {
-        let row = ds.rows().iter().find(|r| r.source == *name).unwrap_or_else(|| panic!("no row for {name}"));
+        let row = ds
+            .rows()
+            .iter()
+            .find(|r| r.source == *name)
+            .unwrap_or_else(|| panic!("no row for {name}"));
         assert_eq!(row.status, *status, "{name}: {:?}", row.error);
         if *status == Status::Ok {
             assert!(row.error.is_none() && row.codec_bytes.unwrap() > 1000);
             ds.jpeg_file(row).unwrap();
         } else {
             let err = row.error.as_deref().unwrap_or_default();
-            assert!(err.contains(needle), "{name}: error {err:?} should mention {needle:?}");
+            assert!(
+                err.contains(needle),
+                "{name}: error {err:?} should mention {needle:?}"
+            );
             assert!(row.shard.is_none() && row.codec_bytes.is_none());
         }
     }
@@ -58,7 +69,11 @@ fn pixel_limit_is_configurable() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     std::fs::create_dir(&src).unwrap();
-    std::fs::copy(fixtures("images").join("chelsea.png"), src.join("chelsea.png")).unwrap();
+    std::fs::copy(
+        fixtures("images").join("chelsea.png"),
+        src.join("chelsea.png"),
+    )
+    .unwrap();
     build(&src, &tmp.path().join("ds"), &["--max-pixels", "10000"]);
     let ds = Dataset::open(&tmp.path().join("ds")).unwrap();
     assert_eq!(ds.rows()[0].status, Status::TooLarge);
@@ -72,11 +87,23 @@ fn damaged_shard_is_reported_with_file_and_fix() {
     run_ok(codeclm().args(["dataset", "verify"]).arg(&ds_dir));
     let shard = ds_dir.join("shards/part-000000-jpeg-000.shard");
     let len = std::fs::metadata(&shard).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&shard).unwrap().set_len(len - 100).unwrap();
-    let out = codeclm().args(["dataset", "verify"]).arg(&ds_dir).output().unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    let out = codeclm()
+        .args(["dataset", "verify"])
+        .arg(&ds_dir)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("part-000000-jpeg-000.shard") && err.contains("rerun `codeclm dataset build`"), "{err}");
+    assert!(
+        err.contains("part-000000-jpeg-000.shard") && err.contains("rerun `codeclm dataset build`"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -86,7 +113,14 @@ fn resuming_with_other_settings_is_refused() {
     let ds_dir = tmp.path().join("ds");
     build(&fixtures("images"), &ds_dir, &[]);
     let out = codeclm()
-        .args(["dataset", "build", "--no-progress", "--quality", "30", "--images"])
+        .args([
+            "dataset",
+            "build",
+            "--no-progress",
+            "--quality",
+            "30",
+            "--images",
+        ])
         .arg(fixtures("images"))
         .arg("--out")
         .arg(&ds_dir)
@@ -94,5 +128,36 @@ fn resuming_with_other_settings_is_refused() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("image.jpeg.quality: 25 vs 30") && err.contains("choose a new --out"), "{err}");
+    assert!(
+        err.contains("image.jpeg.quality: 25 vs 30") && err.contains("choose a new --out"),
+        "{err}"
+    );
+}
+
+#[test]
+fn broken_links_and_loops_in_a_source_tree_become_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::copy(
+        fixtures("images").join("rocket.jpg"),
+        src.join("rocket.jpg"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(&src, src.join("sub/loop")).unwrap();
+    std::os::unix::fs::symlink(src.join("missing.jpg"), src.join("dangling.jpg")).unwrap();
+    let out = build(&src, &tmp.path().join("ds"), &[]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 ok, 2 failed"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let ds = Dataset::open(&tmp.path().join("ds")).unwrap();
+    for row in ds.rows().iter().filter(|r| !r.is_ok()) {
+        assert_eq!(row.status, Status::ReadError, "{row:?}");
+        assert!(
+            row.error.as_deref().unwrap().contains("cannot read"),
+            "{row:?}"
+        );
+    }
 }

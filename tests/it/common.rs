@@ -34,13 +34,24 @@ pub fn run_ok(cmd: &mut Command) -> Output {
 }
 
 pub fn build(images: &Path, out: &Path, extra: &[&str]) -> Output {
-    run_ok(codeclm().args(["dataset", "build", "--no-progress", "--images"]).arg(images).arg("--out").arg(out).args(extra))
+    run_ok(
+        codeclm()
+            .args(["dataset", "build", "--no-progress", "--images"])
+            .arg(images)
+            .arg("--out")
+            .arg(out)
+            .args(extra),
+    )
 }
 
 /// Source identity -> stored codec bytes, for every successful sample.
 pub fn codec_by_source(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let ds = Dataset::open(dir).unwrap();
-    ds.rows().iter().filter(|r| r.is_ok()).map(|r| (r.source.clone(), ds.codec_bytes(r).unwrap())).collect()
+    ds.rows()
+        .iter()
+        .filter(|r| r.is_ok())
+        .map(|r| (r.source.clone(), ds.codec_bytes(r).unwrap()))
+        .collect()
 }
 
 /// Runs `tools/pillow_ref.py`; fails with an install hint when Pillow is missing.
@@ -64,7 +75,11 @@ pub fn pillow_ref(out: &Path, args: &[&str], files: &[PathBuf]) {
 pub fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
     for entry in walk(dir) {
-        let rel = entry.strip_prefix(dir).unwrap().to_string_lossy().to_string();
+        let rel = entry
+            .strip_prefix(dir)
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
         if rel.starts_with("runs/") {
             continue;
         }
@@ -90,8 +105,19 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 pub fn assert_same_tree(a: &Path, b: &Path) {
     let (ta, tb) = (tree(a), tree(b));
     let names = |t: &BTreeMap<String, Vec<u8>>| t.keys().cloned().collect::<Vec<_>>();
-    assert_eq!(names(&ta), names(&tb), "{} and {} hold different files", a.display(), b.display());
+    assert_eq!(
+        names(&ta),
+        names(&tb),
+        "{} and {} hold different files",
+        a.display(),
+        b.display()
+    );
     for (name, bytes) in &ta {
-        assert!(bytes == &tb[name], "{name} differs between {} and {}", a.display(), b.display());
+        assert!(
+            bytes == &tb[name],
+            "{name} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
     }
 }

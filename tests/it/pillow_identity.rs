@@ -28,7 +28,10 @@ fn compare(inputs: &[PathBuf], flags: &[&str], ref_args: &[&str]) -> Vec<String>
     let copies: Vec<PathBuf> = inputs
         .iter()
         .map(|f| {
-            let (stem, ext) = (f.file_stem().unwrap().to_string_lossy(), f.extension().unwrap().to_string_lossy());
+            let (stem, ext) = (
+                f.file_stem().unwrap().to_string_lossy(),
+                f.extension().unwrap().to_string_lossy(),
+            );
             let dst = src.join(format!("{stem}_{ext}.{ext}"));
             std::fs::copy(f, &dst).unwrap();
             dst
@@ -47,14 +50,31 @@ fn compare(inputs: &[PathBuf], flags: &[&str], ref_args: &[&str]) -> Vec<String>
     );
     let mut mismatches = Vec::new();
     for row in ds.rows() {
-        assert!(row.is_ok(), "{}: {:?} {:?}", row.source, row.status, row.error);
-        let stem = Path::new(&row.source).file_stem().unwrap().to_string_lossy().to_string();
+        assert!(
+            row.is_ok(),
+            "{}: {:?} {:?}",
+            row.source,
+            row.status,
+            row.error
+        );
+        let stem = Path::new(&row.source)
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
         let abbr = ds.codec_bytes(row).unwrap();
         let full = ds.jpeg_file(row).unwrap();
         let want_abbr = std::fs::read(reference.join(format!("{stem}.abbr.jpg"))).unwrap();
         let want_full = std::fs::read(reference.join(format!("{stem}.jpg"))).unwrap();
         if abbr != want_abbr || full != want_full {
-            mismatches.push(format!("{} (abbr {} vs {} B, full {} vs {} B)", row.source, abbr.len(), want_abbr.len(), full.len(), want_full.len()));
+            mismatches.push(format!(
+                "{} (abbr {} vs {} B, full {} vs {} B)",
+                row.source,
+                abbr.len(),
+                want_abbr.len(),
+                full.len(),
+                want_full.len()
+            ));
         }
     }
     assert_eq!(ds.rows().len(), inputs.len());
@@ -81,11 +101,24 @@ fn export_writes_pillows_interchange_file() {
     let ds = Dataset::open(&ds_dir).unwrap();
     let id = ds.rows()[0].sample_id.clone();
     let out = tmp.path().join("export");
-    run_ok(codeclm().args(["dataset", "export", "--dataset"]).arg(&ds_dir).arg("--out").arg(&out).args(["--ids", &id, "--abbreviated"]));
+    run_ok(
+        codeclm()
+            .args(["dataset", "export", "--dataset"])
+            .arg(&ds_dir)
+            .arg("--out")
+            .arg(&out)
+            .args(["--ids", &id, "--abbreviated"]),
+    );
     let reference = tmp.path().join("ref");
     pillow_ref(&reference, &["--preprocess", "none"], &[input]);
-    assert_eq!(std::fs::read(out.join(format!("{id}.jpg"))).unwrap(), std::fs::read(reference.join("sq256_chelsea.jpg")).unwrap());
-    assert_eq!(std::fs::read(out.join(format!("{id}.abbr.jpg"))).unwrap(), std::fs::read(reference.join("sq256_chelsea.abbr.jpg")).unwrap());
+    assert_eq!(
+        std::fs::read(out.join(format!("{id}.jpg"))).unwrap(),
+        std::fs::read(reference.join("sq256_chelsea.jpg")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(out.join(format!("{id}.abbr.jpg"))).unwrap(),
+        std::fs::read(reference.join("sq256_chelsea.abbr.jpg")).unwrap()
+    );
 }
 
 /// Real photos of other sizes and modes through the paper's whole preprocessing.
@@ -117,13 +150,28 @@ fn paper_inputs() -> Vec<PathBuf> {
 
 #[test]
 fn paper_preset_matches_pillow_bilinear_pipeline() {
-    let bad = compare(&paper_inputs(), &["--preprocess", "paper"], &["--preprocess", "paper", "--resample", "bilinear"]);
-    assert!(bad.is_empty(), "differ from the paper's Pillow pipeline: {bad:?}");
+    let bad = compare(
+        &paper_inputs(),
+        &["--preprocess", "paper"],
+        &["--preprocess", "paper", "--resample", "bilinear"],
+    );
+    assert!(
+        bad.is_empty(),
+        "differ from the paper's Pillow pipeline: {bad:?}"
+    );
     // Negative control: the comparison is sensitive. The default preset (Lanczos3, DCT scaling,
     // EXIF orientation) is not the paper's pipeline and must not match it.
     let photos: Vec<PathBuf> = paper_inputs().into_iter().take(4).collect();
-    let differ = compare(&photos, &[], &["--preprocess", "paper", "--resample", "bilinear"]);
-    assert_eq!(differ.len(), 4, "the default preset should differ from Pillow BILINEAR on every photo");
+    let differ = compare(
+        &photos,
+        &[],
+        &["--preprocess", "paper", "--resample", "bilinear"],
+    );
+    assert_eq!(
+        differ.len(),
+        4,
+        "the default preset should differ from Pillow BILINEAR on every photo"
+    );
 }
 
 #[test]
@@ -138,11 +186,29 @@ fn paper_preset_with_pillow_lanczos_matches_pillow() {
 
 #[test]
 fn quality_and_restart_options_still_match_pillow() {
-    let inputs = files(&fixtures("odd"), |n| n == "sq256_coffee.png" || n == "sq256_rocket.png");
+    let inputs = files(&fixtures("odd"), |n| {
+        n == "sq256_coffee.png" || n == "sq256_rocket.png"
+    });
     let bad = compare(
         &inputs,
-        &["--quality", "60", "--restart-interval", "4", "--subsampling", "4:4:4"],
-        &["--preprocess", "none", "--quality", "60", "--restart-interval", "4", "--subsampling", "4:4:4"],
+        &[
+            "--quality",
+            "60",
+            "--restart-interval",
+            "4",
+            "--subsampling",
+            "4:4:4",
+        ],
+        &[
+            "--preprocess",
+            "none",
+            "--quality",
+            "60",
+            "--restart-interval",
+            "4",
+            "--subsampling",
+            "4:4:4",
+        ],
     );
     assert!(bad.is_empty(), "{bad:?}");
 }

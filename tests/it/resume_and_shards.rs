@@ -54,14 +54,21 @@ fn killed_builds_resume_to_the_uninterrupted_bytes() {
         }
         child.wait().unwrap();
     }
-    assert!(killed_mid_run >= 3, "only {killed_mid_run} runs were interrupted: the test did not test resume");
+    assert!(
+        killed_mid_run >= 3,
+        "only {killed_mid_run} runs were interrupted: the test did not test resume"
+    );
     let out = build(&src, &resumed, FLAGS);
     assert!(String::from_utf8_lossy(&out.stdout).contains("dataset complete"));
     assert_same_tree(&reference, &resumed);
 
     // A rerun of a finished dataset does nothing and changes nothing.
     let out = build(&src, &resumed, FLAGS);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("built 0 images"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("built 0 images"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert_same_tree(&reference, &resumed);
 }
 
@@ -76,26 +83,53 @@ fn three_workers_and_a_merge_equal_one_run() {
     let mut dirs = Vec::new();
     for i in 0..3 {
         let dir = tmp.path().join(format!("worker{i}"));
-        let out = build(&src, &dir, &[FLAGS, &["--shard-index", &i.to_string(), "--num-shards", "3"]].concat());
+        let out = build(
+            &src,
+            &dir,
+            &[
+                FLAGS,
+                &["--shard-index", &i.to_string(), "--num-shards", "3"],
+            ]
+            .concat(),
+        );
         assert!(String::from_utf8_lossy(&out.stdout).contains("dataset merge"));
         assert!(!dir.join("samples.parquet").exists());
         dirs.push(dir);
     }
     let merged = tmp.path().join("merged");
-    run_ok(codeclm().args(["dataset", "merge", "--out"]).arg(&merged).args(&dirs));
+    run_ok(
+        codeclm()
+            .args(["dataset", "merge", "--out"])
+            .arg(&merged)
+            .args(&dirs),
+    );
     assert_same_tree(&single, &merged);
 
     // Shared storage: all workers write one directory; the last one to finish consolidates.
     let shared = tmp.path().join("shared");
     for i in 0..3 {
-        build(&src, &shared, &[FLAGS, &["--shard-index", &i.to_string(), "--num-shards", "3"]].concat());
+        build(
+            &src,
+            &shared,
+            &[
+                FLAGS,
+                &["--shard-index", &i.to_string(), "--num-shards", "3"],
+            ]
+            .concat(),
+        );
     }
     assert_same_tree(&single, &shared);
 
     // Merging datasets built with different settings is refused.
     let other = tmp.path().join("other");
     build(&src, &other, &[FLAGS, &["--quality", "50"]].concat());
-    let out = codeclm().args(["dataset", "merge", "--out"]).arg(tmp.path().join("bad")).arg(&single).arg(&other).output().unwrap();
+    let out = codeclm()
+        .args(["dataset", "merge", "--out"])
+        .arg(tmp.path().join("bad"))
+        .arg(&single)
+        .arg(&other)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("different settings"));
 }

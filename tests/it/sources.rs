@@ -57,19 +57,27 @@ fn dir_list_tar_and_parquet_sources_agree() {
         for p in chunk {
             let stem = p.file_stem().unwrap().to_string_lossy();
             let ext = p.extension().unwrap().to_string_lossy();
-            tar.append_path_with_name(p, format!("{stem}.{ext}")).unwrap();
+            tar.append_path_with_name(p, format!("{stem}.{ext}"))
+                .unwrap();
             let json = format!("{{\"key\": \"{stem}\", \"status\": \"success\"}}");
             let mut header = tar::Header::new_gnu();
             header.set_size(json.len() as u64);
             header.set_mode(0o644);
             header.set_cksum();
-            tar.append_data(&mut header, format!("{stem}.json"), json.as_bytes()).unwrap();
+            tar.append_data(&mut header, format!("{stem}.json"), json.as_bytes())
+                .unwrap();
         }
         tar.finish().unwrap();
     }
     build(&shards, &t.join("tar"), &[]);
     let from_tar = codec_by_source(&t.join("tar"));
-    assert!(from_tar.keys().all(|k| k.starts_with("00000.tar#") || k.starts_with("00001.tar#")), "{:?}", from_tar.keys());
+    assert!(
+        from_tar
+            .keys()
+            .all(|k| k.starts_with("00000.tar#") || k.starts_with("00001.tar#")),
+        "{:?}",
+        from_tar.keys()
+    );
     assert_eq!(by_stem(from_tar), from_dir);
 
     // Hugging Face datasets layout: column `image` = struct {bytes, path}, written by Python polars.
@@ -79,8 +87,14 @@ fn dir_list_tar_and_parquet_sources_agree() {
         photos.iter().map(|p| format!("{:?}", p.display().to_string())).collect::<Vec<_>>().join(", "),
         parquet.display().to_string()
     );
-    let status = std::process::Command::new("python3").args(["-c", &script]).status().unwrap();
-    assert!(status.success(), "writing the Parquet source needs Python polars (`pip install -r tools/requirements.txt`)");
+    let status = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "writing the Parquet source needs Python polars (`pip install -r tools/requirements.txt`)"
+    );
     build(&parquet, &t.join("pq"), &["--part-size", "4"]);
     let from_pq = codec_by_source(&t.join("pq"));
     // Parquet rows are named file#row; map them back to the photo order.
@@ -88,7 +102,14 @@ fn dir_list_tar_and_parquet_sources_agree() {
         .into_iter()
         .map(|(k, v)| {
             let row: usize = k.rsplit('#').next().unwrap().parse().unwrap();
-            (photos[row].file_stem().unwrap().to_string_lossy().to_string(), v)
+            (
+                photos[row]
+                    .file_stem()
+                    .unwrap()
+                    .to_string_lossy()
+                    .to_string(),
+                v,
+            )
         })
         .collect();
     assert_eq!(by_row, from_dir);
@@ -104,6 +125,13 @@ fn python_polars_reads_the_manifest() {
         "import polars as pl\ndf = pl.read_parquet({:?})\nassert df.height == 10, df\nassert df.schema['src_width'] == pl.UInt32 and df.schema['checksum'] == pl.UInt64, df.schema\nassert set(df['status']) == {{'ok'}}\nassert df.filter(pl.col('split') == 'val').height >= 1\nprint(df.group_by('split').len().sort('split'))",
         ds.join("samples.parquet").display().to_string()
     );
-    let out = std::process::Command::new("python3").args(["-c", &script]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
