@@ -39,9 +39,13 @@ pydeps:
 build: deps
 	$(CARGO) build --release
 
-## dataset: build a dataset (default: the bundled photos into data/), then summarise it
+## dataset: build a dataset (default: the bundled photos into data/), learn the paper's JPEG
+## vocabulary (320 entries) from it, write its token shards, then summarise it
+VOCAB_SIZE ?= 320
 dataset: build
 	$(BIN) dataset build --images $(SRC) --out $(OUT) --val-fraction $(VAL_FRACTION) $(ARGS)
+	$(BIN) vocab train --dataset $(OUT) --modality image --size $(VOCAB_SIZE) --out $(OUT)/vocab-jpeg-$(VOCAB_SIZE).json
+	$(BIN) dataset tokenize --dataset $(OUT) --vocab $(OUT)/vocab-jpeg-$(VOCAB_SIZE).json
 	$(BIN) dataset inspect $(OUT)
 
 ## test: unit tests, integration tests on real media, byte identity against Pillow

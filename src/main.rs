@@ -2,6 +2,7 @@
 //! libraries, print the whole error chain on failure.
 
 mod bench;
+mod tokens_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +33,9 @@ enum Command {
     /// Build, inspect, export and merge datasets of codec bytes.
     #[command(subcommand)]
     Dataset(DatasetCommand),
+    /// Byte-level BPE vocabularies over codec bytes.
+    #[command(subcommand)]
+    Vocab(tokens_cli::VocabCommand),
     /// Benchmarks: single-threaded images/s and peak memory (see tools/bench_compare.py).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -54,6 +58,10 @@ enum DatasetCommand {
     },
     /// Read every record of every shard and check it against the manifest.
     Verify { dir: PathBuf },
+    /// Write the token shards of a vocabulary for every sample (reads codec shards, never media).
+    Tokenize(tokens_cli::TokenizeArgs),
+    /// Turn token sequences back into files (JPEG with the tables spliced back).
+    Decode(tokens_cli::DecodeArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -230,6 +238,9 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Dataset(DatasetCommand::Verify { dir }) => verify(&dir),
+        Command::Dataset(DatasetCommand::Tokenize(args)) => tokens_cli::tokenize(args),
+        Command::Dataset(DatasetCommand::Decode(args)) => tokens_cli::decode(args),
+        Command::Vocab(tokens_cli::VocabCommand::Train(args)) => tokens_cli::train(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }

@@ -170,3 +170,43 @@ mod tests {
         assert!(header_segments(&[]).is_err());
     }
 }
+
+/// Cleans up a generated abbreviated stream the way the paper's code does: keep from the first
+/// SOI to the first EOI after it, adding SOI in front or EOI at the end where missing.
+pub fn tidy_generated(bytes: &[u8]) -> Vec<u8> {
+    let find = |from: usize, m: u8| {
+        (from..bytes.len().saturating_sub(1)).find(|&i| bytes[i] == 0xFF && bytes[i + 1] == m)
+    };
+    let start = find(0, SOI);
+    let body = match start {
+        Some(s) => &bytes[s..],
+        None => bytes,
+    };
+    let mut out = Vec::with_capacity(body.len() + 4);
+    if start.is_none() {
+        out.extend_from_slice(&[0xFF, SOI]);
+    }
+    match (2..body.len().saturating_sub(1)).find(|&i| body[i] == 0xFF && body[i + 1] == EOI) {
+        Some(e) => out.extend_from_slice(&body[..e + 2]),
+        None => {
+            out.extend_from_slice(body);
+            out.extend_from_slice(&[0xFF, EOI]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tidy_tests {
+    use super::*;
+
+    #[test]
+    fn tidy_adds_missing_markers_and_drops_trailing_junk() {
+        assert_eq!(tidy_generated(&[1, 2]), vec![0xFF, 0xD8, 1, 2, 0xFF, 0xD9]);
+        assert_eq!(
+            tidy_generated(&[9, 0xFF, 0xD8, 5, 0xFF, 0xD9, 7, 7]),
+            vec![0xFF, 0xD8, 5, 0xFF, 0xD9]
+        );
+        assert_eq!(tidy_generated(&[]), vec![0xFF, 0xD8, 0xFF, 0xD9]);
+    }
+}

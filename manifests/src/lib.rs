@@ -8,6 +8,8 @@ pub mod jpeg_stream;
 pub mod reader;
 pub mod samples;
 pub mod shard;
+pub mod tokens;
+pub mod vocab;
 
 pub use dataset::{DatasetConfig, DatasetLayout};
 pub use error::{Error, Result};

@@ -148,6 +148,15 @@ impl Dataset {
         s.parts_present = self.layout.finished_parts()?.len() as u32;
         s.parts_total = self.config.parts_total;
         s.runs = self.layout.read_runs()?;
+        for hash in crate::tokens::TokenLayout::list(&self.layout.root) {
+            let path = crate::tokens::TokenLayout::new(&self.layout.root, &hash).manifest_path();
+            if let Ok(rows) = crate::tokens::read_token_rows(&path) {
+                let (t, b) = rows
+                    .iter()
+                    .fold((0, 0), |(t, b), r| (t + r.n_tokens, b + r.codec_bytes));
+                s.token_sets.push((hash, rows.len() as u64, t, b));
+            }
+        }
         let shard_dir = self.layout.shards_dir();
         if let Ok(entries) = std::fs::read_dir(&shard_dir) {
             for e in entries.flatten() {
@@ -176,6 +185,8 @@ pub struct Summary {
     pub parts_present: u32,
     pub parts_total: Option<u32>,
     pub runs: Vec<serde_json::Value>,
+    /// (vocabulary hash, documents, tokens, codec bytes) of each token set.
+    pub token_sets: Vec<(String, u64, u64, u64)>,
 }
 
 impl std::fmt::Display for Summary {
@@ -215,6 +226,14 @@ impl std::fmt::Display for Summary {
                 .collect::<Vec<_>>()
                 .join(", ");
             writeln!(f, "codec length mean {:.0} B; {p}", self.codec_mean)?;
+        }
+        for (hash, docs, tokens, bytes) in &self.token_sets {
+            writeln!(
+                f,
+                "tokens       {hash}: {docs} documents, {tokens} tokens ({:.0} per document, {:.3} codec bytes per token)",
+                *tokens as f64 / (*docs).max(1) as f64,
+                *bytes as f64 / (*tokens).max(1) as f64
+            )?;
         }
         for run in &self.runs {
             let g = |k: &str| run.get(k).cloned().unwrap_or_default();

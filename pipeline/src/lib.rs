@@ -10,6 +10,7 @@ pub mod pillow_resample;
 pub mod process;
 pub mod resize;
 pub mod source;
+pub mod tokenize;
 
 pub use builder::{build, BuildOptions, BuildSettings, BuildSummary};
 pub use config::{ImageConfig, Preprocess};

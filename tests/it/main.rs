@@ -5,4 +5,5 @@ mod common;
 mod pillow_identity;
 mod resume_and_shards;
 mod sources;
+mod tokens;
 mod transforms;

@@ -134,32 +134,58 @@ fn comments_and_metadata_do_not_leak_into_the_stream() {
 fn decoding_only_the_centre_square_gives_the_same_square() {
     // rocket.jpg is landscape (columns are cropped); a portrait copy exercises the row skip.
     let landscape = std::fs::read(fixtures("images").join("rocket.jpg")).unwrap();
-    let full_opts = |center_square| DecodeOptions { max_pixels: 1 << 30, choose_scale: &|_, _| 1, read_exif: false, center_square };
+    let full_opts = |center_square| DecodeOptions {
+        max_pixels: 1 << 30,
+        choose_scale: &|_, _| 1,
+        read_exif: false,
+        center_square,
+    };
     let d = jpeg::decode(&landscape, &full_opts(false)).unwrap();
     let mut portrait_rgb = vec![0u8; d.rgb.len()];
     for y in 0..d.height as usize {
         for x in 0..d.width as usize {
-            let (src, dst) = ((y * d.width as usize + x) * 3, (x * d.height as usize + y) * 3);
+            let (src, dst) = (
+                (y * d.width as usize + x) * 3,
+                (x * d.height as usize + y) * 3,
+            );
             portrait_rgb[dst..dst + 3].copy_from_slice(&d.rgb[src..src + 3]);
         }
     }
-    let settings = jpeg::JpegSettings { quality: 90, ..Default::default() };
+    let settings = jpeg::JpegSettings {
+        quality: 90,
+        ..Default::default()
+    };
     let portrait = jpeg::encode(&portrait_rgb, d.height, d.width, &settings, false).unwrap();
     for bytes in [&landscape, &portrait] {
         let full = jpeg::decode(bytes, &full_opts(false)).unwrap();
         let part = jpeg::decode(bytes, &full_opts(true)).unwrap();
-        let (x, y, side) = part.square.expect("a non-square image is cropped in the decoder");
-        assert!(part.rgb.len() < full.rgb.len(), "the cropped decode must hold less");
+        let (x, y, side) = part
+            .square
+            .expect("a non-square image is cropped in the decoder");
+        assert!(
+            part.rgb.len() < full.rgb.len(),
+            "the cropped decode must hold less"
+        );
         let side = side as usize;
         assert_eq!(side, full.width.min(full.height) as usize);
-        let (fx, fy) = ((full.width as usize - side) / 2, (full.height as usize - side) / 2);
+        let (fx, fy) = (
+            (full.width as usize - side) / 2,
+            (full.height as usize - side) / 2,
+        );
         let mut diff = 0u64;
         for row in 0..side {
             let a = ((fy + row) * full.width as usize + fx) * 3;
             let b = ((y as usize + row) * part.width as usize + x as usize) * 3;
-            diff += full.rgb[a..a + side * 3].iter().zip(&part.rgb[b..b + side * 3]).map(|(p, q)| p.abs_diff(*q) as u64).sum::<u64>();
+            diff += full.rgb[a..a + side * 3]
+                .iter()
+                .zip(&part.rgb[b..b + side * 3])
+                .map(|(p, q)| p.abs_diff(*q) as u64)
+                .sum::<u64>();
         }
         let mean = diff as f64 / (side * side * 3) as f64;
-        assert!(mean < 0.05, "cropped decode differs from the full decode by {mean} on average");
+        assert!(
+            mean < 0.05,
+            "cropped decode differs from the full decode by {mean} on average"
+        );
     }
 }

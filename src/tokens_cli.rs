@@ -1,0 +1,238 @@
+//! `codeclm vocab train`, `codeclm dataset tokenize` and `codeclm dataset decode`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use codeclm_manifests::jpeg_stream;
+use codeclm_manifests::tokens::{self, TokenLayout, TokenShard};
+use codeclm_manifests::vocab::{PreTokenize, Vocab};
+use codeclm_manifests::Dataset;
+use codeclm_pipeline::tokenize::{self, VocabTrainOptions};
+
+#[derive(Subcommand)]
+pub enum VocabCommand {
+    /// Learn a byte-level BPE vocabulary from a deterministic sample of a dataset's codec bytes.
+    Train(TrainArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum PreTokenizeArg {
+    /// No cuts: merges may span the whole stream.
+    None,
+    /// Cut before every FF byte.
+    BeforeFf,
+    /// Cut before every JPEG restart marker (FF D0-D7): one piece per MCU.
+    RestartMarkers,
+    /// Cut before every H.264 start code (00 00 01): one piece per NAL unit.
+    StartCodes,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[arg(long)]
+    dataset: PathBuf,
+    /// `image` (JPEG) or `video` (H.264).
+    #[arg(long, default_value = "image")]
+    modality: String,
+    /// The WHOLE vocabulary size: 256 byte tokens + merges + 3 special tokens (<s>, </s>, <pad>).
+    /// The paper: 320 for JPEG, 1024 for H.264.
+    #[arg(long, default_value_t = 320)]
+    size: usize,
+    /// Training samples, drawn deterministically from the train split (the paper: 10,000).
+    #[arg(long, default_value_t = 10_000)]
+    samples: usize,
+    /// Where merges may not cross (measured: see README).
+    #[arg(long, value_enum, default_value_t = PreTokenizeArg::BeforeFf)]
+    pretokenize: PreTokenizeArg,
+    /// The tokenizer.json to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct TokenizeArgs {
+    #[arg(long)]
+    dataset: PathBuf,
+    /// A tokenizer.json from `codeclm vocab train`.
+    #[arg(long)]
+    vocab: PathBuf,
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct DecodeArgs {
+    #[arg(long)]
+    dataset: PathBuf,
+    /// The vocabulary: a tokenizer.json, or the hash of a token set in the dataset.
+    #[arg(long)]
+    vocab: String,
+    /// Decode these samples' stored token documents.
+    #[arg(long, value_delimiter = ',', conflicts_with = "tokens")]
+    ids: Vec<String>,
+    /// A text file of token sequences, one per line (ids separated by spaces or commas).
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn train(args: TrainArgs) -> Result<()> {
+    let pretokenize = match args.pretokenize {
+        PreTokenizeArg::None => PreTokenize::None,
+        PreTokenizeArg::BeforeFf => PreTokenize::BeforeFf,
+        PreTokenizeArg::RestartMarkers => PreTokenize::RestartMarkers,
+        PreTokenizeArg::StartCodes => PreTokenize::StartCodes,
+    };
+    let opts = VocabTrainOptions {
+        dataset: args.dataset.clone(),
+        modality: args.modality,
+        size: args.size,
+        samples: args.samples,
+        pretokenize,
+    };
+    let (json, s) = tokenize::train_vocab(&opts)
+        .with_context(|| format!("training a vocabulary on {}", args.dataset.display()))?;
+    codeclm_manifests::write_atomic(&args.out, &json)?;
+    println!(
+        "trained vocabulary {} ({} entries, {} merges) on {} samples ({:.2} MB) in {:.1} s -> {}",
+        s.hash,
+        s.vocab_size,
+        s.merges,
+        s.samples,
+        s.codec_bytes as f64 / 1e6,
+        s.seconds,
+        args.out.display()
+    );
+    Ok(())
+}
+
+pub fn tokenize(args: TokenizeArgs) -> Result<()> {
+    let workers = args.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let s = tokenize::tokenize_dataset(&args.dataset, &args.vocab, workers).with_context(|| {
+        format!(
+            "tokenizing {} with {}",
+            args.dataset.display(),
+            args.vocab.display()
+        )
+    })?;
+    println!(
+        "tokenized {} samples: {} tokens from {:.2} MB of codec bytes ({:.3} bytes/token) in {:.2} s = {:.1} MB/s ({:.1} MB/s per worker); parts {} built, {} already done -> {}",
+        s.samples,
+        s.tokens,
+        s.codec_bytes as f64 / 1e6,
+        s.codec_bytes as f64 / s.tokens.max(1) as f64,
+        s.seconds,
+        s.mb_per_second(),
+        s.mb_per_second() / workers as f64,
+        s.parts_built,
+        s.parts_skipped,
+        args.dataset.join(format!("tokens-{}.parquet", s.hash)).display()
+    );
+    Ok(())
+}
+
+fn resolve_vocab(dataset: &Path, vocab: &str) -> Result<Vocab> {
+    let as_path = PathBuf::from(vocab);
+    let path = if as_path.is_file() {
+        as_path
+    } else {
+        TokenLayout::new(dataset, vocab).vocab_path()
+    };
+    if !path.is_file() {
+        bail!(
+            "no vocabulary {vocab:?}: give a tokenizer.json or the hash of a token set in {} (present: {:?})",
+            dataset.display(),
+            TokenLayout::list(dataset)
+        );
+    }
+    Ok(Vocab::load(&path)?)
+}
+
+pub fn decode(args: DecodeArgs) -> Result<()> {
+    let ds = Dataset::open(&args.dataset)
+        .with_context(|| format!("opening dataset {}", args.dataset.display()))?;
+    let vocab = resolve_vocab(&args.dataset, &args.vocab)?;
+    let tables = ds
+        .jpeg_tables()
+        .context("the dataset has no JPEG tables")?
+        .to_vec();
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut sequences: Vec<(String, Vec<u32>)> = Vec::new();
+    if let Some(file) = &args.tokens {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        for (i, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+            let ids = line
+                .split(|c: char| c.is_whitespace() || c == ',')
+                .filter(|t| !t.is_empty())
+                .map(|t| {
+                    t.parse::<u32>().with_context(|| {
+                        format!(
+                            "{}: line {}: {t:?} is not a token id",
+                            file.display(),
+                            i + 1
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            sequences.push((format!("seq-{i:04}"), ids));
+        }
+    } else if !args.ids.is_empty() {
+        let layout = TokenLayout::new(&args.dataset, &vocab.hash);
+        let rows = tokens::read_token_rows(&layout.manifest_path()).with_context(|| {
+            format!(
+                "no token set {} in the dataset: run `codeclm dataset tokenize` first",
+                vocab.hash
+            )
+        })?;
+        let mut shards: HashMap<String, TokenShard> = HashMap::new();
+        for id in &args.ids {
+            let row = rows.iter().find(|r| &r.sample_id == id).with_context(|| {
+                format!("sample {id} has no tokens under vocabulary {}", vocab.hash)
+            })?;
+            if !shards.contains_key(&row.shard) {
+                shards.insert(
+                    row.shard.clone(),
+                    TokenShard::open(&args.dataset.join(&row.shard), Some(&vocab.hash))?,
+                );
+            }
+            let shard = &shards[&row.shard];
+            let doc = &shard.tokens[row.offset as usize..(row.offset + row.n_tokens) as usize];
+            sequences.push((id.clone(), doc.iter().map(|&t| t as u32).collect()));
+        }
+    } else {
+        bail!("say what to decode: --ids ID,ID,... or --tokens FILE");
+    }
+    let mut ok = 0;
+    for (name, ids) in &sequences {
+        let bytes = vocab.decode(ids)?;
+        let stream = jpeg_stream::tidy_generated(&bytes);
+        match jpeg_stream::splice_tables(&stream, &tables) {
+            Ok(full) => {
+                codeclm_manifests::write_atomic(&args.out.join(format!("{name}.jpg")), &full)?;
+                ok += 1;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "{name}: not a JPEG stream ({e}); writing the raw bytes as {name}.bin"
+                );
+                codeclm_manifests::write_atomic(&args.out.join(format!("{name}.bin")), &bytes)?;
+            }
+        }
+    }
+    println!(
+        "decoded {} sequences: {ok} JPEG files, {} raw, in {}",
+        sequences.len(),
+        sequences.len() - ok,
+        args.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! Byte-level BPE: lossless round trips over the whole bundled dataset and random bytes, our
+//! encoder against HF `tokenizers` (Rust, in process; Python, in CI), token shards read from
+//! Python, and a second vocabulary written without touching any media.
+
+use std::path::{Path, PathBuf};
+
+use codeclm_manifests::tokens::{read_token_rows, TokenLayout, TokenShard};
+use codeclm_manifests::vocab::{bytes_to_chars, PreTokenize, Vocab};
+use codeclm_manifests::Dataset;
+use codeclm_pipeline::tokenize::train_on_streams;
+
+use crate::common::*;
+
+/// The bundled photos and the odd corpus, built into one dataset (~36 JPEG streams).
+fn dataset(root: &Path) -> PathBuf {
+    let src = root.join("media");
+    for (sub, dir) in [("images", "a"), ("odd", "b")] {
+        let d = src.join(dir);
+        std::fs::create_dir_all(&d).unwrap();
+        for e in std::fs::read_dir(fixtures(sub)).unwrap().flatten() {
+            std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+        }
+    }
+    let ds = root.join("ds");
+    build(&src, &ds, &["--part-size", "7"]);
+    ds
+}
+
+fn streams(ds: &Path) -> Vec<Vec<u8>> {
+    let d = Dataset::open(ds).unwrap();
+    d.rows()
+        .iter()
+        .filter(|r| r.is_ok())
+        .map(|r| d.codec_bytes(r).unwrap())
+        .collect()
+}
+
+/// Seeded pseudo-random byte strings, some JPEG-like (many FF, restart markers), some uniform.
+fn random_inputs(n: usize) -> Vec<Vec<u8>> {
+    let mut s = 0x243F6A8885A308D3u64;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    (0..n)
+        .map(|i| {
+            let len = (next() % 700) as usize + (i % 3);
+            (0..len)
+                .map(|_| {
+                    let r = next();
+                    match (i % 4, r % 6) {
+                        (0, _) => r as u8,
+                        (_, 0) => 0xFF,
+                        (_, 1) => 0xD0 + (r >> 8) as u8 % 8,
+                        (_, 2) => 0x00,
+                        _ => (r >> 16) as u8,
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn hf_ids(tok: &tokenizers::Tokenizer, bytes: &[u8]) -> Vec<u32> {
+    tok.encode(bytes_to_chars(bytes), false)
+        .unwrap()
+        .get_ids()
+        .to_vec()
+}
+
+#[test]
+fn encoder_matches_hf_tokenizers_and_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = dataset(tmp.path());
+    let data = streams(&ds);
+    assert!(data.len() >= 30);
+    let random = random_inputs(2000);
+    for (pre, size) in [
+        (PreTokenize::None, 320),
+        (PreTokenize::BeforeFf, 320),
+        (PreTokenize::RestartMarkers, 320),
+        (PreTokenize::BeforeFf, 1024),
+    ] {
+        let json = train_on_streams(&data, size, pre).unwrap();
+        let path = tmp.path().join(format!("v-{size}-{pre:?}.json"));
+        std::fs::write(&path, &json).unwrap();
+        let ours = Vocab::load(&path).unwrap();
+        assert_eq!(
+            ours.size as usize, size,
+            "the size counts bytes, merges and the 3 special tokens"
+        );
+        let hf = tokenizers::Tokenizer::from_file(&path).unwrap();
+        let mut ids = Vec::new();
+        for bytes in data.iter().chain(&random) {
+            ids.clear();
+            ours.encode(bytes, &mut ids);
+            assert_eq!(
+                ids,
+                hf_ids(&hf, bytes),
+                "{pre:?}/{size}: our encoder differs from tokenizers on {} bytes",
+                bytes.len()
+            );
+            assert_eq!(
+                &ours.decode(&ids).unwrap(),
+                bytes,
+                "{pre:?}/{size}: round trip"
+            );
+        }
+        // Merges must actually compress real JPEG data, or the test proves nothing.
+        let tokens: usize = data
+            .iter()
+            .map(|b| {
+                ids.clear();
+                ours.encode(b, &mut ids);
+                ids.len()
+            })
+            .sum();
+        let bytes: usize = data.iter().map(Vec::len).sum();
+        assert!(
+            tokens < bytes,
+            "{pre:?}/{size}: {tokens} tokens for {bytes} bytes"
+        );
+    }
+}
+
+#[test]
+fn token_sets_round_trip_coexist_and_need_no_media() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = dataset(tmp.path());
+    // The media are gone: retokenizing must read codec shards only.
+    std::fs::remove_dir_all(tmp.path().join("media")).unwrap();
+    let (v1, v2) = (tmp.path().join("v1.json"), tmp.path().join("v2.json"));
+    run_ok(
+        codeclm()
+            .args(["vocab", "train", "--dataset"])
+            .arg(&ds)
+            .args(["--size", "320", "--out"])
+            .arg(&v1),
+    );
+    run_ok(
+        codeclm()
+            .args(["vocab", "train", "--dataset"])
+            .arg(&ds)
+            .args(["--size", "400", "--pretokenize", "restart-markers", "--out"])
+            .arg(&v2),
+    );
+    for v in [&v1, &v2] {
+        run_ok(
+            codeclm()
+                .args(["dataset", "tokenize", "--dataset"])
+                .arg(&ds)
+                .arg("--vocab")
+                .arg(v),
+        );
+    }
+    let d = Dataset::open(&ds).unwrap();
+    let ok: Vec<_> = d.rows().iter().filter(|r| r.is_ok()).collect();
+    for v in [&v1, &v2] {
+        let vocab = Vocab::load(v).unwrap();
+        let layout = TokenLayout::new(&ds, &vocab.hash);
+        let rows = read_token_rows(&layout.manifest_path()).unwrap();
+        assert_eq!(rows.len(), ok.len(), "every ok sample has a token document");
+        for row in &rows {
+            let shard = TokenShard::open(&ds.join(&row.shard), Some(&vocab.hash)).unwrap();
+            let doc = &shard.tokens[row.offset as usize..(row.offset + row.n_tokens) as usize];
+            assert_eq!(doc[0] as u32, vocab.bos);
+            assert_eq!(*doc.last().unwrap() as u32, vocab.eos);
+            let ids: Vec<u32> = doc.iter().map(|&t| t as u32).collect();
+            let sample = ok.iter().find(|r| r.sample_id == row.sample_id).unwrap();
+            assert_eq!(
+                vocab.decode(&ids).unwrap(),
+                d.codec_bytes(sample).unwrap(),
+                "sample {}",
+                row.sample_id
+            );
+            assert_eq!(row.codec_bytes, sample.codec_bytes.unwrap());
+        }
+    }
+    assert_eq!(TokenLayout::list(&ds).len(), 2, "two vocabularies coexist");
+    // Rerunning skips finished parts.
+    let out = run_ok(
+        codeclm()
+            .args(["dataset", "tokenize", "--dataset"])
+            .arg(&ds)
+            .arg("--vocab")
+            .arg(&v1),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tokenized 0 samples"));
+
+    // `dataset decode` turns stored token documents back into the exported JPEG files.
+    let ids: Vec<String> = ok.iter().take(3).map(|r| r.sample_id.clone()).collect();
+    let hash = Vocab::load(&v2).unwrap().hash;
+    run_ok(
+        codeclm()
+            .args(["dataset", "decode", "--dataset"])
+            .arg(&ds)
+            .args(["--vocab", &hash, "--ids", &ids.join(",")])
+            .arg("--out")
+            .arg(tmp.path().join("dec")),
+    );
+    run_ok(
+        codeclm()
+            .args(["dataset", "export", "--dataset"])
+            .arg(&ds)
+            .args(["--ids", &ids.join(",")])
+            .arg("--out")
+            .arg(tmp.path().join("exp")),
+    );
+    for id in &ids {
+        let a = std::fs::read(tmp.path().join(format!("dec/{id}.jpg"))).unwrap();
+        assert_eq!(
+            a,
+            std::fs::read(tmp.path().join(format!("exp/{id}.jpg"))).unwrap()
+        );
+    }
+}
+
+#[test]
+fn python_tokenizers_and_the_reader_snippet_agree_with_rust() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = dataset(tmp.path());
+    let vocab_path = tmp.path().join("v.json");
+    run_ok(
+        codeclm()
+            .args(["vocab", "train", "--dataset"])
+            .arg(&ds)
+            .args(["--size", "320", "--out"])
+            .arg(&vocab_path),
+    );
+    run_ok(
+        codeclm()
+            .args(["dataset", "tokenize", "--dataset"])
+            .arg(&ds)
+            .arg("--vocab")
+            .arg(&vocab_path),
+    );
+    let vocab = Vocab::load(&vocab_path).unwrap();
+    // Python: read the manifests and shards with tools/read_tokens.py (numpy + zstandard +
+    // polars), re-encode each sample's codec bytes with Python `tokenizers` from the same file,
+    // and check both against the shard. It prints one line per sample: id and token count.
+    let out = std::process::Command::new("python3")
+        .arg(repo().join("tools/read_tokens.py"))
+        .arg(&ds)
+        .args(["--vocab", &vocab.hash, "--check-with-tokenizers"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tools/read_tokens.py failed (needs `pip install -r tools/requirements.txt`):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows = read_token_rows(&TokenLayout::new(&ds, &vocab.hash).manifest_path()).unwrap();
+    for row in &rows {
+        assert!(
+            text.contains(&format!("{} {}", row.sample_id, row.n_tokens)),
+            "Python disagrees on {}:\n{text}",
+            row.sample_id
+        );
+    }
+    assert!(
+        text.contains(&format!("checked {} samples", rows.len())),
+        "{text}"
+    );
+}
