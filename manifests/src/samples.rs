@@ -241,11 +241,15 @@ fn parquet_writer(file: File) -> ParquetWriter<File> {
 
 /// Writes `rows` as a Parquet manifest, atomically.
 pub fn write_parquet(rows: &[SampleRow], path: &Path) -> Result<()> {
-    let mut df = to_dataframe(rows)?;
+    write_dataframe(&mut to_dataframe(rows)?, path)
+}
+
+/// Writes any manifest table as zstd Parquet, atomically (temp file, fsync, rename).
+pub fn write_dataframe(df: &mut DataFrame, path: &Path) -> Result<()> {
     let tmp = crate::tmp_path(path);
     let file = File::create(&tmp).map_err(Error::io(&tmp))?;
     parquet_writer(file)
-        .finish(&mut df)
+        .finish(df)
         .map_err(Error::parquet(&tmp))?;
     sync_and_rename(&tmp, path)
 }

@@ -19,8 +19,6 @@
 //! `DIR/tokens-<hash>.parquet` maps every tokenized sample to its shard, offset (in tokens, at
 //! its BOS) and length (BOS and EOS included); it joins `samples.parquet` on `sample_id`.
 
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use polars::prelude::*;
@@ -142,13 +140,9 @@ impl TokenShardWriter {
         h[32..40].copy_from_slice(&(self.tokens.len() as u64).to_le_bytes());
         h[40..48].copy_from_slice(&self.docs.to_le_bytes());
         h[48..56].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-        let tmp = crate::tmp_path(path);
-        let mut f = File::create(&tmp).map_err(Error::io(&tmp))?;
-        f.write_all(&h)
-            .and_then(|_| f.write_all(&payload))
-            .and_then(|_| f.sync_all())
-            .map_err(Error::io(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(Error::io(path))
+        let mut file = h.to_vec();
+        file.extend_from_slice(&payload);
+        crate::write_atomic(path, &file)
     }
 }
 
@@ -273,13 +267,7 @@ pub fn write_token_rows(rows: &[TokenRow], path: &Path) -> Result<()> {
         ],
     )
     .map_err(Error::parquet(path))?;
-    let tmp = crate::tmp_path(path);
-    let f = File::create(&tmp).map_err(Error::io(&tmp))?;
-    ParquetWriter::new(f)
-        .with_compression(ParquetCompression::Zstd(None))
-        .finish(&mut df)
-        .map_err(Error::parquet(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(Error::io(path))
+    crate::samples::write_dataframe(&mut df, path)
 }
 
 pub fn read_token_rows(path: &Path) -> Result<Vec<TokenRow>> {
