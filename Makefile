@@ -18,7 +18,7 @@ else
 VAL_FRACTION ?= 0.01
 endif
 
-.PHONY: all setup deps pydeps build dataset test bench fmt clippy clean
+.PHONY: all setup deps pydeps build dataset test bench bench-tokens fmt clippy clean
 
 all: build
 
@@ -56,6 +56,10 @@ test: deps pydeps
 bench: build pydeps
 	$(CARGO) bench --bench image_pipeline
 	$(PYTHON) tools/bench_compare.py
+
+## bench-tokens: vocabulary training and encoding speed vs Python tokenizers on 10K photo crops
+bench-tokens: build pydeps
+	$(PYTHON) tools/bench_tokenize.py
 
 fmt:
 	$(CARGO) fmt --all

@@ -5,12 +5,20 @@
 //! runs over all of them, then the list is processed `--repeat` times on this thread and timed.
 //! `--encode-only` decodes and resizes everything up front and times only the abbreviated
 //! q25 encode (the floor: no pipeline can be faster than its encoder). Prints ONE JSON line.
+//!
+//! `codeclm bench tokens`: single-threaded BPE encoding throughput (MB of codec bytes per second)
+//! of our [`Vocab::encode`] against the Rust `tokenizers` crate with the same tokenizer.json on
+//! the same codec streams held in memory, checking both give identical ids on every sample; the
+//! Rust side of `tools/bench_tokenize.py` (which adds Python `tokenizers`). Prints ONE JSON line.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use codeclm_manifests::vocab::{bytes_to_chars, Vocab};
+use codeclm_manifests::Dataset;
 use codeclm_pipeline::process::process_image;
 use codeclm_pipeline::resize::Resampler;
 use codeclm_pipeline::{jpeg, ImageConfig, Preprocess};
@@ -22,6 +30,28 @@ pub enum BenchCommand {
     /// Images per second on one thread for decode + resize + encode (or encode only) over
     /// FILEs held in memory, and peak RSS; prints one JSON line like tools/bench_pillow.py.
     Images(ImagesArgs),
+    /// MB/s on one thread for BPE-encoding every ok sample's codec bytes (held in memory) with
+    /// our encoder and with the Rust `tokenizers` crate (same vocabulary, ids checked equal);
+    /// prints one JSON line (see tools/bench_tokenize.py).
+    Tokens(TokensArgs),
+}
+
+#[derive(Args)]
+pub struct TokensArgs {
+    /// The dataset whose codec bytes are encoded (every sample with status ok).
+    #[arg(long)]
+    dataset: PathBuf,
+    /// A tokenizer.json from `codeclm vocab train`.
+    #[arg(long)]
+    vocab: PathBuf,
+    /// Timed passes per encoder (after one untimed pass that also checks the ids); the encoders
+    /// alternate pass by pass and the best pass of each is reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: u32,
+    /// Write our ids for an outside check: one JSON line {"sample_ids": [...], "n_tokens": [...]}
+    /// then every sample's ids (no BOS/EOS) as little-endian u32, in that order.
+    #[arg(long)]
+    ids_out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -47,6 +77,7 @@ pub struct ImagesArgs {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Images(args) => images(args),
+        BenchCommand::Tokens(args) => tokens(args),
     }
 }
 
@@ -152,6 +183,154 @@ fn images(args: ImagesArgs) -> Result<()> {
         "out_bytes": out_bytes,
     });
     println!("{line}");
+    Ok(())
+}
+
+fn tokens(args: TokensArgs) -> Result<()> {
+    if args.repeat == 0 {
+        bail!("--repeat must be at least 1");
+    }
+    let vocab =
+        Vocab::load(&args.vocab).with_context(|| format!("loading {}", args.vocab.display()))?;
+    let hf = tokenizers::Tokenizer::from_file(&args.vocab)
+        .map_err(|e| anyhow::anyhow!("tokenizers could not load {}: {e}", args.vocab.display()))?;
+    let ds = Dataset::open(&args.dataset)
+        .with_context(|| format!("opening dataset {}", args.dataset.display()))?;
+    let rows: Vec<_> = ds.rows().iter().filter(|r| r.is_ok()).collect();
+    if rows.is_empty() {
+        bail!("{} has no successful samples", args.dataset.display());
+    }
+    let streams = rows
+        .iter()
+        .map(|r| {
+            ds.codec_bytes(r)
+                .with_context(|| format!("reading sample {}", r.sample_id))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // The char strings HF needs are built up front, outside its timing (in its favour).
+    let texts: Vec<String> = streams.iter().map(|s| bytes_to_chars(s)).collect();
+    let codec_bytes: u64 = streams.iter().map(|s| s.len() as u64).sum();
+
+    let ours_pass = |keep: Option<&mut Vec<Vec<u32>>>| -> u64 {
+        let mut ids = Vec::new();
+        let mut total = 0u64;
+        match keep {
+            Some(all) => {
+                for s in &streams {
+                    let mut v = Vec::with_capacity(s.len());
+                    vocab.encode(s, &mut v);
+                    total += v.len() as u64;
+                    all.push(v);
+                }
+            }
+            None => {
+                for s in &streams {
+                    ids.clear();
+                    vocab.encode(s, &mut ids);
+                    total += ids.len() as u64;
+                }
+            }
+        }
+        total
+    };
+    let hf_pass = |ours: Option<&[Vec<u32>]>| -> Result<u64> {
+        let mut total = 0u64;
+        for (i, t) in texts.iter().enumerate() {
+            let enc = hf
+                .encode(t.as_str(), false)
+                .map_err(|e| anyhow::anyhow!("tokenizers: {e}"))?;
+            let got = enc.get_ids();
+            if let Some(ours) = ours {
+                if got != ours[i].as_slice() {
+                    let at = got
+                        .iter()
+                        .zip(&ours[i])
+                        .position(|(a, b)| a != b)
+                        .unwrap_or(got.len().min(ours[i].len()));
+                    bail!(
+                        "sample {}: our ids differ from tokenizers' ({} vs {} tokens, first difference at token {at}): the encoder is not exact for {}",
+                        rows[i].sample_id,
+                        ours[i].len(),
+                        got.len(),
+                        args.vocab.display()
+                    );
+                }
+            }
+            total += got.len() as u64;
+        }
+        Ok(total)
+    };
+
+    // Untimed pass of each: our ids, checked against HF's on every sample.
+    let mut ours_ids = Vec::with_capacity(streams.len());
+    let tokens = ours_pass(Some(&mut ours_ids));
+    hf_pass(Some(&ours_ids))?;
+    if let Some(path) = &args.ids_out {
+        write_ids(
+            path,
+            &rows
+                .iter()
+                .map(|r| r.sample_id.as_str())
+                .collect::<Vec<_>>(),
+            &ours_ids,
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+    }
+    drop(ours_ids);
+
+    let (mut ours_s, mut hf_s) = (Vec::new(), Vec::new());
+    for _ in 0..args.repeat {
+        let t0 = Instant::now();
+        let n = ours_pass(None);
+        ours_s.push(t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        let m = hf_pass(None)?;
+        hf_s.push(t0.elapsed().as_secs_f64());
+        if n != tokens || m != tokens {
+            bail!("token counts changed between passes ({tokens}, {n}, {m})");
+        }
+    }
+    let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    let mb = codec_bytes as f64 / 1e6;
+    let r3 = |x: f64| (x * 1e3).round() / 1e3;
+    let line = serde_json::json!({
+        "tool": "codeclm",
+        "mode": "tokens",
+        "samples": streams.len(),
+        "codec_mb": (mb * 1e6).round() / 1e6,
+        "tokens": tokens,
+        "mean_tokens_per_sample": r3(tokens as f64 / streams.len() as f64),
+        "mean_codec_bytes_per_sample": r3(codec_bytes as f64 / streams.len() as f64),
+        "bytes_per_token": (codec_bytes as f64 / tokens.max(1) as f64 * 1e4).round() / 1e4,
+        "ours_mb_per_s": r3(mb / best(&ours_s)),
+        "hf_rust_mb_per_s": r3(mb / best(&hf_s)),
+        "ours_seconds": ours_s.iter().map(|&x| r3(x * 1e3) / 1e3).collect::<Vec<_>>(),
+        "hf_rust_seconds": hf_s.iter().map(|&x| r3(x * 1e3) / 1e3).collect::<Vec<_>>(),
+        "ids_identical": true,
+        "peak_rss_mb": (peak_rss_mb() * 10.0).round() / 10.0,
+        "vocab": args.vocab.display().to_string(),
+        "vocab_hash": vocab.hash,
+        "vocab_size": vocab.size,
+        "pretokenize": vocab.pretokenize,
+        "repeat": args.repeat,
+    });
+    println!("{line}");
+    Ok(())
+}
+
+fn write_ids(path: &std::path::Path, sample_ids: &[&str], ids: &[Vec<u32>]) -> Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let head = serde_json::json!({
+        "sample_ids": sample_ids,
+        "n_tokens": ids.iter().map(Vec::len).collect::<Vec<_>>(),
+    });
+    writeln!(f, "{head}")?;
+    for doc in ids {
+        for &id in doc {
+            f.write_all(&id.to_le_bytes())?;
+        }
+    }
+    f.flush()?;
     Ok(())
 }
 
