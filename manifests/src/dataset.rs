@@ -107,9 +107,16 @@ impl DatasetLayout {
         Ok(parts)
     }
 
-    /// Removes temp files left by a killed run (`*.tmp` in every directory we write).
-    pub fn sweep_temp_files(&self) -> Result<usize> {
+    /// Removes temp files left by killed runs without touching those of live writers: a temp
+    /// file of a part is removed only if `owns(part)` (one worker owns each part, whatever
+    /// machine it runs on); any other temp file only if it was written on this machine by a
+    /// process that no longer exists.
+    pub fn sweep_temp_files(&self, owns: &dyn Fn(u32) -> bool) -> Result<usize> {
         let mut removed = 0;
+        let host_prefix = {
+            let tag = crate::writer_tag();
+            tag[..tag.rfind('-').unwrap_or(0) + 1].to_string()
+        };
         for dir in [
             self.root.clone(),
             self.parts_dir(),
@@ -120,7 +127,25 @@ impl DatasetLayout {
                 continue;
             };
             for entry in entries.flatten() {
-                if entry.file_name().to_string_lossy().ends_with(".tmp") {
+                let name = entry.file_name().to_string_lossy().to_string();
+                let Some(stem) = name.strip_suffix(".tmp") else {
+                    continue;
+                };
+                let part = name
+                    .strip_prefix("part-")
+                    .and_then(|r| r.get(..6))
+                    .and_then(|d| d.parse::<u32>().ok());
+                let stale = match part {
+                    Some(p) => owns(p),
+                    None => {
+                        // `<file>.<host>-<pid>`: ours if the host matches and the pid is gone.
+                        let tag = stem.rsplit('.').next().unwrap_or("");
+                        let pid = tag.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
+                        tag.starts_with(&host_prefix)
+                            && pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists())
+                    }
+                };
+                if stale {
                     std::fs::remove_file(entry.path()).map_err(Error::io(entry.path()))?;
                     removed += 1;
                 }

@@ -36,10 +36,33 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// The temp name used while `path` is being written (`name.tmp` in the same directory, so the
-/// final rename never crosses file systems). Stale ones are swept when a build resumes.
+/// The temp name used while `path` is being written: `name.<host>-<pid>.tmp` in the same
+/// directory (so the final rename never crosses file systems, and workers on several machines
+/// sharing one dataset directory never write the same temp file). Stale ones are swept when a
+/// build resumes, see [`DatasetLayout::sweep_temp_files`].
 pub fn tmp_path(path: &std::path::Path) -> std::path::PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
+    name.push(format!(".{}.tmp", writer_tag()));
     path.with_file_name(name)
+}
+
+/// `<host>-<pid>` of this process, as embedded in temp names.
+pub fn writer_tag() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!(
+        "{}-{}",
+        if host.is_empty() { "host" } else { &host },
+        std::process::id()
+    )
 }

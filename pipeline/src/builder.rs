@@ -159,7 +159,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
     }
     let layout = DatasetLayout::new(&opts.out);
     layout.create_dirs()?;
-    let swept = layout.sweep_temp_files()?;
+    let (shard_index, num_shards) = (opts.shard_index, opts.num_shards);
+    let swept = layout.sweep_temp_files(&|part| part % num_shards == shard_index)?;
     if swept > 0 {
         tracing::info!("removed {swept} temp files left by an interrupted run");
     }

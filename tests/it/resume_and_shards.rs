@@ -120,6 +120,34 @@ fn three_workers_and_a_merge_equal_one_run() {
     }
     assert_same_tree(&single, &shared);
 
+    // Shared storage, workers running at the same time (a job array): none may sweep away or
+    // overwrite another's files in progress; the last to finish consolidates.
+    let concurrent = tmp.path().join("concurrent");
+    let children: Vec<_> = (0..3)
+        .map(|i| {
+            codeclm()
+                .args(["dataset", "build", "--no-progress", "--images"])
+                .arg(&src)
+                .arg("--out")
+                .arg(&concurrent)
+                .args(FLAGS)
+                .args(["--shard-index", &i.to_string(), "--num-shards", "3"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_same_tree(&single, &concurrent);
+
     // Merging datasets built with different settings is refused.
     let other = tmp.path().join("other");
     build(&src, &other, &[FLAGS, &["--quality", "50"]].concat());
