@@ -21,7 +21,7 @@ use codeclm_manifests::vocab::{bytes_to_chars, Vocab};
 use codeclm_manifests::Dataset;
 use codeclm_pipeline::process::process_image;
 use codeclm_pipeline::resize::Resampler;
-use codeclm_pipeline::{jpeg, ImageConfig, Preprocess};
+use codeclm_pipeline::{jpeg, ImageConfig};
 
 use crate::{PreprocessArg, ResamplerArg};
 
@@ -82,16 +82,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 }
 
 fn images(args: ImagesArgs) -> Result<()> {
-    let mut cfg = ImageConfig::preset(match args.preprocess {
-        PreprocessArg::Default => Preprocess::Default,
-        PreprocessArg::Paper => Preprocess::Paper,
-    });
+    let mut cfg = ImageConfig::preset(args.preprocess.into());
     if let Some(r) = args.resampler {
-        cfg.resampler = match r {
-            ResamplerArg::Lanczos3 => Resampler::Lanczos3,
-            ResamplerArg::PillowBilinear => Resampler::PillowBilinear,
-            ResamplerArg::PillowLanczos => Resampler::PillowLanczos,
-        };
+        cfg.resampler = r.into();
     }
     if args.no_dct_scaling {
         cfg.dct_scaling = false;

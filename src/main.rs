@@ -93,6 +93,25 @@ enum ResamplerArg {
     PillowLanczos,
 }
 
+impl From<PreprocessArg> for Preprocess {
+    fn from(p: PreprocessArg) -> Preprocess {
+        match p {
+            PreprocessArg::Default => Preprocess::Default,
+            PreprocessArg::Paper => Preprocess::Paper,
+        }
+    }
+}
+
+impl From<ResamplerArg> for Resampler {
+    fn from(r: ResamplerArg) -> Resampler {
+        match r {
+            ResamplerArg::Lanczos3 => Resampler::Lanczos3,
+            ResamplerArg::PillowBilinear => Resampler::PillowBilinear,
+            ResamplerArg::PillowLanczos => Resampler::PillowLanczos,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum AlphaArg {
     /// Composite on white.
@@ -246,10 +265,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn image_config(args: &BuildArgs) -> Result<ImageConfig> {
-    let mut c = ImageConfig::preset(match args.preprocess {
-        PreprocessArg::Default => Preprocess::Default,
-        PreprocessArg::Paper => Preprocess::Paper,
-    });
+    let mut c = ImageConfig::preset(args.preprocess.into());
     if let Some(s) = args.size {
         c.size = s;
     }
@@ -261,11 +277,7 @@ fn image_config(args: &BuildArgs) -> Result<ImageConfig> {
         };
     }
     if let Some(r) = args.resampler {
-        c.resampler = match r {
-            ResamplerArg::Lanczos3 => Resampler::Lanczos3,
-            ResamplerArg::PillowBilinear => Resampler::PillowBilinear,
-            ResamplerArg::PillowLanczos => Resampler::PillowLanczos,
-        };
+        c.resampler = r.into();
     }
     if let Some(v) = args.dct_scaling {
         c.dct_scaling = v;
