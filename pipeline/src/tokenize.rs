@@ -210,6 +210,14 @@ pub fn tokenize_dataset(
         .num_threads(workers.max(1))
         .build()
         .map_err(|e| TokenizeError::Invalid(e.to_string()))?;
+    let total: usize = by_part.values().map(Vec::len).sum();
+    let progress = indicatif::ProgressBar::new(total as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} samples  {per_sec}  {elapsed}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     let mut summary = TokenizeSummary {
         hash: vocab.hash.clone(),
         ..TokenizeSummary::default()
@@ -217,6 +225,7 @@ pub fn tokenize_dataset(
     for (&part, rows) in &by_part {
         if layout.part_manifest(part).exists() {
             summary.parts_skipped += 1;
+            progress.inc(rows.len() as u64);
             continue;
         }
         // Encode the part's documents in parallel, then write them in manifest order.
@@ -254,7 +263,9 @@ pub fn tokenize_dataset(
         writer.finish(&dataset.join(layout.shard_rel(part)))?;
         tokens::write_token_rows(&token_rows, &layout.part_manifest(part))?;
         summary.parts_built += 1;
+        progress.inc(rows.len() as u64);
     }
+    progress.finish_and_clear();
     tokens::consolidate(&layout)?;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
