@@ -33,6 +33,15 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// Runs the CLI, insists that it failed cleanly (an error, not a panic), and returns its stderr.
+pub fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn codeclm");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{cmd:?} should have failed:\n{err}");
+    assert!(!err.contains("panicked"), "{cmd:?} panicked:\n{err}");
+    err
+}
+
 pub fn build(images: &Path, out: &Path, extra: &[&str]) -> Output {
     run_ok(
         codeclm()

@@ -151,13 +151,12 @@ fn three_workers_and_a_merge_equal_one_run() {
     // Merging datasets built with different settings is refused.
     let other = tmp.path().join("other");
     build(&src, &other, &[FLAGS, &["--quality", "50"]].concat());
-    let out = codeclm()
-        .args(["dataset", "merge", "--out"])
-        .arg(tmp.path().join("bad"))
-        .arg(&single)
-        .arg(&other)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("different settings"));
+    let err = run_err(
+        codeclm()
+            .args(["dataset", "merge", "--out"])
+            .arg(tmp.path().join("bad"))
+            .arg(&single)
+            .arg(&other),
+    );
+    assert!(err.contains("different settings"), "{err}");
 }
