@@ -7,3 +7,4 @@ mod resume_and_shards;
 mod sources;
 mod tokens;
 mod transforms;
+mod video;
