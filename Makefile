@@ -1,36 +1,51 @@
 # codeclm: the commands users run. `make dataset` and `make test` work on a fresh machine with
-# Rust installed: they install what else they need (nasm; Python references for the tests).
+# Rust installed: they install what else they need (nasm, FFmpeg 5.1 dev packages + the ffmpeg
+# CLI; Python references for the tests).
 
 SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON ?= python3
 BIN := target/release/codeclm
 BUNDLED := tests/fixtures/images
+BUNDLED_VIDEOS := tests/fixtures/videos
 
 # make dataset SRC=dir|list.txt|shards/|file.parquet OUT=dir ARGS="--preprocess paper ..."
 SRC ?= $(BUNDLED)
 OUT ?= data
 ARGS ?=
-# The bundled set is 10 photos: hold out more of it than the 1% default so `val` is not empty.
+# The bundled set is 10 photos and 8 clips: hold out more of it than the 1% default so `val` is
+# not empty. Videos: the bundled clips by default; VIDEOS=dir|list|shards/ for your own, or
+# VIDEOS= (empty) for none.
 ifeq ($(SRC),$(BUNDLED))
 VAL_FRACTION ?= 0.2
+VIDEOS ?= $(BUNDLED_VIDEOS)
 else
 VAL_FRACTION ?= 0.01
 endif
 
-.PHONY: all setup deps pydeps build dataset test bench bench-tokens fmt clippy clean
+.PHONY: all setup deps pydeps build dataset test bench bench-video bench-tokens fmt clippy clean
 
 all: build
 
-## setup: system packages (nasm) and the Python references used by tests and benchmarks
+## setup: system packages (nasm, FFmpeg) and the Python references used by tests and benchmarks
 setup: deps pydeps
 
+# FFmpeg 5.1 + x264 from Debian bookworm: the H.264 bytes are identical to the ffmpeg CLI of
+# the same build, and rsmpeg 0.14 binds FFmpeg 5 (see .cargo/config.toml).
+FFMPEG_PKGS := libavcodec-dev libavformat-dev libavfilter-dev libavutil-dev libswscale-dev \
+  libswresample-dev libavdevice-dev pkg-config clang libclang-dev ffmpeg
 deps:
 	@command -v nasm >/dev/null 2>&1 || { \
 	  echo "installing nasm (mozjpeg's SIMD needs it)"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq nasm >/dev/null; \
 	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq nasm >/dev/null; \
 	  else echo "please install nasm (apt-get install nasm / brew install nasm)"; exit 1; fi; }
+	@{ command -v ffmpeg >/dev/null 2>&1 && pkg-config --exists libavcodec libavformat libavfilter libswscale libswresample \
+	  && ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; } || { \
+	  echo "installing FFmpeg 5.1 development packages and the ffmpeg CLI (video encoding, its tests)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(FFMPEG_PKGS) >/dev/null; \
+	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(FFMPEG_PKGS) >/dev/null; \
+	  else echo "please install: $(FFMPEG_PKGS)"; exit 1; fi; }
 
 pydeps:
 	@$(PYTHON) -c "import PIL, polars, numpy, zstandard; assert PIL.__version__ == '13.0.0', PIL.__version__" 2>/dev/null || \
@@ -39,13 +54,19 @@ pydeps:
 build: deps
 	$(CARGO) build --release
 
-## dataset: build a dataset (default: the bundled photos into data/), learn the paper's JPEG
-## vocabulary (320 entries) from it, write its token shards, then summarise it
+## dataset: build a dataset (default: the bundled photos and clips into data/), learn the
+## paper's JPEG (320 entries) and H.264 (1024 entries) vocabularies from it, write their token
+## shards, then summarise it
 VOCAB_SIZE ?= 320
+VIDEO_VOCAB_SIZE ?= 1024
 dataset: build
-	$(BIN) dataset build --images $(SRC) --out $(OUT) --val-fraction $(VAL_FRACTION) $(ARGS)
+	$(BIN) dataset build --images $(SRC) $(if $(VIDEOS),--videos $(VIDEOS)) --out $(OUT) --val-fraction $(VAL_FRACTION) $(ARGS)
 	$(BIN) vocab train --dataset $(OUT) --modality image --size $(VOCAB_SIZE) --out $(OUT)/vocab-jpeg-$(VOCAB_SIZE).json
-	$(BIN) dataset tokenize --dataset $(OUT) --vocab $(OUT)/vocab-jpeg-$(VOCAB_SIZE).json
+	$(BIN) dataset tokenize --dataset $(OUT) --modality image --vocab $(OUT)/vocab-jpeg-$(VOCAB_SIZE).json
+ifneq ($(VIDEOS),)
+	$(BIN) vocab train --dataset $(OUT) --modality video --pretokenize start-codes --size $(VIDEO_VOCAB_SIZE) --out $(OUT)/vocab-h264-$(VIDEO_VOCAB_SIZE).json
+	$(BIN) dataset tokenize --dataset $(OUT) --modality video --vocab $(OUT)/vocab-h264-$(VIDEO_VOCAB_SIZE).json
+endif
 	$(BIN) dataset inspect $(OUT)
 
 ## test: unit tests, integration tests on real media, byte identity against Pillow
@@ -56,6 +77,11 @@ test: deps pydeps
 bench: build pydeps
 	$(CARGO) bench --bench image_pipeline
 	$(PYTHON) tools/bench_compare.py
+
+## bench-video: in-process H.264 encoding vs the ffmpeg CLI once per file, same clips, same run,
+## one core each: clips/s, peak RSS, ratio
+bench-video: build
+	$(PYTHON) tools/bench_video.py
 
 ## bench-tokens: vocabulary training and encoding speed vs Python tokenizers on 10K photo crops
 bench-tokens: build pydeps

@@ -34,6 +34,18 @@ pub enum BenchCommand {
     /// our encoder and with the Rust `tokenizers` crate (same vocabulary, ids checked equal);
     /// prints one JSON line (see tools/bench_tokenize.py).
     Tokens(TokensArgs),
+    /// Videos per second on one thread for the in-process H.264 encode (decode, filter, x264)
+    /// of FILEs held in memory, and peak RSS; prints one JSON line (see tools/bench_video.py).
+    Videos(VideosArgs),
+}
+
+#[derive(Args)]
+pub struct VideosArgs {
+    /// Timed passes over the file list (after one untimed warm-up pass).
+    #[arg(long, default_value_t = 3)]
+    repeat: u32,
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -78,6 +90,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Images(args) => images(args),
         BenchCommand::Tokens(args) => tokens(args),
+        BenchCommand::Videos(args) => videos(args),
     }
 }
 
@@ -174,6 +187,41 @@ fn images(args: ImagesArgs) -> Result<()> {
         "repeat": args.repeat,
         "files": blobs.len(),
         "out_bytes": out_bytes,
+    });
+    println!("{line}");
+    Ok(())
+}
+
+fn videos(args: VideosArgs) -> Result<()> {
+    let cfg = codeclm_pipeline::VideoConfig::default();
+    let clips: Vec<Vec<u8>> = args
+        .files
+        .iter()
+        .map(|f| std::fs::read(f).with_context(|| format!("reading {}", f.display())))
+        .collect::<Result<_>>()?;
+    let mut bytes_out = 0usize;
+    for (clip, name) in clips.iter().zip(&args.files) {
+        let v = codeclm_pipeline::encode_video_bytes(clip, &cfg)
+            .with_context(|| format!("encoding {}", name.display()))?;
+        bytes_out += v.h264.len();
+    }
+    let started = Instant::now();
+    for _ in 0..args.repeat.max(1) {
+        for clip in &clips {
+            let v = codeclm_pipeline::encode_video_bytes(clip, &cfg)?;
+            std::hint::black_box(v.h264.len());
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let n = clips.len() as f64 * args.repeat.max(1) as f64;
+    let line = serde_json::json!({
+        "tool": "codeclm",
+        "clips": clips.len(),
+        "repeat": args.repeat.max(1),
+        "seconds": seconds,
+        "clips_per_second": n / seconds.max(1e-9),
+        "h264_bytes_per_pass": bytes_out,
+        "peak_rss_mb": (peak_rss_mb() * 10.0).round() / 10.0,
     });
     println!("{line}");
     Ok(())

@@ -14,7 +14,7 @@ use codeclm_pipeline::decode::ColorConvert;
 use codeclm_pipeline::jpeg::Subsampling;
 use codeclm_pipeline::resize::{Resampler, ResizeMode};
 use codeclm_pipeline::{
-    BuildOptions, BuildSettings, ImageConfig, Preprocess, SourceKind, SourceSpec,
+    BuildOptions, BuildSettings, ImageConfig, Preprocess, SourceKind, SourceSpec, VideoConfig,
 };
 
 #[derive(Parser)]
@@ -43,9 +43,11 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DatasetCommand {
-    /// Turn media into JPEG codec bytes in shards indexed by Parquet manifests (resumable).
+    /// Turn images into JPEG and videos into H.264 codec bytes in shards indexed by Parquet
+    /// manifests (resumable).
     Build(BuildArgs),
-    /// Write samples as standalone files (`<sample_id>.jpg`, tables spliced back).
+    /// Write samples as standalone files: `<sample_id>.jpg` (tables spliced back) for images,
+    /// `<sample_id>.h264` and a playable `<sample_id>.mp4` for videos.
     Export(ExportArgs),
     /// Print a summary: counts by status and split, bytes, codec length, build throughput.
     Inspect { dir: PathBuf },
@@ -124,8 +126,13 @@ enum AlphaArg {
 struct BuildArgs {
     /// Images: a directory tree, a file list (one path a line), a webdataset .tar (or a
     /// directory of them), or a Parquet file (or directory) with an image-bytes column.
+    #[arg(long, required_unless_present = "videos")]
+    images: Option<PathBuf>,
+    /// Videos, from the same kinds of source as --images; encoded to H.264 with the paper's
+    /// x264 settings (byte-identical to its ffmpeg command). Images and videos may share one
+    /// dataset.
     #[arg(long)]
-    images: PathBuf,
+    videos: Option<PathBuf>,
     /// The dataset directory (created; rerunning with the same arguments resumes it).
     #[arg(long)]
     out: PathBuf,
@@ -175,6 +182,25 @@ struct BuildArgs {
     /// Restart marker every N MCUs (paper: 1).
     #[arg(long)]
     restart_interval: Option<u16>,
+    /// Video frame rate (paper: 3).
+    #[arg(long, default_value_t = 3)]
+    fps: u32,
+    /// Video frame size WxH; the source is fitted inside and padded (paper: 256x144).
+    #[arg(long, default_value = "256x144")]
+    video_size: String,
+    /// Seconds of video kept from the start (paper: 5).
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// H.264 constant quantiser (paper: 37).
+    #[arg(long, default_value_t = 37)]
+    qp: u32,
+    /// Keep x264's SEI (version and options string, 557 bytes, the same in every video): the
+    /// exact bytes of the paper's ffmpeg command. Dropped by default (no picture information).
+    #[arg(long)]
+    keep_x264_sei: bool,
+    /// Refuse videos with more pixels per frame than this.
+    #[arg(long)]
+    max_video_pixels: Option<u64>,
     /// Fraction of samples in the validation split.
     #[arg(long, default_value_t = 0.01)]
     val_fraction: f64,
@@ -321,10 +347,30 @@ fn image_config(args: &BuildArgs) -> Result<ImageConfig> {
     Ok(c)
 }
 
-fn build(args: BuildArgs) -> Result<()> {
-    let image = image_config(&args)?;
+fn video_config(args: &BuildArgs) -> Result<VideoConfig> {
+    let mut c = VideoConfig {
+        fps: args.fps,
+        qp: args.qp,
+        keep_x264_sei: args.keep_x264_sei,
+        duration_ms: (args.seconds * 1000.0).round().clamp(0.0, u32::MAX as f64) as u32,
+        ..VideoConfig::default()
+    };
+    let (w, h) = args
+        .video_size
+        .split_once('x')
+        .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+        .with_context(|| format!("--video-size {}: use WxH, e.g. 256x144", args.video_size))?;
+    (c.width, c.height) = (w, h);
+    if let Some(v) = args.max_video_pixels {
+        c.max_pixels = v;
+    }
+    c.validate().map_err(anyhow::Error::msg)?;
+    Ok(c)
+}
+
+fn source_spec(path: &std::path::Path, args: &BuildArgs) -> Result<SourceSpec> {
     let mut spec = match args.source_kind {
-        SourceKindArg::Auto => SourceSpec::detect(&args.images)?,
+        SourceKindArg::Auto => SourceSpec::detect(path)?,
         kind => SourceSpec {
             kind: match kind {
                 SourceKindArg::Dir => SourceKind::Dir,
@@ -332,12 +378,28 @@ fn build(args: BuildArgs) -> Result<()> {
                 SourceKindArg::Tar => SourceKind::Tar,
                 _ => SourceKind::Parquet,
             },
-            path: args.images.clone(),
+            path: path.to_path_buf(),
             column: None,
         },
     };
     spec.column = args.image_column.clone();
-    let mut settings = BuildSettings::new(spec, image);
+    Ok(spec)
+}
+
+fn build(args: BuildArgs) -> Result<()> {
+    let image = image_config(&args)?;
+    let video = video_config(&args)?;
+    let images = args
+        .images
+        .as_deref()
+        .map(|p| source_spec(p, &args))
+        .transpose()?;
+    let videos = args
+        .videos
+        .as_deref()
+        .map(|p| source_spec(p, &args))
+        .transpose()?;
+    let mut settings = BuildSettings::with_sources(images, image, videos, video);
     settings.val_fraction = args.val_fraction;
     settings.part_size = args.part_size;
     settings.shard_max_bytes = args.shard_max_mib.max(1) << 20;
@@ -355,10 +417,18 @@ fn build(args: BuildArgs) -> Result<()> {
         progress: !args.no_progress,
     };
     tracing::info!(
-        "building {} from {} ({:?} source) with {workers} workers{}",
+        "building {} from{}{} with {workers} workers{}",
         args.out.display(),
-        args.images.display(),
-        opts.settings.source.kind,
+        opts.settings
+            .source
+            .as_ref()
+            .map(|s| format!(" images {} ({:?})", s.path.display(), s.kind))
+            .unwrap_or_default(),
+        opts.settings
+            .videos
+            .as_ref()
+            .map(|s| format!(" videos {} ({:?})", s.path.display(), s.kind))
+            .unwrap_or_default(),
         if args.num_shards > 1 {
             format!(", shard {} of {}", args.shard_index, args.num_shards)
         } else {
@@ -374,7 +444,7 @@ fn build(args: BuildArgs) -> Result<()> {
         .map(|(k, v)| format!("{k} {v}"))
         .collect::<Vec<_>>();
     println!(
-        "built {} images ({} ok, {} failed{}) in {:.1} s: {:.1} images/s, {:.1}/s per worker; parts {} built, {} already done, {} in source; {:.2} MB of JPEG",
+        "built {} inputs ({} ok, {} failed{}) in {:.1} s: {:.1} inputs/s, {:.1}/s per worker; parts {} built, {} already done, {} in source; {:.2} MB of codec bytes",
         s.processed,
         s.ok,
         s.failed,
@@ -417,7 +487,27 @@ fn export(args: ExportArgs) -> Result<()> {
             .map(|id| ds.find(id).with_context(|| format!("no sample {id} in {}; `codeclm dataset inspect` lists counts, the manifest lists ids", args.dataset.display())))
             .collect::<Result<_>>()?
     };
+    let fps = ds
+        .config
+        .build
+        .pointer("/video/fps")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(3) as u32;
     for row in &rows {
+        if row.codec.as_deref() == Some("h264") {
+            let h264 = ds
+                .codec_bytes(row)
+                .with_context(|| format!("exporting sample {} ({})", row.sample_id, row.source))?;
+            codeclm_manifests::write_atomic(
+                &args.out.join(format!("{}.h264", row.sample_id)),
+                &h264,
+            )?;
+            let mp4 = args.out.join(format!("{}.mp4", row.sample_id));
+            codeclm_pipeline::annexb_to_mp4(&h264, fps, &mp4).with_context(|| {
+                format!("remuxing sample {} ({}) to MP4", row.sample_id, row.source)
+            })?;
+            continue;
+        }
         let full = ds
             .jpeg_file(row)
             .with_context(|| format!("exporting sample {} ({})", row.sample_id, row.source))?;

@@ -61,6 +61,10 @@ pub struct TokenizeArgs {
     vocab: PathBuf,
     #[arg(long)]
     workers: Option<usize>,
+    /// Only the samples of this modality (`image` or `video`; default: every sample). A dataset
+    /// holding both gets one token set per vocabulary: JPEG for images, H.264 for videos.
+    #[arg(long)]
+    modality: Option<String>,
 }
 
 #[derive(Args)]
@@ -111,12 +115,23 @@ pub fn train(args: TrainArgs) -> Result<()> {
 }
 
 pub fn tokenize(args: TokenizeArgs) -> Result<()> {
+    if let Some(m) = args.modality.as_deref() {
+        if m != "image" && m != "video" {
+            bail!("--modality {m}: use image or video");
+        }
+    }
     let workers = args.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    let s = tokenize::tokenize_dataset(&args.dataset, &args.vocab, workers).with_context(|| {
+    let s = tokenize::tokenize_dataset(
+        &args.dataset,
+        &args.vocab,
+        workers,
+        args.modality.as_deref(),
+    )
+    .with_context(|| {
         format!(
             "tokenizing {} with {}",
             args.dataset.display(),
@@ -215,6 +230,22 @@ pub fn decode(args: DecodeArgs) -> Result<()> {
     let mut ok = 0;
     for (name, ids) in &sequences {
         let bytes = vocab.decode(ids)?;
+        if bytes.starts_with(&[0, 0, 0, 1]) || bytes.starts_with(&[0, 0, 1]) {
+            // H.264 (Annex B): the stream as is, plus a playable MP4 when it remuxes.
+            codeclm_manifests::write_atomic(&args.out.join(format!("{name}.h264")), &bytes)?;
+            let fps = ds
+                .config
+                .build
+                .pointer("/video/fps")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(3) as u32;
+            let mp4 = args.out.join(format!("{name}.mp4"));
+            match codeclm_pipeline::annexb_to_mp4(&bytes, fps, &mp4) {
+                Ok(()) => ok += 1,
+                Err(e) => tracing::warn!("{name}: H.264 stream not remuxable to MP4 ({e})"),
+            }
+            continue;
+        }
         let stream = jpeg_stream::tidy_generated(&bytes);
         match jpeg_stream::splice_tables(&stream, &tables) {
             Ok(full) => {
@@ -230,7 +261,7 @@ pub fn decode(args: DecodeArgs) -> Result<()> {
         }
     }
     println!(
-        "decoded {} sequences: {ok} JPEG files, {} raw, in {}",
+        "decoded {} sequences: {ok} JPEG/MP4 files, {} raw, in {}",
         sequences.len(),
         sequences.len() - ok,
         args.out.display()

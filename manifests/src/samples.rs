@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// Version of the manifest schema below; bumped when a column changes meaning or type.
-pub const SAMPLES_SCHEMA_VERSION: u32 = 1;
+pub const SAMPLES_SCHEMA_VERSION: u32 = 2;
 
 /// What happened to one input. Everything but `Ok` carries an `error` message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -94,6 +94,16 @@ pub struct SampleRow {
     pub decode_scale: Option<u32>,
     pub width: Option<u32>,
     pub height: Option<u32>,
+    /// Videos only (null for images): the source's video codec (`h264`, `mjpeg`, ...).
+    pub src_codec: Option<String>,
+    /// Videos only: source duration in seconds (container, else stream), when known.
+    pub src_duration: Option<f64>,
+    /// Videos only: the source stream's average frame rate, when known.
+    pub src_fps: Option<f64>,
+    /// Videos only: frames encoded (paper: 15 = 5 s at 3 fps; fewer for shorter clips).
+    pub frames: Option<u32>,
+    /// Videos only: NAL units in the stored H.264 stream.
+    pub nal_units: Option<u32>,
     /// `jpeg` or `h264`.
     pub codec: Option<String>,
     pub codec_bytes: Option<u64>,
@@ -137,6 +147,11 @@ pub fn to_dataframe(rows: &[SampleRow]) -> Result<DataFrame> {
         col!("decode_scale", |r| r.decode_scale),
         col!("width", |r| r.width),
         col!("height", |r| r.height),
+        col!("src_codec", |r| r.src_codec.as_deref()),
+        col!("src_duration", |r| r.src_duration),
+        col!("src_fps", |r| r.src_fps),
+        col!("frames", |r| r.frames),
+        col!("nal_units", |r| r.nal_units),
         col!("codec", |r| r.codec.as_deref()),
         col!("codec_bytes", |r| r.codec_bytes),
         col!("shard", |r| r.shard.as_deref()),
@@ -166,6 +181,16 @@ pub fn from_dataframe(df: &DataFrame, path: &Path) -> Result<Vec<SampleRow>> {
     let u32c = |name: &str| -> Result<UInt32Chunked> {
         Ok(df.column(name).map_err(bad)?.u32().map_err(bad)?.clone())
     };
+    let f64c = |name: &str| -> Result<Float64Chunked> {
+        Ok(df.column(name).map_err(bad)?.f64().map_err(bad)?.clone())
+    };
+    let (src_codec, src_duration, src_fps, frames, nal_units) = (
+        s("src_codec")?,
+        f64c("src_duration")?,
+        f64c("src_fps")?,
+        u32c("frames")?,
+        u32c("nal_units")?,
+    );
     let u64c = |name: &str| -> Result<UInt64Chunked> {
         Ok(df.column(name).map_err(bad)?.u64().map_err(bad)?.clone())
     };
@@ -222,6 +247,11 @@ pub fn from_dataframe(df: &DataFrame, path: &Path) -> Result<Vec<SampleRow>> {
             decode_scale: scale.get(i),
             width: width.get(i),
             height: height.get(i),
+            src_codec: src_codec.get(i).map(str::to_string),
+            src_duration: src_duration.get(i),
+            src_fps: src_fps.get(i),
+            frames: frames.get(i),
+            nal_units: nal_units.get(i),
             codec: codec.get(i).map(str::to_string),
             codec_bytes: codec_bytes.get(i),
             shard: shard.get(i).map(str::to_string),
@@ -325,6 +355,11 @@ mod tests {
             decode_scale: ok.then_some(1),
             width: ok.then_some(256),
             height: ok.then_some(256),
+            src_codec: (i == 4).then(|| "h264".into()),
+            src_duration: (i == 4).then_some(10.0),
+            src_fps: (i == 4).then_some(25.0),
+            frames: (i == 4).then_some(15),
+            nal_units: (i == 4).then_some(2161),
             codec: ok.then(|| "jpeg".into()),
             codec_bytes: ok.then_some(5000),
             shard: ok.then(|| "shards/part-000000-jpeg-000.shard".into()),

@@ -1,6 +1,7 @@
 //! The dataset builder: reader -> workers -> writer over bounded channels.
 //!
-//! - The reader plans the source into parts and feeds the items of every part this worker owns
+//! - The reader plans the image source, then the video source, into parts (video parts are
+//!   numbered after the image parts; a part holds one modality) and feeds the items of every part this worker owns
 //!   (`part % num_shards == shard_index`) and has not finished yet.
 //! - A rayon pool decodes, resizes and encodes items in parallel, in any order.
 //! - The writer puts results back in input order per part, appends codec bytes to the part's
@@ -25,8 +26,9 @@ use rayon::iter::{ParallelBridge, ParallelIterator};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ImageConfig;
-use crate::process::{process_image, Outcome};
+use crate::process::{process_image, process_video, Outcome};
 use crate::source::{self, Item, SourceSpec};
+use crate::video::VideoConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -42,8 +44,14 @@ pub enum BuildError {
 /// compared on resume and merge.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BuildSettings {
-    pub source: SourceSpec,
+    /// The images (`--images`), if any.
+    pub source: Option<SourceSpec>,
     pub image: ImageConfig,
+    /// The videos (`--videos`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub videos: Option<SourceSpec>,
+    #[serde(default)]
+    pub video: VideoConfig,
     /// Inputs per part (the unit of work, resume and sharding).
     pub part_size: usize,
     /// A part's shard rolls over to a new file past this many codec bytes.
@@ -55,9 +63,21 @@ pub struct BuildSettings {
 
 impl BuildSettings {
     pub fn new(source: SourceSpec, image: ImageConfig) -> BuildSettings {
+        BuildSettings::with_sources(Some(source), image, None, VideoConfig::default())
+    }
+
+    /// Images, videos, or both in one dataset.
+    pub fn with_sources(
+        images: Option<SourceSpec>,
+        image: ImageConfig,
+        videos: Option<SourceSpec>,
+        video: VideoConfig,
+    ) -> BuildSettings {
         BuildSettings {
-            source,
+            source: images,
             image,
+            videos,
+            video,
             part_size: 10_000,
             shard_max_bytes: 256 << 20,
             val_fraction: 0.01,
@@ -123,6 +143,7 @@ pub fn split_of(sample_id: &str, val_fraction: f64) -> &'static str {
 struct Job {
     part: u32,
     index: u32,
+    video: bool,
     item: Item,
 }
 
@@ -132,6 +153,7 @@ enum Msg {
         index: u32,
         identity: String,
         kind: &'static str,
+        video: bool,
         outcome: Box<Outcome>,
     },
     PartEnd {
@@ -145,6 +167,12 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
     let started = Instant::now();
     let settings = &opts.settings;
     settings.image.validate().map_err(BuildError::Config)?;
+    settings.video.validate().map_err(BuildError::Config)?;
+    if settings.source.is_none() && settings.videos.is_none() {
+        return Err(BuildError::Config(
+            "nothing to build: give --images SRC, --videos SRC or both".into(),
+        ));
+    }
     if opts.num_shards == 0 || opts.shard_index >= opts.num_shards {
         return Err(BuildError::Config(format!(
             "--shard-index {} must be below --num-shards {} (workers are numbered 0..n-1)",
@@ -173,7 +201,13 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
     let (res_tx, res_rx) = bounded::<Msg>(workers * 8);
 
     let reader = {
-        let spec = settings.source.clone();
+        let sources: Vec<(SourceSpec, bool)> = [
+            settings.source.clone().map(|s| (s, false)),
+            settings.videos.clone().map(|s| (s, true)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         let part_size = settings.part_size;
         let (shard_index, num_shards) = (opts.shard_index, opts.num_shards);
         let res_tx = res_tx.clone();
@@ -184,7 +218,13 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
             .spawn(move || -> Result<(u32, u32), source::SourceError> {
                 let mut total = 0u32;
                 let mut skipped = 0u32;
-                for (part, plan) in source::plan(&spec, part_size)?.enumerate() {
+                let plans = sources
+                    .iter()
+                    .map(|(spec, video)| {
+                        Ok(source::plan(spec, part_size)?.map(move |p| (p, *video)))
+                    })
+                    .collect::<Result<Vec<_>, source::SourceError>>()?;
+                for (part, (plan, video)) in plans.into_iter().flatten().enumerate() {
                     let plan = plan?;
                     let part = part as u32;
                     total += 1;
@@ -204,6 +244,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
                             .send(Job {
                                 part,
                                 index: items,
+                                video,
                                 item,
                             })
                             .is_err()
@@ -227,13 +268,14 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
         .build()
         .map_err(|e| BuildError::Config(format!("cannot start {workers} workers: {e}")))?;
     let image_cfg = settings.image;
+    let video_cfg = settings.video;
     let worker = std::thread::spawn(move || {
         pool.install(|| {
             work_rx
                 .into_iter()
                 .par_bridge()
                 .for_each_with(res_tx, |tx, job| {
-                    let _ = tx.send(run_job(job, &image_cfg));
+                    let _ = tx.send(run_job(job, &image_cfg, &video_cfg));
                 })
         })
     });
@@ -278,10 +320,45 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
     Ok(summary)
 }
 
-fn run_job(mut job: Job, cfg: &ImageConfig) -> Msg {
+fn run_job(mut job: Job, cfg: &ImageConfig, video_cfg: &VideoConfig) -> Msg {
     let identity = std::mem::take(&mut job.item.identity);
     let kind = job.item.kind;
     let ext = job.item.ext.take();
+    let internal = "internal error while processing (a bug: please report it with this file)";
+    if job.video {
+        // Files are demuxed from their path (a long video is not read whole); other sources
+        // hand the bytes.
+        let outcome = match &job.item.payload {
+            source::Payload::File(p) if p.is_file() => {
+                let len = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+                std::panic::catch_unwind(|| {
+                    process_video(crate::video::Source::Path(p), len, video_cfg)
+                })
+                .unwrap_or_else(|_| Outcome::failed(Status::EncodeError, internal, len))
+            }
+            _ => match job.item.bytes() {
+                Ok(bytes) => std::panic::catch_unwind(|| {
+                    process_video(
+                        crate::video::Source::Bytes(&bytes),
+                        bytes.len() as u64,
+                        video_cfg,
+                    )
+                })
+                .unwrap_or_else(|_| {
+                    Outcome::failed(Status::EncodeError, internal, bytes.len() as u64)
+                }),
+                Err(message) => Outcome::failed(Status::ReadError, message, 0),
+            },
+        };
+        return Msg::Done {
+            part: job.part,
+            index: job.index,
+            identity,
+            kind,
+            video: true,
+            outcome: Box::new(outcome),
+        };
+    }
     let outcome = match job.item.bytes() {
         Ok(bytes) => std::panic::catch_unwind(|| process_image(&bytes, ext.as_deref(), cfg))
             .unwrap_or_else(|_| {
@@ -298,6 +375,7 @@ fn run_job(mut job: Job, cfg: &ImageConfig) -> Msg {
         index: job.index,
         identity,
         kind,
+        video: false,
         outcome: Box::new(outcome),
     }
 }
@@ -342,7 +420,7 @@ fn progress_bar(enabled: bool) -> ProgressBar {
     }
     let pb = ProgressBar::new_spinner();
     pb.set_style(
-        ProgressStyle::with_template("{spinner} {pos} images  {per_sec}  {elapsed}  {msg}")
+        ProgressStyle::with_template("{spinner} {pos} inputs  {per_sec}  {elapsed}  {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     pb.enable_steady_tick(std::time::Duration::from_millis(200));
@@ -379,7 +457,7 @@ fn write_run_summary(layout: &DatasetLayout, summary: &BuildSummary) -> Result<(
 /// One part being written: results arrive in any order and are written in input order.
 struct PartState {
     rows: Vec<SampleRow>,
-    pending: BTreeMap<u32, (String, &'static str, Box<Outcome>)>,
+    pending: BTreeMap<u32, (String, &'static str, bool, Box<Outcome>)>,
     expected: Option<u32>,
     shard: Option<CodecShardWriter>,
     shard_seq: u32,
@@ -412,11 +490,12 @@ impl<'a> Writer<'a> {
                     index,
                     identity,
                     kind,
+                    video,
                     outcome,
                 } => {
                     self.state(part)?
                         .pending
-                        .insert(index, (identity, kind, outcome));
+                        .insert(index, (identity, kind, video, outcome));
                     part
                 }
                 Msg::PartEnd { part, items } => {
@@ -466,10 +545,12 @@ impl<'a> Writer<'a> {
         let state = self.parts.get_mut(&part).expect("state exists");
         loop {
             let next = state.rows.len() as u32;
-            let Some((identity, kind, outcome)) = state.pending.remove(&next) else {
+            let Some((identity, kind, video, outcome)) = state.pending.remove(&next) else {
                 break;
             };
-            let row = write_one(&layout, settings, part, state, identity, kind, *outcome)?;
+            let row = write_one(
+                &layout, settings, part, state, identity, kind, video, *outcome,
+            )?;
             self.summary.processed += 1;
             *self
                 .summary
@@ -514,15 +595,17 @@ fn write_one(
     state: &mut PartState,
     identity: String,
     kind: &'static str,
+    video: bool,
     outcome: Outcome,
 ) -> Result<SampleRow, BuildError> {
+    let codec = if video { Codec::H264 } else { Codec::Jpeg };
     let id = sample_id(&identity);
     let split = split_of(&id, settings.val_fraction).to_string();
     let mut row = SampleRow {
         sample_id: id,
         source: identity,
         source_kind: kind.to_string(),
-        modality: "image".into(),
+        modality: if video { "video" } else { "image" }.into(),
         split,
         part,
         src_format: outcome.src_format.map(str::to_string),
@@ -533,6 +616,11 @@ fn write_one(
         decode_scale: outcome.decode_scale,
         width: outcome.width,
         height: outcome.height,
+        src_codec: outcome.src_codec.clone(),
+        src_duration: outcome.src_duration,
+        src_fps: outcome.src_fps,
+        frames: outcome.frames,
+        nal_units: outcome.nal_units,
         codec: None,
         codec_bytes: None,
         shard: None,
@@ -553,18 +641,18 @@ fn write_one(
             state.shard_seq += 1;
         }
         if state.shard.is_none() {
-            let rel = DatasetLayout::shard_rel(part, Codec::Jpeg, state.shard_seq);
+            let rel = DatasetLayout::shard_rel(part, codec, state.shard_seq);
             state.shard = Some(CodecShardWriter::create(
                 &layout.root.join(rel),
-                Codec::Jpeg,
+                codec,
                 settings.zstd_level,
             )?);
         }
         let shard = state.shard.as_mut().expect("opened above");
         let loc = shard.append(bytes)?;
-        row.codec = Some("jpeg".into());
+        row.codec = Some(codec.name().into());
         row.codec_bytes = Some(bytes.len() as u64);
-        row.shard = Some(DatasetLayout::shard_rel(part, Codec::Jpeg, state.shard_seq));
+        row.shard = Some(DatasetLayout::shard_rel(part, codec, state.shard_seq));
         row.record = Some(loc.record);
         row.offset = Some(loc.offset);
         row.checksum = Some(shard::checksum(bytes));

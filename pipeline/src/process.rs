@@ -1,5 +1,6 @@
-//! One image, start to finish: bytes -> decode -> square -> JPEG (abbreviated stream).
-//! Returns everything the manifest row needs, success or not.
+//! One input, start to finish: an image (bytes -> decode -> square -> JPEG, abbreviated stream)
+//! or a video (-> H.264 with the paper's settings). Returns everything the manifest row needs,
+//! success or not.
 
 use codeclm_manifests::Status;
 
@@ -7,6 +8,7 @@ use crate::config::ImageConfig;
 use crate::decode;
 use crate::jpeg;
 use crate::resize;
+use crate::video::{self, VideoConfig};
 
 /// The result of processing one input, before it gets an id, a part and a shard position.
 #[derive(Clone, Debug, Default)]
@@ -21,7 +23,13 @@ pub struct Outcome {
     pub decode_scale: Option<u32>,
     pub width: Option<u32>,
     pub height: Option<u32>,
-    /// The abbreviated JPEG stream (no tables), when `status` is ok.
+    /// Videos only: source codec, duration (s), frame rate; frames and NAL units encoded.
+    pub src_codec: Option<String>,
+    pub src_duration: Option<f64>,
+    pub src_fps: Option<f64>,
+    pub frames: Option<u32>,
+    pub nal_units: Option<u32>,
+    /// The abbreviated JPEG stream (no tables) or the Annex B H.264 stream, when `status` is ok.
     pub codec: Option<Vec<u8>>,
 }
 
@@ -37,6 +45,48 @@ impl Outcome {
 
     pub fn status(&self) -> Status {
         self.status.unwrap_or(Status::Ok)
+    }
+}
+
+/// Encodes one video under `cfg` (see [`crate::video`]). Never panics on bad input.
+pub fn process_video(src: video::Source<'_>, src_bytes: u64, cfg: &VideoConfig) -> Outcome {
+    if src_bytes == 0 {
+        return Outcome::failed(Status::Empty, "zero-byte file", 0);
+    }
+    match video::encode(src, cfg) {
+        Ok(v) => Outcome {
+            src_format: Some(video_format_name(&v.src_format)),
+            src_width: Some(v.src_width),
+            src_height: Some(v.src_height),
+            src_bytes,
+            width: Some(cfg.width),
+            height: Some(cfg.height),
+            src_codec: Some(v.src_codec),
+            src_duration: v.src_duration,
+            src_fps: v.src_fps,
+            frames: Some(v.frames),
+            nal_units: Some(v.nal_units),
+            codec: Some(v.h264),
+            ..Outcome::default()
+        },
+        Err(e) => Outcome::failed(e.status, e.message, src_bytes),
+    }
+}
+
+/// `Outcome::src_format` is a `&'static str`: map FFmpeg's demuxer names onto fixed names.
+fn video_format_name(demuxer: &str) -> &'static str {
+    match demuxer {
+        "mov" => "mov",
+        "matroska" => "matroska",
+        "avi" => "avi",
+        "mpeg" => "mpeg",
+        "mpegts" => "mpegts",
+        "flv" => "flv",
+        "asf" => "asf",
+        "ogg" => "ogg",
+        "h264" => "h264",
+        "gif" => "gif",
+        _ => "other",
     }
 }
 

@@ -52,10 +52,10 @@ const SIDECARS: &[&str] = &[
     "json", "txt", "md", "csv", "tsv", "parquet", "yaml", "yml", "xml", "py", "sh", "toml", "html",
     "htm",
 ];
-/// webdataset member extensions that hold an image.
+/// webdataset member extensions that hold an image or a video (video2dataset writes `.mp4`).
 const TAR_IMAGE_EXTS: &[&str] = &[
     "jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm", "tga", "avif", "heic",
-    "jxl",
+    "jxl", "mp4", "m4v", "mov", "mkv", "webm", "avi", "mpg", "mpeg", "ts", "flv",
 ];
 
 impl SourceSpec {

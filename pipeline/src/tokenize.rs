@@ -177,10 +177,13 @@ impl TokenizeSummary {
 
 /// Writes the token set of `vocab_path` for every successful sample of the dataset (resumable
 /// per part: a part whose token manifest exists is skipped), then `tokens-<hash>.parquet`.
+/// `modality` (`image`/`video`) limits the token set to those samples: a JPEG vocabulary is
+/// for the images of a mixed dataset, an H.264 one for its videos.
 pub fn tokenize_dataset(
     dataset: &Path,
     vocab_path: &Path,
     workers: usize,
+    modality: Option<&str>,
 ) -> Result<TokenizeSummary, TokenizeError> {
     let started = Instant::now();
     let vocab = Vocab::load(vocab_path)?;
@@ -203,7 +206,11 @@ pub fn tokenize_dataset(
         codeclm_manifests::write_atomic(&layout.vocab_path(), &bytes)?;
     }
     let mut by_part: BTreeMap<u32, Vec<&SampleRow>> = BTreeMap::new();
-    for r in ds.rows().iter().filter(|r| r.is_ok()) {
+    for r in ds
+        .rows()
+        .iter()
+        .filter(|r| r.is_ok() && modality.is_none_or(|m| r.modality == m))
+    {
         by_part.entry(r.part).or_default().push(r);
     }
     let pool = rayon::ThreadPoolBuilder::new()

@@ -65,7 +65,7 @@ fn killed_builds_resume_to_the_uninterrupted_bytes() {
     // A rerun of a finished dataset does nothing and changes nothing.
     let out = build(&src, &resumed, FLAGS);
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("built 0 images"),
+        String::from_utf8_lossy(&out.stdout).contains("built 0 inputs"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );

@@ -211,3 +211,119 @@ fn annexb_to_mp4_writes_a_playable_mp4() {
     assert!(codeclm_pipeline::annexb_to_mp4(b"not h264", 3, &bad).is_err());
     assert!(std::fs::read_dir(dir.path()).unwrap().count() == 1);
 }
+
+#[test]
+fn images_and_videos_in_one_dataset_with_bad_videos_as_rows_and_export_to_mp4() {
+    use codeclm_manifests::{Dataset, Status};
+    let dir = tempfile::tempdir().unwrap();
+    // Good and bad videos together in one source (a file list), plus the bundled photos.
+    let list = dir.path().join("videos.txt");
+    let mut lines = Vec::new();
+    for sub in ["videos", "videos-bad"] {
+        for e in std::fs::read_dir(fixtures(sub)).unwrap() {
+            let p = e.unwrap().path();
+            if !p.extension().is_some_and(|x| x == "md") {
+                lines.push(p.display().to_string());
+            }
+        }
+    }
+    lines.sort();
+    std::fs::write(&list, lines.join("\n")).unwrap();
+    let out = dir.path().join("ds");
+    crate::common::run_ok(
+        crate::common::codeclm()
+            .args(["dataset", "build", "--no-progress", "--images"])
+            .arg(fixtures("images"))
+            .arg("--videos")
+            .arg(&list)
+            .arg("--out")
+            .arg(&out),
+    );
+    let ds = Dataset::open(&out).unwrap();
+    let status_of = |name: &str| {
+        let r = ds
+            .rows()
+            .iter()
+            .find(|r| r.source.ends_with(name))
+            .unwrap_or_else(|| panic!("no row for {name}"));
+        (r.status, r.error.clone().unwrap_or_default())
+    };
+    for (name, want, says) in [
+        ("empty.mp4", Status::Empty, "zero-byte"),
+        ("truncated.mp4", Status::Unrecognized, "container"),
+        ("corrupt.mp4", Status::Unrecognized, "container"),
+        ("random.mp4", Status::Unrecognized, "container"),
+        ("audio_only.m4a", Status::Unsupported, "audio only"),
+        ("huge_resolution.mp4", Status::TooLarge, "8192x4608"),
+        ("unknown_codec.mkv", Status::Unsupported, "no decoder"),
+    ] {
+        let (status, error) = status_of(name);
+        assert_eq!(status, want, "{name}: {error}");
+        assert!(error.contains(says), "{name}: {error}");
+    }
+    let videos: Vec<_> = ds
+        .rows()
+        .iter()
+        .filter(|r| r.modality == "video" && r.is_ok())
+        .collect();
+    let images = ds.rows().iter().filter(|r| r.modality == "image").count();
+    assert_eq!((videos.len(), images), (clips().len(), 10));
+    // The stored stream is the encoder's (SEI dropped by default), in an h264 shard, and the
+    // manifest's video columns are filled.
+    let bikes = videos
+        .iter()
+        .find(|r| r.source.ends_with("bikes.mp4"))
+        .unwrap();
+    let direct = bikes_h264(&VideoConfig::default());
+    assert_eq!(ds.codec_bytes(bikes).unwrap(), direct);
+    assert!(bikes.shard.as_deref().unwrap().contains("-h264-"));
+    assert_eq!(bikes.codec.as_deref(), Some("h264"));
+    assert_eq!(
+        (bikes.frames, bikes.src_codec.as_deref()),
+        (Some(15), Some("h264"))
+    );
+    assert_eq!(bikes.src_duration, Some(10.0));
+    assert_eq!(bikes.src_fps, Some(25.0));
+    assert_eq!(
+        bikes.nal_units,
+        Some(video::nal_units(&direct).count() as u32)
+    );
+    let carphone = videos
+        .iter()
+        .find(|r| r.source.ends_with("carphone_pristine.mp4"))
+        .unwrap();
+    assert_eq!(carphone.frames, Some(12), "a 4 s clip gives 4 s of frames");
+    // Images rows keep the video columns null.
+    assert!(ds
+        .rows()
+        .iter()
+        .filter(|r| r.modality == "image")
+        .all(|r| r.frames.is_none()));
+
+    // Export: <id>.h264 (the stored bytes) and a playable <id>.mp4.
+    let exp = dir.path().join("export");
+    crate::common::run_ok(
+        crate::common::codeclm()
+            .args(["dataset", "export", "--dataset"])
+            .arg(&out)
+            .arg("--out")
+            .arg(&exp)
+            .args(["--ids", &bikes.sample_id]),
+    );
+    let h264 = std::fs::read(exp.join(format!("{}.h264", bikes.sample_id))).unwrap();
+    assert_eq!(h264, direct);
+    let probe = ffprobe(&exp.join(format!("{}.mp4", bikes.sample_id)));
+    assert!(
+        probe.contains("nb_read_frames=15") && probe.contains("width=256"),
+        "{probe}"
+    );
+
+    // Python polars reads the new columns with the types the contract gives.
+    let py = format!(
+        "import polars as pl\ndf = pl.read_parquet({:?})\nassert df.schema['frames'] == pl.UInt32 and df.schema['src_duration'] == pl.Float64 and df.schema['nal_units'] == pl.UInt32, df.schema\nv = df.filter(pl.col('modality') == 'video', pl.col('status') == 'ok')\nassert v.height == {} and v['frames'].min() >= 12, v\nassert df.filter(pl.col('modality') == 'image')['frames'].null_count() == 10",
+        out.join("samples.parquet").display().to_string(),
+        videos.len()
+    );
+    let st = Command::new("python3").args(["-c", &py]).status().unwrap();
+    assert!(st.success(), "polars could not read the video columns");
+}
