@@ -6,6 +6,7 @@ pub mod builder;
 pub mod config;
 pub mod contact_sheet;
 pub mod decode;
+pub mod h264;
 pub mod h264_nal;
 pub mod jpeg;
 pub mod jpeg_scan;
@@ -17,10 +18,14 @@ pub mod sample;
 pub mod sample_run;
 pub mod source;
 pub mod tokenize;
+pub mod video;
 
 pub use builder::{build, BuildOptions, BuildSettings, BuildSummary};
 pub use config::{ImageConfig, Preprocess};
+pub use h264::{annexb_to_mp4, decode_h264, DecodedVideo};
 pub use source::{SourceKind, SourceSpec};
+pub use video::{encode_bytes as encode_video_bytes, encode_file as encode_video_file};
+pub use video::{EncodedVideo, VideoConfig, VideoError};
 
 /// Real media for unit tests: the bundled photos encoded as the dataset encodes them.
 #[cfg(test)]

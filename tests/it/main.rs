@@ -8,3 +8,4 @@ mod sample;
 mod sources;
 mod tokens;
 mod transforms;
+mod video;
