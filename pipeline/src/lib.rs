@@ -19,6 +19,7 @@ pub mod sample_run;
 pub mod source;
 pub mod tokenize;
 pub mod video;
+pub mod video_sample;
 
 pub use builder::{build, BuildOptions, BuildSettings, BuildSummary};
 pub use config::{ImageConfig, Preprocess};

@@ -104,19 +104,9 @@ pub fn image_prompt(
     if after {
         vocab.encode(&stream[..cut], &mut ids);
     } else {
-        // The longest prefix of the full tokenization that fits before the cut. With
-        // restart-marker pre-tokenization it ends exactly at the cut (tested); with other
-        // vocabularies a token may straddle it and the prompt ends a few bytes earlier.
-        let mut end = 0;
-        for &t in &tokens {
-            let len = vocab.token_bytes(t).len();
-            if end + len > cut {
-                break;
-            }
-            end += len;
-            ids.push(t);
-        }
-        cut = end;
+        // With restart-marker pre-tokenization this ends exactly at the cut (tested); with
+        // other vocabularies a token may straddle it and the prompt ends a few bytes earlier.
+        cut = token_prefix(vocab, &tokens, cut, &mut ids);
     }
     Ok(ImagePrompt {
         name: name.to_string(),
@@ -124,6 +114,66 @@ pub fn image_prompt(
         tokens,
         layout,
         rows_kept,
+        cut,
+        ids,
+    })
+}
+
+/// Appends to `ids` the longest prefix of `tokens` whose bytes fit in the first `cut` bytes;
+/// returns where those bytes end (`<= cut`). The prompt is then a context the model saw in
+/// training, whatever the vocabulary's merges.
+pub fn token_prefix(vocab: &Vocab, tokens: &[u32], cut: usize, ids: &mut Vec<u32>) -> usize {
+    let mut end = 0;
+    for &t in tokens {
+        let len = vocab.token_bytes(t).len();
+        if end + len > cut {
+            break;
+        }
+        end += len;
+        ids.push(t);
+    }
+    end
+}
+
+/// A video and the prompt made of its first frames.
+#[derive(Clone, Debug)]
+pub struct VideoPrompt {
+    pub name: String,
+    /// The Annex B stream as the dataset stores it.
+    pub stream: Vec<u8>,
+    /// Token ids of the whole stream (no BOS/EOS).
+    pub tokens: Vec<u32>,
+    /// Frames in the prompt and in the whole video.
+    pub frames_kept: usize,
+    pub frames_total: usize,
+    /// Byte offset in `stream` where the prompt ends (a NAL boundary).
+    pub cut: usize,
+    /// BOS + the prompt's tokens.
+    pub ids: Vec<u32>,
+}
+
+/// Builds the prompt of the first `frames` frames of an H.264 Annex B stream (Avc-LM: 10 of
+/// 15), cut at the start code of the next frame's first slice, as a token prefix of the whole
+/// stream (with start-code pre-tokenization, exactly at the start code).
+pub fn video_prompt(
+    name: &str,
+    stream: Vec<u8>,
+    vocab: &Vocab,
+    frames: usize,
+) -> Result<VideoPrompt, PromptError> {
+    let nals = crate::h264_nal::nal_units(&stream);
+    let frames_total = crate::h264_nal::frame_starts(&stream, &nals).len();
+    let cut = crate::h264_nal::frame_cut(&stream, frames).map_err(PromptError::Invalid)?;
+    let mut tokens = Vec::new();
+    vocab.encode(&stream, &mut tokens);
+    let mut ids = vec![vocab.bos];
+    let cut = token_prefix(vocab, &tokens, cut, &mut ids);
+    Ok(VideoPrompt {
+        name: name.to_string(),
+        stream,
+        tokens,
+        frames_kept: frames,
+        frames_total,
         cut,
         ids,
     })
