@@ -69,8 +69,8 @@ def main() -> int:
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--bin", default="target/release/codeclm")
     ap.add_argument("--rust-args", default="", help="extra arguments for `codeclm bench train`")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed PyTorch steps (codeclm: 1)")
+    ap.add_argument("--steps", type=int, default=0, help="timed PyTorch steps (default: codeclm's)")
     ap.add_argument("--seconds", type=float, default=30.0, help="stop timing PyTorch after this long")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--torch-worker", help=argparse.SUPPRESS)
@@ -93,8 +93,9 @@ def main() -> int:
             rs_tps = find_key(rs, "tokens_per_s", "tokens_per_sec")
             if not cfg or batch is None or context is None or rs_tps is None:
                 sys.exit(f"bench_train: codeclm's summary lacks config/batch/context/tokens_per_s: {rs}")
+            steps = a.steps or find_key(rs, "steps") or 5  # default: as many timed steps as codeclm's
             spec = {"config": cfg, "batch": batch, "context": context, "threads": threads,
-                    "warmup": a.warmup, "steps": a.steps, "seconds": a.seconds}
+                    "warmup": a.warmup, "steps": steps, "seconds": a.seconds}
             pout, _, rss_pt, _ = run_with_rss([sys.executable, __file__, "--torch-worker", json.dumps(spec)], threads)
             pt = last_json(pout)
             ratio = rs_tps / pt["tokens_per_s"]

@@ -3,12 +3,12 @@
 `transformers.LlamaForCausalLM.from_pretrained(RUN)` and through `codeclm model logits`.
 
     python3 tools/compat_hf.py RUN [--dataset DIR] [--vocab HASH] [--tokens 512]
-    python3 tools/compat_hf.py RUN --ids-file ids.json        # a JSON list of token ids
+    python3 tools/compat_hf.py RUN --ids-file ids.json        # JSON list or whitespace-separated ids
     make compat RUN=runs/tiny                                 # in the `make compat-env` venv
 
 RUN is a run directory (or any directory with HF `config.json` + `model.safetensors`). Without
 --ids-file the tokens are the start of the first held-out (`val`) document of the dataset's token
-set: DIR defaults to the dataset named in the run's metadata, HASH to the only token set there.
+set: DIR and HASH default to those in the run's trainer_state.json.
 
 It prints the max abs difference of the logits (f32, [T, V]) and exits non-zero above --tol.
 """
@@ -30,35 +30,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_metadata(run: str) -> dict:
-    """Whatever the run recorded about its data (dataset dir, vocabulary hash), best effort."""
-    found: dict = {}
-    for name in ("run.json", "train.json", "config.toml", "train.toml", "metadata.json"):
-        path = os.path.join(run, name)
-        if not os.path.exists(path):
-            continue
-        try:
-            if name.endswith(".toml"):
-                import tomllib
-
-                with open(path, "rb") as f:
-                    meta = tomllib.load(f)
-            else:
-                with open(path) as f:
-                    meta = json.load(f)
-        except (OSError, ValueError):
-            continue
-
-        def walk(d):
-            for k, v in d.items():
-                if isinstance(v, dict):
-                    walk(v)
-                elif k in ("dataset", "dataset_dir") and isinstance(v, str):
-                    found.setdefault("dataset", v)
-                elif k in ("vocab", "vocab_hash") and isinstance(v, str):
-                    found.setdefault("vocab", v)
-
-        walk(meta)
-    return found
+    """The dataset and vocabulary a codeclm run trained on (its trainer_state.json), if any."""
+    path = os.path.join(run, "trainer_state.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        st = json.load(f)
+    return {k: v for k, v in (("dataset", st.get("dataset")), ("vocab", st.get("vocab_hash"))) if v}
 
 
 def held_out_ids(dataset: str, vocab: str | None, n: int) -> tuple[list[int], str]:
@@ -98,7 +76,7 @@ def main() -> int:
     ap.add_argument("run")
     ap.add_argument("--dataset")
     ap.add_argument("--vocab")
-    ap.add_argument("--ids-file", help="JSON list of token ids instead of held-out data")
+    ap.add_argument("--ids-file", help="token ids instead of held-out data: a JSON list or whitespace-separated")
     ap.add_argument("--tokens", type=int, default=512, help="how many tokens (capped by the context)")
     ap.add_argument("--bin", default=os.environ.get("CODECLM", "target/release/codeclm"))
     ap.add_argument("--tol", type=float, default=1e-4, help="max abs logit difference allowed (f32)")
@@ -110,7 +88,8 @@ def main() -> int:
     cfg = json.load(open(os.path.join(a.run, "config.json")))
     n = min(a.tokens, cfg["max_position_embeddings"])
     if a.ids_file:
-        ids = [int(i) for i in json.load(open(a.ids_file))][:n]
+        text = open(a.ids_file).read()
+        ids = [int(i) for i in (json.loads(text) if text.lstrip().startswith("[") else text.split())][:n]
         what = a.ids_file
     else:
         meta = run_metadata(a.run)
@@ -130,8 +109,9 @@ def main() -> int:
     t_hf = time.perf_counter() - t0
 
     with tempfile.TemporaryDirectory() as tmp:
-        ids_path, out_path = os.path.join(tmp, "ids.json"), os.path.join(tmp, "logits.safetensors")
-        json.dump(ids, open(ids_path, "w"))
+        ids_path, out_path = os.path.join(tmp, "ids.txt"), os.path.join(tmp, "logits.safetensors")
+        with open(ids_path, "w") as f:  # `codeclm model logits --tokens-file`: whitespace-separated ids
+            f.write(" ".join(map(str, ids)) + "\n")
         cmd = [a.bin, "model", "logits", "--run", a.run, "--tokens-file", ids_path, "--out", out_path]
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True)
