@@ -34,6 +34,11 @@ pub enum BenchCommand {
     /// our encoder and with the Rust `tokenizers` crate (same vocabulary, ids checked equal);
     /// prints one JSON line (see tools/bench_tokenize.py).
     Tokens(TokensArgs),
+    /// Training tokens/s (forward + backward + AdamW) of a preset on a fixed batch; prints one
+    /// JSON line (tools/bench_train.py compares it with PyTorch on the same model and batch).
+    Train(crate::model_cli::BenchTrainArgs),
+    /// Generation tokens/s of a trained run (batched, KV cache); prints one JSON line.
+    Sample(crate::model_cli::BenchSampleArgs),
 }
 
 #[derive(Args)]
@@ -78,6 +83,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Images(args) => images(args),
         BenchCommand::Tokens(args) => tokens(args),
+        BenchCommand::Train(args) => crate::model_cli::bench_train(args),
+        BenchCommand::Sample(args) => crate::model_cli::bench_sample(args),
     }
 }
 
