@@ -37,6 +37,11 @@ pub enum BenchCommand {
     /// Videos per second on one thread for the in-process H.264 encode (decode, filter, x264)
     /// of FILEs held in memory, and peak RSS; prints one JSON line (see tools/bench_video.py).
     Videos(VideosArgs),
+    /// Training tokens/s (forward + backward + AdamW) of a preset on a fixed batch; prints one
+    /// JSON line (tools/bench_train.py compares it with PyTorch on the same model and batch).
+    Train(crate::model_cli::BenchTrainArgs),
+    /// Generation tokens/s of a trained run (batched, KV cache); prints one JSON line.
+    Sample(crate::model_cli::BenchSampleArgs),
 }
 
 #[derive(Args)]
@@ -91,6 +96,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Images(args) => images(args),
         BenchCommand::Tokens(args) => tokens(args),
         BenchCommand::Videos(args) => videos(args),
+        BenchCommand::Train(args) => crate::model_cli::bench_train(args),
+        BenchCommand::Sample(args) => crate::model_cli::bench_sample(args),
     }
 }
 

@@ -2,6 +2,7 @@
 //! libraries, print the whole error chain on failure.
 
 mod bench;
+mod model_cli;
 mod tokens_cli;
 
 use std::path::PathBuf;
@@ -39,6 +40,11 @@ enum Command {
     /// Benchmarks: single-threaded images/s and peak memory (see tools/bench_compare.py).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Train a Llama model on a dataset's token shards (or --resume a run).
+    Train(model_cli::TrainArgs),
+    /// Trained models: logits for a token sequence, preset sizes and memory.
+    #[command(subcommand)]
+    Model(model_cli::ModelCommand),
 }
 
 #[derive(Subcommand)]
@@ -300,6 +306,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Dataset(DatasetCommand::Decode(args)) => tokens_cli::decode(args),
         Command::Vocab(tokens_cli::VocabCommand::Train(args)) => tokens_cli::train(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Train(args) => model_cli::train_cmd(args),
+        Command::Model(cmd) => model_cli::model_cmd(cmd),
     }
 }
 

@@ -4,6 +4,7 @@ mod bad_inputs;
 mod common;
 mod pillow_identity;
 mod resume_and_shards;
+mod sample;
 mod sources;
 mod tokens;
 mod transforms;
