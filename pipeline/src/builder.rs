@@ -588,6 +588,8 @@ impl<'a> Writer<'a> {
     }
 }
 
+// One row: the writer state plus what the worker sent; a struct would only rename these.
+#[allow(clippy::too_many_arguments)]
 fn write_one(
     layout: &DatasetLayout,
     settings: &BuildSettings,

@@ -931,7 +931,7 @@ unsafe fn encode_input(input: &Input, cfg: &VideoConfig) -> Result<EncodedVideo,
                         ffi::AVRounding_AV_ROUND_NEAR_INF | ffi::AVRounding_AV_ROUND_PASS_MINMAX,
                     )
                 };
-                ffi::av_buffersrc_close(state.src, pts, ffi::AV_BUFFERSRC_FLAG_PUSH as u32);
+                ffi::av_buffersrc_close(state.src, pts, ffi::AV_BUFFERSRC_FLAG_PUSH);
                 state.pull()?;
             }
         }
@@ -1014,10 +1014,7 @@ impl Decode<'_> {
                 }
                 if self.graph.is_none() {
                     self.configure(frame)?;
-                } else if (*frame).width != (*self.src_par()).0
-                    || (*frame).height != (*self.src_par()).1
-                    || (*frame).format != (*self.src_par()).2
-                {
+                } else if ((*frame).width, (*frame).height, (*frame).format) != self.src_par() {
                     return Err(VideoError::new(
                         Status::Unsupported,
                         "the video changes size or pixel format mid-stream",
@@ -1054,11 +1051,12 @@ impl Decode<'_> {
         }
     }
 
-    fn src_par(&self) -> Box<(i32, i32, i32)> {
+    /// Size and pixel format the graph was configured for.
+    fn src_par(&self) -> (i32, i32, i32) {
         // SAFETY: src is configured when this is called.
         unsafe {
             let link = *(*self.src).outputs;
-            Box::new(((*link).w, (*link).h, (*link).format))
+            ((*link).w, (*link).h, (*link).format)
         }
     }
 
@@ -1235,6 +1233,72 @@ pub(crate) fn silence_ffmpeg_logs() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // SAFETY: sets a global integer.
-        unsafe { ffi::av_log_set_level(ffi::AV_LOG_QUIET as i32) };
+        unsafe { ffi::av_log_set_level(ffi::AV_LOG_QUIET) };
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_args_are_the_papers_command() {
+        let args = VideoConfig::default().cli_args(Path::new("IN"), Path::new("OUT.h264"));
+        // REFERENCE.md s1, after `ffmpeg` (we add -nostdin -loglevel error -y up front).
+        let paper = "-i IN -vf fps=3,scale=256:144:force_original_aspect_ratio=decrease,pad=256:144:(ow-iw)/2:(oh-ih)/2 -t 5 -c:v libx264 -pix_fmt yuv420p -profile:v baseline -qp 37 -bf 0 -an -sn -x264opts slice-max-mbs=1 -trellis 0 -me_method dia -threads 1 -subq 0 -psy 0 -mixed-refs 0 -fast-pskip 0 -partitions none -refs 3 -bsf:v h264_mp4toannexb OUT.h264";
+        assert_eq!(args[4..].join(" "), paper);
+        assert_eq!(args[..4].join(" "), "-nostdin -loglevel error -y");
+    }
+
+    #[test]
+    fn nal_units_and_sei_stripping() {
+        let sei = [
+            &[0u8, 0, 0, 1, 6, 5][..],
+            b"....x264 - core 164 options",
+            &[0x80],
+        ]
+        .concat();
+        let stream = [
+            &[0u8, 0, 0, 1, 0x67, 1, 2][..],
+            &[0, 0, 1, 0x68, 3],
+            &sei,
+            &[0, 0, 1, 0x65, 9, 9, 9],
+            &[0, 0, 0, 1, 6, 5, 1, 2], // another SEI, not x264's: kept
+        ]
+        .concat();
+        let nals: Vec<_> = nal_units(&stream)
+            .map(|(_, h, _)| stream[h] & 0x1f)
+            .collect();
+        assert_eq!(nals, [7, 8, 6, 5, 6]);
+        let stripped = strip_x264_sei(&stream);
+        assert_eq!(stripped.len(), stream.len() - sei.len());
+        let nals: Vec<_> = nal_units(&stripped)
+            .map(|(_, h, _)| stripped[h] & 0x1f)
+            .collect();
+        assert_eq!(nals, [7, 8, 5, 6]);
+        assert!(nal_units(&[]).next().is_none());
+    }
+
+    #[test]
+    fn config_defaults_are_the_papers_and_validate() {
+        let c = VideoConfig::default();
+        assert_eq!(
+            (c.fps, c.width, c.height, c.duration_ms, c.qp),
+            (3, 256, 144, 5000, 37)
+        );
+        assert!(!c.keep_x264_sei && c.validate().is_ok());
+        for bad in [
+            VideoConfig { fps: 0, ..c },
+            VideoConfig { width: 255, ..c },
+            VideoConfig { qp: 52, ..c },
+            VideoConfig {
+                duration_ms: 0,
+                ..c
+            },
+        ] {
+            assert!(bad.validate().is_err());
+        }
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<VideoConfig>(&json).unwrap(), c);
+    }
 }

@@ -13,7 +13,7 @@ fn clips() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(fixtures("videos"))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| !p.extension().is_some_and(|e| e == "md"))
+        .filter(|p| p.extension().is_none_or(|e| e != "md"))
         .collect();
     v.sort();
     assert!(
@@ -222,7 +222,7 @@ fn images_and_videos_in_one_dataset_with_bad_videos_as_rows_and_export_to_mp4() 
     for sub in ["videos", "videos-bad"] {
         for e in std::fs::read_dir(fixtures(sub)).unwrap() {
             let p = e.unwrap().path();
-            if !p.extension().is_some_and(|x| x == "md") {
+            if p.extension().is_none_or(|x| x != "md") {
                 lines.push(p.display().to_string());
             }
         }
@@ -326,4 +326,23 @@ fn images_and_videos_in_one_dataset_with_bad_videos_as_rows_and_export_to_mp4() 
     );
     let st = Command::new("python3").args(["-c", &py]).status().unwrap();
     assert!(st.success(), "polars could not read the video columns");
+}
+
+#[test]
+fn decoding_is_bounded_by_the_packet_limit() {
+    let clip = fixtures("videos").join("bikes.mp4");
+    let tight = VideoConfig {
+        max_packets: 10,
+        ..VideoConfig::default()
+    };
+    let e = video::encode_file(&clip, &tight).unwrap_err();
+    assert_eq!(e.status, codeclm_manifests::Status::TooLarge);
+    assert!(e.message.contains("10 packets"), "{e}");
+    // The 5 s are reached long before the end of a 10 s clip: trim ends the decode early,
+    // well under the 250 packets of the whole clip suffice.
+    let enough = VideoConfig {
+        max_packets: 200,
+        ..VideoConfig::default()
+    };
+    assert_eq!(video::encode_file(&clip, &enough).unwrap().frames, 15);
 }
