@@ -23,7 +23,7 @@ else
 VAL_FRACTION ?= 0.01
 endif
 
-.PHONY: all setup deps pydeps build dataset test bench bench-video bench-tokens train fmt clippy clean
+.PHONY: all setup deps pydeps build dataset test bench bench-video bench-tokens train sample fmt clippy clean
 
 all: build
 
@@ -99,6 +99,12 @@ train: build
 	else \
 	  $(BIN) train --dataset $(OUT) --preset $(PRESET) --out $(TRAIN_RUN) $(TRAIN_ARGS); \
 	fi
+
+## sample: draw 16 images from the run `make train` wrote: samples, contact sheet and
+## decodability report under $(TRAIN_RUN)/samples (SAMPLE_ARGS="--prompt photo.jpg --ratio 0.5 ...")
+SAMPLE_ARGS ?=
+sample: build
+	$(BIN) sample --run $(TRAIN_RUN) --n 16 --seed 0 --out $(TRAIN_RUN)/samples $(SAMPLE_ARGS)
 
 fmt:
 	$(CARGO) fmt --all

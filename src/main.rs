@@ -3,6 +3,7 @@
 
 mod bench;
 mod model_cli;
+mod sample_cli;
 mod tokens_cli;
 
 use std::path::PathBuf;
@@ -42,6 +43,9 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Train a Llama model on a dataset's token shards (or --resume a run).
     Train(model_cli::TrainArgs),
+    /// Draw images (or videos) from a trained run, unconditionally or from partial prompts;
+    /// writes the samples, a contact sheet and a decodability report.
+    Sample(sample_cli::SampleArgs),
     /// Trained models: logits for a token sequence, preset sizes and memory.
     #[command(subcommand)]
     Model(model_cli::ModelCommand),
@@ -307,6 +311,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Vocab(tokens_cli::VocabCommand::Train(args)) => tokens_cli::train(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Train(args) => model_cli::train_cmd(args),
+        Command::Sample(args) => sample_cli::sample(args),
         Command::Model(cmd) => model_cli::model_cmd(cmd),
     }
 }
