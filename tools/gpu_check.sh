@@ -11,7 +11,7 @@
 # at "no CUDA device" (exit 0); GPU_CHECK_CPU=1 GPU_CHECK_BIN=target/release/codeclm runs every
 # step on the CPU with the tiny preset instead.
 #
-# Steps (~3 min on an H200):
+# Steps (~3 min on an H200; at most ~6 min with every time limit hit):
 #   1. `codeclm bench train --cuda`: synthetic batches, no data loading: model tokens/s and MFU;
 #   2. `codeclm train --cuda` on the bundled dataset for as many steps as step 1's speed fits in
 #      GPU_CHECK_SECONDS (real loader, per-step tokens/s and MFU, validation, checkpoint);
@@ -141,7 +141,7 @@ fail=0
 
 # --- 1. model speed on synthetic batches --------------------------------------------------------
 echo "gpu_check: [1/3] bench train"
-timeout 180 "$BIN" bench train --preset "$PRESET" --batch "$BATCH" --context "$CONTEXT" --steps 10 $DEV --json \
+timeout 120 "$BIN" bench train --preset "$PRESET" --batch "$BATCH" --context "$CONTEXT" --steps 10 $DEV --json \
   | tee "$OUT/bench-train.json"
 rc=${PIPESTATUS[0]}
 [ "$rc" = 0 ] || { echo "gpu_check: bench train failed (exit $rc)"; fail=1; }
@@ -153,7 +153,7 @@ STEPS=$(python3 -c "import json,sys; b=json.loads([l for l in open(sys.argv[1]) 
   "$OUT/bench-train.json" 2>/dev/null || echo 50)
 echo "gpu_check: [2/3] train $STEPS steps (~${SECS}s)"
 rm -rf "$OUT/run"
-timeout --signal=INT --kill-after=30 $((2 * SECS + 120)) "$BIN" train --dataset "$DATA" --vocab "$VOCAB" \
+timeout --signal=INT --kill-after=20 $((SECS + 90)) "$BIN" train --dataset "$DATA" --vocab "$VOCAB" \
   --preset "$PRESET" --batch "$BATCH" --context "$CONTEXT" --steps "$STEPS" --eval-every "$STEPS" \
   --out "$OUT/run" $DEV 2>&1 | tee "$OUT/train.log"
 rc=${PIPESTATUS[0]}
@@ -162,7 +162,7 @@ rc=${PIPESTATUS[0]}
 # --- 3. sampling with the KV cache ----------------------------------------------------------------
 if [ -f "$OUT/run/model.safetensors" ]; then
   echo "gpu_check: [3/3] bench sample from $OUT/run"
-  timeout 120 "$BIN" bench sample --run "$OUT/run" --batch 16 --max-tokens 256 $DEV --json | tee "$OUT/bench-sample.json"
+  timeout 60 "$BIN" bench sample --run "$OUT/run" --batch 16 --max-tokens 256 $DEV --json | tee "$OUT/bench-sample.json"
   rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || { echo "gpu_check: bench sample failed (exit $rc)"; fail=1; }
 else
