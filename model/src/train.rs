@@ -60,7 +60,7 @@ impl TrainConfig {
     /// Defaults per preset, sized for this project's machines.
     pub fn preset(preset: &str) -> Result<TrainConfig> {
         let (context, batch, lr, steps) = match preset {
-            "tiny" => (256, 8, 2e-3, 300),
+            "tiny" => (256, 8, 2e-3, 160),
             "small" => (512, 8, 1e-3, 2000),
             "base" => (2048, 16, 6e-4, 20_000),
             "paper-7b" => (12_288, 1, 3e-4, 100_000),
