@@ -305,7 +305,7 @@ pub fn model_cmd(cmd: ModelCommand) -> Result<()> {
                 }
                 let m = MemoryEstimate::new(&cfg, batch, ctx, bytes_per_act);
                 println!(
-                    "{preset}: {:.3} B parameters ({}); training at batch {batch} x context {ctx} with {label}: weights {:.2} GiB + grads {:.2} GiB + AdamW {:.2} GiB + activations {:.2} GiB = {:.2} GiB",
+                    "{preset}: {:.3} B parameters ({}); training at batch {batch} x context {ctx} with {label} (kept for backward, no activation checkpointing, attention scores materialised): weights {:.2} GiB + grads {:.2} GiB + AdamW {:.2} GiB + activations {:.2} GiB = {:.2} GiB",
                     m.parameters as f64 / 1e9,
                     m.parameters,
                     gb(m.weights_bytes),
