@@ -24,7 +24,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BUNDLE=${GPU_BUNDLE:-$ROOT/.gpu-bundle}
 
 if [ "${1:-}" = "--bundle" ]; then
-  # xz-compressed (the carry limit is 64 MiB): the stripped binary (~43 MB -> ~13 MB) and, because
+  # xz-compressed (the carry limit is 64 MiB): the stripped binary (87 MB -> 13 MB) and, because
   # PyTorch's wheels no longer ship cuRAND and candle needs it to create a device, the
   # libcurand.so.10 of our toolchain (132 MB -> 41 MB), used only where the machine lacks one.
   set -e
