@@ -61,6 +61,7 @@ echo "gpu_check: $(date -u +%FT%TZ) on $(hostname); log $LOG"
 unxz_to() { python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" "$1" "$2"; }
 UNPACK=$(mktemp -d "${TMPDIR:-/tmp}/codeclm-gpu-check.XXXXXX")  # not under $OUT: that comes back
 mkdir -p "$UNPACK/bin" "$UNPACK/lib"
+trap 'rm -rf "$UNPACK"' EXIT
 if [ -z "${GPU_CHECK_BIN:-}" ] && [ -f "$BUNDLE/codeclm.xz" ]; then
   unxz_to "$BUNDLE/codeclm.xz" "$UNPACK/bin/codeclm" && chmod +x "$UNPACK/bin/codeclm"
 fi
