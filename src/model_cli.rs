@@ -109,6 +109,9 @@ pub struct BenchTrainArgs {
     steps: usize,
     #[arg(long)]
     cuda: bool,
+    /// Only candle's composed ops (no fused kernels of ops.rs): the before/after comparison.
+    #[arg(long)]
+    no_fused: bool,
     /// Accepted for scripts; the summary is always one JSON line.
     #[arg(long)]
     json: bool,
@@ -302,7 +305,7 @@ pub fn model_cmd(cmd: ModelCommand) -> Result<()> {
                 }
                 let m = MemoryEstimate::new(&cfg, batch, ctx, bytes_per_act);
                 println!(
-                    "{preset}: {:.3} B parameters ({}); training at batch {batch} x context {ctx} with {label}: weights {:.2} GiB + grads {:.2} GiB + AdamW {:.2} GiB + activations {:.2} GiB = {:.2} GiB",
+                    "{preset}: {:.3} B parameters ({}); training at batch {batch} x context {ctx} with {label} (kept for backward, no activation checkpointing, attention scores materialised): weights {:.2} GiB + grads {:.2} GiB + AdamW {:.2} GiB + activations {:.2} GiB = {:.2} GiB",
                     m.parameters as f64 / 1e9,
                     m.parameters,
                     gb(m.weights_bytes),
@@ -324,12 +327,13 @@ pub fn model_cmd(cmd: ModelCommand) -> Result<()> {
 pub fn bench_train(a: BenchTrainArgs) -> Result<()> {
     set_threads(Some(a.threads));
     let device = codeclm_model::device(a.cuda)?;
-    let tps = train::bench_train(
+    let (tps, per_cpu) = train::bench_train(
         &a.preset,
         a.vocab_size,
         a.batch,
         a.context,
         a.steps,
+        !a.no_fused,
         &device,
     )?;
     let cfg = LlamaConfig::preset(&a.preset, a.vocab_size)?;
@@ -341,6 +345,7 @@ pub fn bench_train(a: BenchTrainArgs) -> Result<()> {
             "steps": a.steps, "tokens_per_second": tps, "tokens_per_s": tps,
             "config": cfg.to_hf_json("float32"),
             "tokens_per_second_per_thread": tps / a.threads as f64,
+            "tokens_per_cpu_second": per_cpu, "fused": !a.no_fused,
         })
     );
     Ok(())

@@ -11,7 +11,7 @@
 # at "no CUDA device" (exit 0); GPU_CHECK_CPU=1 GPU_CHECK_BIN=target/release/codeclm runs every
 # step on the CPU with the tiny preset instead.
 #
-# Steps (~3 min on an H200):
+# Steps (~3 min on an H200; at most ~6 min with every time limit hit):
 #   1. `codeclm bench train --cuda`: synthetic batches, no data loading: model tokens/s and MFU;
 #   2. `codeclm train --cuda` on the bundled dataset for as many steps as step 1's speed fits in
 #      GPU_CHECK_SECONDS (real loader, per-step tokens/s and MFU, validation, checkpoint);
@@ -24,7 +24,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BUNDLE=${GPU_BUNDLE:-$ROOT/.gpu-bundle}
 
 if [ "${1:-}" = "--bundle" ]; then
-  # xz-compressed (the carry limit is 64 MiB): the stripped binary (~43 MB -> ~13 MB) and, because
+  # xz-compressed (the carry limit is 64 MiB): the stripped binary (87 MB -> 13 MB) and, because
   # PyTorch's wheels no longer ship cuRAND and candle needs it to create a device, the
   # libcurand.so.10 of our toolchain (132 MB -> 41 MB), used only where the machine lacks one.
   set -e
@@ -61,6 +61,7 @@ echo "gpu_check: $(date -u +%FT%TZ) on $(hostname); log $LOG"
 unxz_to() { python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" "$1" "$2"; }
 UNPACK=$(mktemp -d "${TMPDIR:-/tmp}/codeclm-gpu-check.XXXXXX")  # not under $OUT: that comes back
 mkdir -p "$UNPACK/bin" "$UNPACK/lib"
+trap 'rm -rf "$UNPACK"' EXIT
 if [ -z "${GPU_CHECK_BIN:-}" ] && [ -f "$BUNDLE/codeclm.xz" ]; then
   unxz_to "$BUNDLE/codeclm.xz" "$UNPACK/bin/codeclm" && chmod +x "$UNPACK/bin/codeclm"
 fi
@@ -141,7 +142,7 @@ fail=0
 
 # --- 1. model speed on synthetic batches --------------------------------------------------------
 echo "gpu_check: [1/3] bench train"
-timeout 180 "$BIN" bench train --preset "$PRESET" --batch "$BATCH" --context "$CONTEXT" --steps 10 $DEV --json \
+timeout 120 "$BIN" bench train --preset "$PRESET" --batch "$BATCH" --context "$CONTEXT" --steps 10 $DEV --json \
   | tee "$OUT/bench-train.json"
 rc=${PIPESTATUS[0]}
 [ "$rc" = 0 ] || { echo "gpu_check: bench train failed (exit $rc)"; fail=1; }
@@ -153,7 +154,7 @@ STEPS=$(python3 -c "import json,sys; b=json.loads([l for l in open(sys.argv[1]) 
   "$OUT/bench-train.json" 2>/dev/null || echo 50)
 echo "gpu_check: [2/3] train $STEPS steps (~${SECS}s)"
 rm -rf "$OUT/run"
-timeout --signal=INT --kill-after=30 $((2 * SECS + 120)) "$BIN" train --dataset "$DATA" --vocab "$VOCAB" \
+timeout --signal=INT --kill-after=20 $((SECS + 90)) "$BIN" train --dataset "$DATA" --vocab "$VOCAB" \
   --preset "$PRESET" --batch "$BATCH" --context "$CONTEXT" --steps "$STEPS" --eval-every "$STEPS" \
   --out "$OUT/run" $DEV 2>&1 | tee "$OUT/train.log"
 rc=${PIPESTATUS[0]}
@@ -162,7 +163,7 @@ rc=${PIPESTATUS[0]}
 # --- 3. sampling with the KV cache ----------------------------------------------------------------
 if [ -f "$OUT/run/model.safetensors" ]; then
   echo "gpu_check: [3/3] bench sample from $OUT/run"
-  timeout 120 "$BIN" bench sample --run "$OUT/run" --batch 16 --max-tokens 256 $DEV --json | tee "$OUT/bench-sample.json"
+  timeout 60 "$BIN" bench sample --run "$OUT/run" --batch 16 --max-tokens 256 $DEV --json | tee "$OUT/bench-sample.json"
   rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || { echo "gpu_check: bench sample failed (exit $rc)"; fail=1; }
 else

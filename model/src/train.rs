@@ -60,7 +60,7 @@ impl TrainConfig {
     /// Defaults per preset, sized for this project's machines.
     pub fn preset(preset: &str) -> Result<TrainConfig> {
         let (context, batch, lr, steps) = match preset {
-            "tiny" => (256, 8, 3e-3, 500),
+            "tiny" => (256, 8, 2e-3, 160),
             "small" => (512, 8, 1e-3, 2000),
             "base" => (2048, 16, 6e-4, 20_000),
             "paper-7b" => (12_288, 1, 3e-4, 100_000),
@@ -690,23 +690,39 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<History> {
     Ok(hist)
 }
 
-/// Training tokens/s of `preset` on a fixed pseudo-random batch (forward + backward + AdamW),
-/// after `warmup` untimed steps: what `codeclm bench train` prints.
+/// CPU seconds (user + system) this process has used so far (Linux; 0 elsewhere): lets a
+/// benchmark on a loaded machine report tokens per CPU-second next to tokens per wall-second.
+pub fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the ")" that ends the command name: state is field 3; utime, stime are 14, 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Training throughput of `preset` on a fixed pseudo-random batch (forward + backward +
+/// AdamW), after one untimed step: (tokens per wall second, tokens per CPU second). What
+/// `codeclm bench train` prints.
 pub fn bench_train(
     preset: &str,
     vocab_size: usize,
     batch: usize,
     context: usize,
     steps: usize,
+    fused: bool,
     device: &Device,
-) -> Result<f64> {
+) -> Result<(f64, f64)> {
     let model_cfg = LlamaConfig::preset(preset, vocab_size)?;
     let mut cfg = TrainConfig::preset(preset)?;
     cfg.context = context;
     cfg.batch = batch;
     cfg.validate(&model_cfg)?;
     let vars = init_params(&model_cfg, 0, device)?;
-    let model = Llama::from_vars(model_cfg, &vars, device)?;
+    let mut model = Llama::from_vars(model_cfg, &vars, device)?;
+    model.set_fused(fused);
     let mut opt = AdamW::new(&vars)?;
     let mut rng = crate::rng::Rng::new(1);
     let data: Vec<u32> = (0..batch * (context + 1))
@@ -721,9 +737,14 @@ pub fn bench_train(
     }
     let micro = vec![batch_tensors(x, y, batch, context, device)?];
     train_step(&model, &vars, &mut opt, &micro, &cfg, 1e-4)?;
-    let t = Instant::now();
+    let (t, cpu) = (Instant::now(), process_cpu_seconds());
     for _ in 0..steps {
         train_step(&model, &vars, &mut opt, &micro, &cfg, 1e-4)?;
     }
-    Ok((steps * batch * context) as f64 / t.elapsed().as_secs_f64())
+    let tokens = (steps * batch * context) as f64;
+    let cpu = process_cpu_seconds() - cpu;
+    Ok((
+        tokens / t.elapsed().as_secs_f64(),
+        if cpu > 0.0 { tokens / cpu } else { f64::NAN },
+    ))
 }

@@ -1,0 +1,209 @@
+//! The trainer end to end on the bundled photos: exact resume (N steps == N/2 + resume N/2),
+//! checkpoints Hugging Face can read (names, config), and clean errors for bad input.
+
+use std::path::{Path, PathBuf};
+
+use codeclm_model::{Device, Llama};
+
+use crate::common::*;
+
+/// The bundled photos as a dataset with 2 held-out images and a 320-entry vocabulary's tokens.
+fn token_dataset(root: &Path) -> PathBuf {
+    let ds = root.join("ds");
+    build(&fixtures("images"), &ds, &["--val-fraction", "0.2"]);
+    let vocab = root.join("vocab.json");
+    run_ok(
+        codeclm()
+            .args([
+                "vocab",
+                "train",
+                "--modality",
+                "image",
+                "--size",
+                "320",
+                "--dataset",
+            ])
+            .arg(&ds)
+            .arg("--out")
+            .arg(&vocab),
+    );
+    run_ok(
+        codeclm()
+            .args(["dataset", "tokenize", "--dataset"])
+            .arg(&ds)
+            .arg("--vocab")
+            .arg(&vocab),
+    );
+    ds
+}
+
+fn train(ds: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    run_ok(
+        codeclm()
+            .args([
+                "train",
+                "--preset",
+                "tiny",
+                "--context",
+                "48",
+                "--batch",
+                "2",
+                "--steps",
+                "6",
+                "--eval-every",
+                "3",
+                "--threads",
+                "1",
+                "--dataset",
+            ])
+            .arg(ds)
+            .arg("--out")
+            .arg(out)
+            .args(extra),
+    )
+}
+
+fn weights(run: &Path) -> Vec<(String, Vec<f32>)> {
+    let t =
+        codeclm_model::candle_core::safetensors::load(run.join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = t
+        .into_iter()
+        .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn resumed_training_equals_uninterrupted_and_errors_are_clean() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = token_dataset(tmp.path());
+    let (full, half) = (tmp.path().join("full"), tmp.path().join("half"));
+    let out = train(&ds, &full, &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("bits per codec byte") && text.contains("byte-unigram"),
+        "{text}"
+    );
+    train(&ds, &half, &["--stop-at", "3"]);
+    let stopped = weights(&half);
+    run_ok(
+        codeclm()
+            .args(["train", "--threads", "1", "--resume"])
+            .arg(&half),
+    );
+    let (a, b) = (weights(&full), weights(&half));
+    assert_eq!(a.len(), b.len());
+    let mut moved = false;
+    for ((na, va), ((nb, vb), (_, vs))) in a.iter().zip(b.iter().zip(&stopped)) {
+        assert_eq!(na, nb);
+        let diff = va
+            .iter()
+            .zip(vb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff <= 1e-6,
+            "{na}: resumed differs from uninterrupted by {diff}"
+        );
+        moved |= va.iter().zip(vs).any(|(x, y)| x != y);
+    }
+    assert!(moved, "the resumed half must have changed the weights");
+    // The metrics of the resumed run have every step once.
+    let metrics = std::fs::read_to_string(half.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=6).collect::<Vec<_>>());
+    assert!(half.join("loss.png").exists());
+
+    // The checkpoint is an HF Llama directory: names, config fields, and it loads back.
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(full.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(cfg["model_type"], "llama");
+    assert_eq!(cfg["vocab_size"], 320);
+    assert!(cfg["bos_token_id"].is_u64() && cfg["eos_token_id"].is_u64());
+    assert!(a
+        .iter()
+        .any(|(n, _)| n == "model.layers.3.self_attn.q_proj.weight"));
+    assert!(a.iter().any(|(n, _)| n == "lm_head.weight"));
+    Llama::load(&full, &Device::Cpu).unwrap();
+
+    // model logits writes [T, V].
+    let toks = tmp.path().join("toks.txt");
+    std::fs::write(&toks, "0 5 9 300\n17").unwrap();
+    let lo = tmp.path().join("logits.safetensors");
+    run_ok(
+        codeclm()
+            .args(["model", "logits", "--run"])
+            .arg(&full)
+            .arg("--tokens-file")
+            .arg(&toks)
+            .arg("--out")
+            .arg(&lo),
+    );
+    let l = codeclm_model::candle_core::safetensors::load(&lo, &Device::Cpu).unwrap();
+    assert_eq!(l["logits"].dims(), &[5, 320]);
+
+    // Bad input: each stops with the cause and the fix, no panic.
+    let base_ctx = |out: &str, context: &str| {
+        let mut c = codeclm();
+        c.args([
+            "train",
+            "--preset",
+            "tiny",
+            "--context",
+            context,
+            "--batch",
+            "2",
+            "--steps",
+            "2",
+            "--dataset",
+        ])
+        .arg(&ds)
+        .arg("--out")
+        .arg(tmp.path().join(out));
+        c
+    };
+    let base = |out: &str| base_ctx(out, "48");
+    let e = run_err(base("e1").args(["--vocab", "ffff"]));
+    assert!(e.contains("no token set") && e.contains("--vocab"), "{e}");
+    let e = run_err(&mut base_ctx("e2", "5000"));
+    assert!(
+        e.contains("context 5000") && e.contains("--context 1024"),
+        "{e}"
+    );
+    let e = run_err(base("e3").args(["--lr", "1e30"]));
+    assert!(e.contains("diverged") && e.contains("--lr"), "{e}");
+    let e = run_err(
+        base("e4")
+            .arg("--vocab")
+            .arg(tmp.path().join("missing.json")),
+    );
+    assert!(e.contains("missing.json"), "{e}");
+    let e = run_err(
+        codeclm()
+            .args(["train", "--resume"])
+            .arg(tmp.path().join("nothing")),
+    );
+    assert!(e.contains("trainer_state.json") && e.contains("Fix"), "{e}");
+    let shard = std::fs::read_dir(ds.join("tokens"))
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "tok"))
+        .unwrap();
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() - 10]).unwrap();
+    let e = run_err(&mut base("e5"));
+    assert!(
+        e.contains(".tok") && e.contains("codeclm dataset tokenize"),
+        "{e}"
+    );
+}
