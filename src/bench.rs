@@ -34,6 +34,24 @@ pub enum BenchCommand {
     /// our encoder and with the Rust `tokenizers` crate (same vocabulary, ids checked equal);
     /// prints one JSON line (see tools/bench_tokenize.py).
     Tokens(TokensArgs),
+    /// FID feature throughput: images/s through decode + resize + Inception-v3 (all cores, as
+    /// `eval fid` runs it) over FILEs repeated `--repeat` times; prints one JSON line.
+    Fid(FidBenchArgs),
+}
+
+#[derive(Args)]
+pub struct FidBenchArgs {
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Passes over the files (after one untimed warm-up batch).
+    #[arg(long, default_value_t = 4)]
+    repeat: usize,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[arg(long, value_enum, default_value_t = crate::eval_cli::DeviceArg::Cpu)]
+    device: crate::eval_cli::DeviceArg,
+    #[arg(long)]
+    weights: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -78,6 +96,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Images(args) => images(args),
         BenchCommand::Tokens(args) => tokens(args),
+        BenchCommand::Fid(args) => fid_bench(args),
     }
 }
 
@@ -358,4 +377,35 @@ fn peak_rss_mb() -> f64 {
     } else {
         kib / 1024.0
     }
+}
+
+fn fid_bench(args: FidBenchArgs) -> Result<()> {
+    let net = crate::eval_cli::load_net(args.weights.as_deref(), args.device)?;
+    let files: Vec<PathBuf> = (0..args.repeat.max(1))
+        .flat_map(|_| args.files.iter().cloned())
+        .collect();
+    // Warm-up: one batch (allocations, thread pools), untimed.
+    crate::eval_cli::features_of_files(
+        &net,
+        &files[..args.batch.min(files.len())],
+        args.batch,
+        "warm-up",
+    )?;
+    let start = Instant::now();
+    let set = crate::eval_cli::features_of_files(&net, &files, args.batch, "fid features")?;
+    let secs = start.elapsed().as_secs_f64();
+    let threads = rayon::current_num_threads();
+    let line = serde_json::json!({
+        "bench": "fid-features",
+        "images": set.images,
+        "failed": set.failed.len(),
+        "batch": args.batch,
+        "seconds": secs,
+        "images_per_s": set.images as f64 / secs,
+        "threads": threads,
+        "images_per_s_per_thread": set.images as f64 / secs / threads as f64,
+        "peak_rss_mb": (peak_rss_mb() * 10.0).round() / 10.0,
+    });
+    writeln!(std::io::stdout(), "{line}")?;
+    Ok(())
 }

@@ -2,6 +2,7 @@
 //! libraries, print the whole error chain on failure.
 
 mod bench;
+mod eval_cli;
 mod tokens_cli;
 
 use std::path::PathBuf;
@@ -39,6 +40,9 @@ enum Command {
     /// Benchmarks: single-threaded images/s and peak memory (see tools/bench_compare.py).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Evaluation: FID the paper's way (needs `make fid-weights`).
+    #[command(subcommand)]
+    Eval(eval_cli::EvalCommand),
 }
 
 #[derive(Subcommand)]
@@ -274,6 +278,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Dataset(DatasetCommand::Decode(args)) => tokens_cli::decode(args),
         Command::Vocab(tokens_cli::VocabCommand::Train(args)) => tokens_cli::train(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Eval(cmd) => eval_cli::run(cmd),
     }
 }
 
