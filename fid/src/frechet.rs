@@ -119,10 +119,10 @@ mod tests {
 
     #[test]
     fn covariance_matches_numpy_cov() {
-        // np.cov([[1,2],[3,5],[6,7]], rowvar=False) = [[6.333.., 5.1666..], [5.1666.., 6.333..]]
+        // np.cov([[1,2],[3,5],[6,7]], rowvar=False) = [[6.333.., 6.1666..], [6.1666.., 6.333..]]
         let s = Stats::from_features(&[1.0, 2.0, 3.0, 5.0, 6.0, 7.0], 2).unwrap();
         assert!((s.sigma[(0, 0)] - 19.0 / 3.0).abs() < 1e-12);
-        assert!((s.sigma[(0, 1)] - 31.0 / 6.0).abs() < 1e-12);
+        assert!((s.sigma[(0, 1)] - 111.0 / 18.0).abs() < 1e-12);
         assert!((s.sigma[(1, 1)] - 19.0 / 3.0).abs() < 1e-12);
         assert!((s.mu[1] - 14.0 / 3.0).abs() < 1e-12);
     }

@@ -108,12 +108,12 @@ mod tests {
 
     #[test]
     fn taps_sample_at_i_times_in_over_out() {
-        // 2x upsampling: output 1 lands halfway between source 0 and 1; the last is clamped.
+        // 2x upsampling: output 1 lands halfway between source 0 and 1; the last is border-clamped.
         let t = taps(4, 8);
         assert_eq!(t[0], (0, 1, 0.0));
         assert_eq!(t[1], (0, 1, 0.5));
-        assert_eq!(t[7], (3, 3, 0.5));
-        // Downsampling by 2 picks every other source pixel exactly (no antialiasing, as torch).
+        assert_eq!(t[7], (3, 3, 0.0)); // 3.5 clamped to the border
+                                       // Downsampling by 2 picks every other source pixel exactly (no antialiasing, as torch).
         let t = taps(8, 4);
         assert_eq!(
             t.iter().map(|t| (t.0, t.2)).collect::<Vec<_>>(),
