@@ -18,7 +18,7 @@ else
 VAL_FRACTION ?= 0.01
 endif
 
-.PHONY: all setup deps pydeps build dataset test bench bench-tokens fid-weights fid-ref bench-fid fmt clippy clean
+.PHONY: all setup deps pydeps build dataset test bench bench-tokens train fid-weights fid-ref bench-fid fmt clippy clean
 
 all: build
 
@@ -79,6 +79,18 @@ fid-ref:
 ## bench-fid: FID feature throughput (decode + resize + Inception-v3) on the bundled photos
 bench-fid: build fid-weights
 	/usr/bin/time -f "max RSS %M KiB" $(BIN) bench fid $(BUNDLED)/*.png $(BUNDLED)/*.jpg --repeat 4
+## train: train the `tiny` preset on the dataset `make dataset` built (CPU; ~10 min on 2 cores),
+## ending with held-out bits per codec byte next to the byte-unigram baseline. Rerunning it
+## continues (or just re-evaluates) the run in $(TRAIN_RUN); delete the directory to start over.
+TRAIN_RUN ?= runs/tiny
+PRESET ?= tiny
+TRAIN_ARGS ?=
+train: build
+	@if [ -f $(TRAIN_RUN)/trainer_state.json ]; then \
+	  $(BIN) train --resume $(TRAIN_RUN) $(TRAIN_ARGS); \
+	else \
+	  $(BIN) train --dataset $(OUT) --preset $(PRESET) --out $(TRAIN_RUN) $(TRAIN_ARGS); \
+	fi
 
 fmt:
 	$(CARGO) fmt --all
@@ -88,3 +100,46 @@ clippy:
 
 clean:
 	rm -rf data bench-out
+
+## ---- model: Hugging Face compatibility, benchmarks against PyTorch, CUDA build ----------------
+## These run outside CI: PyTorch from PyPI is a multi-GB venv (.venv-torch/, `make compat-env`).
+TORCH_VENV ?= .venv-torch
+TORCH_PY := $(TORCH_VENV)/bin/python
+RUN ?= runs/tiny
+PRESETS ?= tiny small
+
+.PHONY: compat-env compat bench-train bench-sample cuda-toolchain build-cuda gpu-check
+
+## compat-env: the PyTorch + transformers venv the compat and bench targets use (~5 GB)
+compat-env: $(TORCH_VENV)/.ok
+$(TORCH_VENV)/.ok: tools/requirements-torch.txt
+	$(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_PY) -m pip install -q --disable-pip-version-check -r tools/requirements-torch.txt
+	touch $@
+
+## compat: logits of RUN's checkpoint in transformers vs codeclm on held-out tokens (max abs diff)
+compat: build compat-env
+	$(TORCH_PY) tools/compat_hf.py $(RUN) --bin $(BIN)
+
+## bench-train: training tokens/s per core, candle vs PyTorch, same model and batch, 1 and 2 threads
+bench-train: build compat-env
+	$(TORCH_PY) tools/bench_train.py --bin $(BIN) --presets $(PRESETS)
+
+## bench-sample: sampling tokens/s (batch 1 and 16), codeclm vs transformers generate, same weights
+bench-sample: build compat-env
+	$(TORCH_PY) tools/bench_sample.py --bin $(BIN) --presets $(PRESETS)
+
+## build-cuda: the CUDA binary (target-cuda/release/codeclm), no GPU needed: nvcc and CUDA 13.0
+## libraries from PyPI wheels into .cuda/ (~650 MB download once), CUDA_COMPUTE_CAP=90 (H100/H200)
+CUDA_DIR ?= .cuda
+cuda-toolchain:
+	tools/cuda_toolchain.sh $(CUDA_DIR) >/dev/null
+
+build-cuda: deps cuda-toolchain
+	eval "$$(tools/cuda_toolchain.sh --env $(CUDA_DIR))" && \
+	  CARGO_TARGET_DIR=target-cuda $(CARGO) build --release --features cuda
+	ls -l target-cuda/release/codeclm
+
+## gpu-check: on a GPU machine (no Rust needed): a short training run, tokens/s and MFU
+gpu-check:
+	tools/gpu_check.sh

@@ -1,15 +1,20 @@
-//! nasm is a hard requirement: without it mozjpeg-sys silently builds without SIMD, which makes
-//! JPEG encode ~5x and decode ~2x slower while producing the same bytes (REFERENCE.md section 3).
+//! rusty_ffmpeg links libavcodec only (FFMPEG_DLL_PATH in .cargo/config.toml); the video encoder
+//! also calls libavformat, libavfilter, libavutil, libswscale and libswresample: link the system
+//! shared libraries (FFmpeg 5.1 on Debian bookworm) through pkg-config.
 fn main() {
-    println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-env-changed=NASM");
-    let nasm = std::env::var("NASM").unwrap_or_else(|_| "nasm".into());
-    match std::process::Command::new(&nasm).arg("-v").output() {
-        Ok(out) if out.status.success() => {}
-        _ => panic!(
-            "\n\nnasm is required to build codeclm (mozjpeg's SIMD code is assembled with it; without it JPEG \
-             coding is several times slower).\nInstall it: `sudo apt-get install nasm` (Debian/Ubuntu), \
-             `brew install nasm` (macOS), or run `make setup`.\n\n"
-        ),
+    for lib in [
+        "libavformat",
+        "libavfilter",
+        "libavutil",
+        "libswscale",
+        "libswresample",
+    ] {
+        if let Err(e) = pkg_config::Config::new().cargo_metadata(true).probe(lib) {
+            panic!(
+                "{lib} not found through pkg-config ({e}); install the FFmpeg development \
+                 packages: apt-get install libavcodec-dev libavformat-dev libavfilter-dev \
+                 libavutil-dev libswscale-dev libswresample-dev pkg-config clang libclang-dev"
+            );
+        }
     }
 }

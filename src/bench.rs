@@ -37,6 +37,11 @@ pub enum BenchCommand {
     /// FID feature throughput: images/s through decode + resize + Inception-v3 (all cores, as
     /// `eval fid` runs it) over FILEs repeated `--repeat` times; prints one JSON line.
     Fid(FidBenchArgs),
+    /// Training tokens/s (forward + backward + AdamW) of a preset on a fixed batch; prints one
+    /// JSON line (tools/bench_train.py compares it with PyTorch on the same model and batch).
+    Train(crate::model_cli::BenchTrainArgs),
+    /// Generation tokens/s of a trained run (batched, KV cache); prints one JSON line.
+    Sample(crate::model_cli::BenchSampleArgs),
 }
 
 #[derive(Args)]
@@ -97,6 +102,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Images(args) => images(args),
         BenchCommand::Tokens(args) => tokens(args),
         BenchCommand::Fid(args) => fid_bench(args),
+        BenchCommand::Train(args) => crate::model_cli::bench_train(args),
+        BenchCommand::Sample(args) => crate::model_cli::bench_sample(args),
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod bench;
 mod eval_cli;
+mod model_cli;
 mod tokens_cli;
 
 use std::path::PathBuf;
@@ -43,6 +44,11 @@ enum Command {
     /// Evaluation: FID the paper's way (needs `make fid-weights`).
     #[command(subcommand)]
     Eval(eval_cli::EvalCommand),
+    /// Train a Llama model on a dataset's token shards (or --resume a run).
+    Train(model_cli::TrainArgs),
+    /// Trained models: logits for a token sequence, preset sizes and memory.
+    #[command(subcommand)]
+    Model(model_cli::ModelCommand),
 }
 
 #[derive(Subcommand)]
@@ -279,6 +285,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Vocab(tokens_cli::VocabCommand::Train(args)) => tokens_cli::train(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Eval(cmd) => eval_cli::run(cmd),
+        Command::Train(args) => model_cli::train_cmd(args),
+        Command::Model(cmd) => model_cli::model_cmd(cmd),
     }
 }
 

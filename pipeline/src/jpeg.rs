@@ -292,7 +292,7 @@ pub fn decode(data: &[u8], opts: &DecodeOptions) -> Result<DecodedJpeg, JpegErro
     }
     let mut d = Decompress::new();
     let result = catch_unwind(AssertUnwindSafe(|| unsafe {
-        decode_inner(&mut d, data, opts)
+        decode_inner(&mut d, data, opts, true)
     }));
     match result {
         Ok(r) => r,
@@ -314,10 +314,69 @@ pub fn decode(data: &[u8], opts: &DecodeOptions) -> Result<DecodedJpeg, JpegErro
     }
 }
 
+/// What libjpeg reported while decoding damaged data it decoded anyway (see [`decode_lenient`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DecodeDamage {
+    /// Warnings libjpeg emitted (0 for a clean stream).
+    pub warnings: u32,
+    /// The first warning's text.
+    pub first_warning: Option<String>,
+    /// The data ended before the last MCU (libjpeg filled the rest with grey).
+    pub premature_eof: bool,
+    /// Bad Huffman codes, markers in the wrong place or lost restart sync: parts are garbage.
+    pub damaged: bool,
+}
+
+impl DecodeDamage {
+    /// True when libjpeg decoded the stream without a single warning.
+    pub fn is_clean(&self) -> bool {
+        self.warnings == 0
+    }
+}
+
+/// Decodes whatever libjpeg can make of `data` at full size, the way a viewer shows it: damaged
+/// or missing MCUs come back grey or garbled instead of as an error, and what libjpeg complained
+/// about is returned beside the pixels. Only fatal errors (no frame header, no tables, a bad
+/// marker segment, more than `max_pixels`) are errors. Never panics: the sampler feeds it
+/// whatever bytes a model produced.
+pub fn decode_lenient(
+    data: &[u8],
+    max_pixels: u64,
+) -> Result<(DecodedJpeg, DecodeDamage), JpegError> {
+    if data.len() < 4 {
+        return Err(JpegError::Truncated(format!("only {} bytes", data.len())));
+    }
+    let opts = DecodeOptions {
+        max_pixels,
+        choose_scale: &|_, _| 1,
+        read_exif: false,
+        center_square: false,
+    };
+    let mut d = Decompress::new();
+    let result = catch_unwind(AssertUnwindSafe(|| unsafe {
+        decode_inner(&mut d, data, &opts, false)
+    }));
+    match result {
+        Ok(Ok(decoded)) => {
+            let m = &d.messages;
+            let damage = DecodeDamage {
+                warnings: m.warnings,
+                first_warning: m.first_warning.clone(),
+                premature_eof: m.premature_eof,
+                damaged: m.damaged || m.extraneous,
+            };
+            Ok((decoded, damage))
+        }
+        Ok(Err(e)) => Err(e),
+        Err(payload) => Err(fatal_to_error(payload, false)),
+    }
+}
+
 unsafe fn decode_inner(
     d: &mut Decompress,
     data: &[u8],
     opts: &DecodeOptions,
+    strict: bool,
 ) -> Result<DecodedJpeg, JpegError> {
     let cinfo = &mut *d.cinfo;
     jpeg_mem_src(cinfo, data.as_ptr(), data.len() as c_ulong);
@@ -409,8 +468,12 @@ unsafe fn decode_inner(
     if remaining > 0 {
         jpeg_skip_scanlines(cinfo, remaining);
     }
-    jpeg_finish_decompress(cinfo);
-    if d.messages.premature_eof {
+    // Lenient decodes keep the pixels they have: what follows the last MCU (trailing junk in
+    // a generated stream) cannot change them, so it is not read.
+    if strict {
+        jpeg_finish_decompress(cinfo);
+    }
+    if strict && d.messages.premature_eof {
         return Err(JpegError::Truncated(
             d.messages
                 .first_warning
@@ -418,7 +481,7 @@ unsafe fn decode_inner(
                 .unwrap_or_else(|| "premature end of JPEG data".into()),
         ));
     }
-    if d.messages.damaged {
+    if strict && d.messages.damaged {
         return Err(JpegError::Corrupt(
             d.messages
                 .first_warning

@@ -5,6 +5,8 @@ mod common;
 mod fid;
 mod pillow_identity;
 mod resume_and_shards;
+mod sample;
 mod sources;
 mod tokens;
 mod transforms;
+mod video;

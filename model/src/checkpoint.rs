@@ -1,0 +1,170 @@
+//! Run directories. A run holds what Hugging Face reads (`config.json`, `model.safetensors` with
+//! HF Llama names, f32) plus what an exact resume needs (`optimizer.safetensors`: AdamW moments;
+//! `trainer_state.json`: step, loader position, train config, vocabulary and dataset).
+//!
+//! A checkpoint is several files, so it is committed through a journal: all files are written
+//! to `RUN/.next/` (each atomically), a `COMMIT` marker is written last, then they are renamed
+//! into `RUN/` and `.next/` is removed. A run killed while saving is rolled forward (complete
+//! journal) or back (incomplete journal) by [`recover`], so a resume never sees a torn set.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use crate::llama::LlamaConfig;
+use crate::{Error, Result};
+
+pub const CONFIG: &str = "config.json";
+pub const WEIGHTS: &str = "model.safetensors";
+pub const OPTIMIZER: &str = "optimizer.safetensors";
+pub const STATE: &str = "trainer_state.json";
+const JOURNAL: &str = ".next";
+const COMMIT: &str = "COMMIT";
+
+/// Serializes named tensors (HF `format: pt` metadata, so `transformers` accepts the file).
+pub fn serialize_tensors(
+    tensors: &[(String, Tensor)],
+    extra_metadata: &[(&str, String)],
+) -> Result<Vec<u8>> {
+    let mut meta: HashMap<String, String> = HashMap::new();
+    meta.insert("format".into(), "pt".into());
+    for (k, v) in extra_metadata {
+        meta.insert(k.to_string(), v.clone());
+    }
+    let items: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.contiguous()?)))
+        .collect::<Result<_>>()?;
+    safetensors::serialize(items.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
+        .map_err(|e| Error::Config(format!("cannot serialize tensors: {e}")))
+}
+
+/// Reads `dir/config.json` and `dir/model.safetensors`.
+pub fn read_weights(dir: &Path, device: &Device) -> Result<(LlamaConfig, HashMap<String, Tensor>)> {
+    recover(dir)?;
+    let cfg_path = dir.join(CONFIG);
+    let fix = format!(
+        "point --run at a directory written by `codeclm train` (or an HF Llama export) that holds {CONFIG} and {WEIGHTS}"
+    );
+    let bytes = std::fs::read(&cfg_path).map_err(|e| Error::Checkpoint {
+        path: cfg_path.clone(),
+        problem: format!("cannot read the model config: {e}"),
+        fix: fix.clone(),
+    })?;
+    let config: LlamaConfig = serde_json::from_slice(&bytes).map_err(|e| Error::Checkpoint {
+        path: cfg_path.clone(),
+        problem: format!("not a Llama config.json: {e}"),
+        fix: fix.clone(),
+    })?;
+    let w = dir.join(WEIGHTS);
+    let data = std::fs::read(&w).map_err(|e| Error::Checkpoint {
+        path: w.clone(),
+        problem: format!("cannot read the weights: {e}"),
+        fix: fix.clone(),
+    })?;
+    let tensors =
+        candle_core::safetensors::load_buffer(&data, device).map_err(|e| Error::Checkpoint {
+            path: w.clone(),
+            problem: format!("not a readable safetensors file: {e}"),
+            fix,
+        })?;
+    Ok((config, tensors))
+}
+
+/// The files of one checkpoint, committed together by [`commit`].
+#[derive(Default)]
+pub struct CheckpointFiles {
+    pub files: Vec<(&'static str, Vec<u8>)>,
+}
+
+/// Writes `files` into `dir` through the journal (see the module docs).
+pub fn commit(dir: &Path, files: &CheckpointFiles) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+    let journal = dir.join(JOURNAL);
+    if journal.exists() {
+        std::fs::remove_dir_all(&journal).map_err(Error::io(&journal))?;
+    }
+    std::fs::create_dir_all(&journal).map_err(Error::io(&journal))?;
+    for (name, bytes) in &files.files {
+        codeclm_manifests::write_atomic(&journal.join(name), bytes)?;
+    }
+    let names: Vec<&str> = files.files.iter().map(|(n, _)| *n).collect();
+    codeclm_manifests::write_atomic(&journal.join(COMMIT), names.join("\n").as_bytes())?;
+    roll_forward(dir)
+}
+
+fn roll_forward(dir: &Path) -> Result<()> {
+    let journal = dir.join(JOURNAL);
+    let marker = journal.join(COMMIT);
+    let names = std::fs::read_to_string(&marker).map_err(Error::io(&marker))?;
+    for name in names.lines().filter(|n| !n.is_empty()) {
+        let from = journal.join(name);
+        if from.exists() {
+            std::fs::rename(&from, dir.join(name)).map_err(Error::io(&from))?;
+        }
+    }
+    std::fs::remove_dir_all(&journal).map_err(Error::io(&journal))
+}
+
+/// Finishes or discards a checkpoint interrupted while being written.
+pub fn recover(dir: &Path) -> Result<()> {
+    let journal = dir.join(JOURNAL);
+    if !journal.exists() {
+        return Ok(());
+    }
+    if journal.join(COMMIT).exists() {
+        roll_forward(dir)
+    } else {
+        std::fs::remove_dir_all(&journal).map_err(Error::io(&journal))
+    }
+}
+
+/// The HF `config.json` bytes for a model.
+pub fn config_json(config: &LlamaConfig, torch_dtype: &str) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(&config.to_hf_json(torch_dtype))
+        .map_err(|e| Error::Config(format!("cannot write config.json: {e}")))
+}
+
+/// Writes a model-only run directory (config.json + model.safetensors), e.g. for exports/tests.
+pub fn save_model(dir: &Path, config: &LlamaConfig, tensors: &[(String, Tensor)]) -> Result<()> {
+    let files = CheckpointFiles {
+        files: vec![
+            (CONFIG, config_json(config, "float32")?),
+            (WEIGHTS, serialize_tensors(tensors, &[])?),
+        ],
+    };
+    commit(dir, &files)
+}
+
+pub fn path_in(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interrupted_journal_rolls_forward_or_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let files = CheckpointFiles {
+            files: vec![(STATE, b"one".to_vec())],
+        };
+        commit(d, &files).unwrap();
+        assert_eq!(std::fs::read(d.join(STATE)).unwrap(), b"one");
+        // A journal without COMMIT (killed mid-write) is discarded.
+        std::fs::create_dir_all(d.join(JOURNAL)).unwrap();
+        std::fs::write(d.join(JOURNAL).join(STATE), b"half").unwrap();
+        recover(d).unwrap();
+        assert_eq!(std::fs::read(d.join(STATE)).unwrap(), b"one");
+        assert!(!d.join(JOURNAL).exists());
+        // A complete journal (killed during the renames) is finished.
+        std::fs::create_dir_all(d.join(JOURNAL)).unwrap();
+        std::fs::write(d.join(JOURNAL).join(STATE), b"two").unwrap();
+        std::fs::write(d.join(JOURNAL).join(COMMIT), STATE).unwrap();
+        recover(d).unwrap();
+        assert_eq!(std::fs::read(d.join(STATE)).unwrap(), b"two");
+    }
+}

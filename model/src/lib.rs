@@ -1,0 +1,77 @@
+//! Compact Llama language models over codec-byte tokens, on candle (CPU; CUDA behind the
+//! `cuda` feature): the model ([`llama`]), a KV cache and batched generation, a loader over a
+//! dataset's token shards ([`data`]), the trainer ([`train`]) and checkpoints that
+//! `transformers.LlamaForCausalLM.from_pretrained` reads ([`checkpoint`]).
+//!
+//! Reads datasets through `codeclm-manifests` only; never depends on the pipeline.
+
+pub mod checkpoint;
+pub mod data;
+pub mod generate;
+pub mod kv_cache;
+pub mod llama;
+pub mod ops;
+pub mod plot;
+pub mod rng;
+pub mod train;
+
+pub use candle_core;
+pub use candle_core::{DType, Device, Tensor};
+pub use generate::{generate, GenerateConfig, LogitsProcessor};
+pub use kv_cache::KvCache;
+pub use llama::{Llama, LlamaConfig, MemoryEstimate, PRESETS};
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Manifest(#[from] codeclm_manifests::Error),
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bad model or training configuration (names the setting and the fix).
+    #[error("{0}")]
+    Config(String),
+    /// The dataset cannot feed the run (names the file and the fix).
+    #[error("{0}")]
+    Data(String),
+    /// A checkpoint that is missing, torn or from another run.
+    #[error("{path}: {problem}. Fix: {fix}")]
+    Checkpoint {
+        path: PathBuf,
+        problem: String,
+        fix: String,
+    },
+    #[error("training diverged at step {step}: the loss is {loss}. Fix: lower the learning rate (--lr), raise warmup, or lower --grad-clip; resume from the last checkpoint with --resume")]
+    NonFinite { step: u64, loss: f32 },
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { path, source }
+    }
+}
+
+/// The device to run on: CUDA device 0 when built with `cuda` and `cuda` is asked for.
+pub fn device(cuda: bool) -> Result<Device> {
+    if cuda {
+        #[cfg(feature = "cuda")]
+        {
+            return Ok(Device::new_cuda(0)?);
+        }
+        #[cfg(not(feature = "cuda"))]
+        return Err(Error::Config(
+            "this codeclm was built without CUDA; rebuild with `cargo build --release --features cuda` (see README, CUDA build)".into(),
+        ));
+    }
+    Ok(Device::Cpu)
+}

@@ -1,0 +1,211 @@
+#!/usr/bin/env bash
+# One short, prepared check of the CUDA build on a GPU machine that has the NVIDIA driver and the
+# CUDA 13 libraries (e.g. in PyTorch's wheels) but no Rust toolchain and no network.
+#
+# On the build machine (CPU only; README "CUDA build"):
+#   make build-cuda && make dataset       # target-cuda/release/codeclm, data/
+#   tools/gpu_check.sh --bundle            # .gpu-bundle/: stripped CUDA binary + data/ (< 64 MiB)
+# On the GPU machine, from the repository root, with .gpu-bundle/ carried over:
+#   OUT=/some/dir tools/gpu_check.sh       # everything lands in $OUT (default gpu-check-out/)
+# Dry run on a CPU machine: the CUDA binary cannot start without libcuda.so.1, so the script stops
+# at "no CUDA device" (exit 0); GPU_CHECK_CPU=1 GPU_CHECK_BIN=target/release/codeclm runs every
+# step on the CPU with the tiny preset instead.
+#
+# Steps (~3 min on an H200):
+#   1. `codeclm bench train --cuda`: synthetic batches, no data loading: model tokens/s and MFU;
+#   2. `codeclm train --cuda` on the bundled dataset for as many steps as step 1's speed fits in
+#      GPU_CHECK_SECONDS (real loader, per-step tokens/s and MFU, validation, checkpoint);
+#   3. `codeclm bench sample --cuda` from that checkpoint (KV cache, batch 16).
+# Knobs: GPU_CHECK_PRESET (base), GPU_CHECK_BATCH (16), GPU_CHECK_CONTEXT (1024),
+# GPU_CHECK_SECONDS (75), GPU_PEAK_TFLOPS (989: H100/H200 bf16 dense).
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BUNDLE=${GPU_BUNDLE:-$ROOT/.gpu-bundle}
+
+if [ "${1:-}" = "--bundle" ]; then
+  # xz-compressed (the carry limit is 64 MiB): the stripped binary (~43 MB -> ~13 MB) and, because
+  # PyTorch's wheels no longer ship cuRAND and candle needs it to create a device, the
+  # libcurand.so.10 of our toolchain (132 MB -> 41 MB), used only where the machine lacks one.
+  set -e
+  BIN=${2:-$ROOT/target-cuda/release/codeclm}
+  DATA=${DATA:-$ROOT/data}
+  CUDA_LIB=${CUDA_DIR:-$ROOT/.cuda}/nvidia/cu13/lib
+  [ -x "$BIN" ] || { echo "gpu_check: no CUDA binary at $BIN; run 'make build-cuda' first" >&2; exit 1; }
+  [ -f "$DATA/dataset.json" ] || { echo "gpu_check: no dataset at $DATA; run 'make dataset' first" >&2; exit 1; }
+  [ -f "$CUDA_LIB/libcurand.so.10" ] || { echo "gpu_check: no $CUDA_LIB/libcurand.so.10; run tools/cuda_toolchain.sh" >&2; exit 1; }
+  rm -rf "$BUNDLE.tmp"
+  mkdir -p "$BUNDLE.tmp"
+  strip -o "$BUNDLE.tmp/codeclm" "$BIN"
+  xz -9 -T2 "$BUNDLE.tmp/codeclm"
+  CURAND_XZ=${CUDA_DIR:-$ROOT/.cuda}/libcurand.so.10.xz
+  [ -f "$CURAND_XZ" ] || xz -9 -T2 -c "$CUDA_LIB/libcurand.so.10" >"$CURAND_XZ"
+  cp "$CURAND_XZ" "$BUNDLE.tmp/"
+  cp -r "$DATA" "$BUNDLE.tmp/data"
+  rm -rf "$BUNDLE.tmp/data/runs" "$BUNDLE"
+  mv "$BUNDLE.tmp" "$BUNDLE"
+  ls -l "$BUNDLE"
+  size=$(du -sm "$BUNDLE" | cut -f1)
+  echo "gpu_check: bundle $BUNDLE: ${size} MiB (carry limit 64 MiB)"
+  [ "$size" -le 63 ] || { echo "gpu_check: bundle too large to carry" >&2; exit 1; }
+  exit 0
+fi
+
+OUT=${OUT:-$ROOT/gpu-check-out}
+mkdir -p "$OUT"
+LOG=$OUT/gpu-check.log
+exec > >(tee -a "$LOG") 2>&1
+echo "gpu_check: $(date -u +%FT%TZ) on $(hostname); log $LOG"
+
+# Unpack the bundle's xz files (Python's lzma: no xz tool needed).
+unxz_to() { python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" "$1" "$2"; }
+UNPACK=$(mktemp -d "${TMPDIR:-/tmp}/codeclm-gpu-check.XXXXXX")  # not under $OUT: that comes back
+mkdir -p "$UNPACK/bin" "$UNPACK/lib"
+if [ -z "${GPU_CHECK_BIN:-}" ] && [ -f "$BUNDLE/codeclm.xz" ]; then
+  unxz_to "$BUNDLE/codeclm.xz" "$UNPACK/bin/codeclm" && chmod +x "$UNPACK/bin/codeclm"
+fi
+BIN=${GPU_CHECK_BIN:-$UNPACK/bin/codeclm}
+DATA=${GPU_CHECK_DATA:-$BUNDLE/data}
+PRESET=${GPU_CHECK_PRESET:-base}
+BATCH=${GPU_CHECK_BATCH:-16}
+CONTEXT=${GPU_CHECK_CONTEXT:-1024}
+SECS=${GPU_CHECK_SECONDS:-75}
+PEAK=${GPU_PEAK_TFLOPS:-989}
+DEV=--cuda
+[ -x "$BIN" ] || { echo "gpu_check: no binary at $BIN (run 'tools/gpu_check.sh --bundle' on the build machine)"; exit 1; }
+[ -f "$DATA/dataset.json" ] || { echo "gpu_check: no dataset at $DATA"; exit 1; }
+
+# --- the CUDA libraries: find each one the binary misses among this machine's CUDA installs ---
+lib_dirs() {
+  if command -v python3 >/dev/null 2>&1; then
+    python3 - <<'EOF' 2>/dev/null
+import glob, os, site
+roots = set(site.getsitepackages() + [site.getusersitepackages()])
+try:
+    import torch
+    roots.add(os.path.dirname(os.path.dirname(torch.__file__)))
+    print(os.path.join(os.path.dirname(torch.__file__), "lib"))
+except Exception:
+    pass
+for r in sorted(roots):
+    for d in sorted(glob.glob(os.path.join(r, "nvidia", "*", "lib")) + glob.glob(os.path.join(r, "nvidia", "*", "lib64"))):
+        print(d)
+EOF
+  fi
+  ls -d /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-13*/lib64 \
+    /usr/local/cuda-13*/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu 2>/dev/null
+}
+missing() { ldd "$BIN" 2>/dev/null | awk '/not found/ {print $1}' | sort -u; }
+
+NEED=$(missing)
+if [ -n "$NEED" ]; then
+  DIRS=$(lib_dirs)
+  extra=""
+  for so in $NEED; do
+    [ "$so" = libcuda.so.1 ] && continue  # the driver's own library; never from a toolkit dir
+    found=""
+    for d in $DIRS; do
+      if [ -e "$d/$so" ]; then
+        found=$d
+        break
+      fi
+    done
+    if [ -z "$found" ] && [ -f "$BUNDLE/$so.xz" ]; then
+      echo "gpu_check: $so not on this machine; using the bundle's copy"
+      unxz_to "$BUNDLE/$so.xz" "$UNPACK/lib/$so" && found=$UNPACK/lib
+    fi
+    [ -n "$found" ] && case ":$extra:" in *":$found:"*) ;; *) extra=${extra:+$extra:}$found ;; esac
+  done
+  export LD_LIBRARY_PATH=${extra}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+fi
+echo "gpu_check: LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader
+elif [ "${GPU_CHECK_CPU:-0}" = 1 ]; then
+  echo "gpu_check: no CUDA device; GPU_CHECK_CPU=1: running every step on the CPU (tiny preset)"
+  DEV="" PRESET=${GPU_CHECK_PRESET:-tiny} BATCH=${GPU_CHECK_BATCH:-4} CONTEXT=${GPU_CHECK_CONTEXT:-256} SECS=${GPU_CHECK_SECONDS:-20}
+else
+  echo "gpu_check: no CUDA device (nvidia-smi missing or it sees no GPU); nothing to check here"
+  exit 0
+fi
+STILL=$(missing)
+if [ -n "$STILL" ]; then
+  echo "gpu_check: $BIN still misses: $STILL"
+  echo "gpu_check: fix: put the CUDA 13 libcudart/libcublas/libcublasLt/libcurand (and the driver's libcuda.so.1) on LD_LIBRARY_PATH"
+  exit 1
+fi
+VOCAB=$(ls "$DATA"/tokens-*.parquet 2>/dev/null | head -1 | sed 's/.*tokens-\(.*\)\.parquet/\1/')
+echo "gpu_check: binary $BIN ($(du -m "$BIN" | cut -f1) MiB), preset $PRESET, batch $BATCH x context $CONTEXT, dataset $DATA (token set $VOCAB)"
+fail=0
+
+# --- 1. model speed on synthetic batches --------------------------------------------------------
+echo "gpu_check: [1/3] bench train"
+timeout 180 "$BIN" bench train --preset "$PRESET" --batch "$BATCH" --context "$CONTEXT" --steps 10 $DEV --json \
+  | tee "$OUT/bench-train.json"
+rc=${PIPESTATUS[0]}
+[ "$rc" = 0 ] || { echo "gpu_check: bench train failed (exit $rc)"; fail=1; }
+
+# --- 2. a short real training run -----------------------------------------------------------------
+# As many steps as fit in GPU_CHECK_SECONDS at step 1's speed, so the run ends normally
+# (validation, checkpoint, loss curve); the timeout is only a safety net.
+STEPS=$(python3 -c "import json,sys; b=json.loads([l for l in open(sys.argv[1]) if l.startswith('{')][-1]); print(max(20, min(5000, int(0.8*$SECS*b['tokens_per_s']/($BATCH*$CONTEXT)))))" \
+  "$OUT/bench-train.json" 2>/dev/null || echo 50)
+echo "gpu_check: [2/3] train $STEPS steps (~${SECS}s)"
+rm -rf "$OUT/run"
+timeout --signal=INT --kill-after=30 $((2 * SECS + 120)) "$BIN" train --dataset "$DATA" --vocab "$VOCAB" \
+  --preset "$PRESET" --batch "$BATCH" --context "$CONTEXT" --steps "$STEPS" --eval-every "$STEPS" \
+  --out "$OUT/run" $DEV 2>&1 | tee "$OUT/train.log"
+rc=${PIPESTATUS[0]}
+[ "$rc" = 0 ] || { echo "gpu_check: train failed (exit $rc)"; fail=1; }
+
+# --- 3. sampling with the KV cache ----------------------------------------------------------------
+if [ -f "$OUT/run/model.safetensors" ]; then
+  echo "gpu_check: [3/3] bench sample from $OUT/run"
+  timeout 120 "$BIN" bench sample --run "$OUT/run" --batch 16 --max-tokens 256 $DEV --json | tee "$OUT/bench-sample.json"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || { echo "gpu_check: bench sample failed (exit $rc)"; fail=1; }
+else
+  echo "gpu_check: [3/3] skipped: no checkpoint in $OUT/run"
+fi
+
+# --- summary --------------------------------------------------------------------------------------
+python3 - "$OUT" "$PEAK" <<'EOF' | tee "$OUT/summary.txt"
+import json, re, sys, os
+out, peak = sys.argv[1], float(sys.argv[2])
+def last_json(path):
+    try:
+        lines = [l for l in open(path) if l.strip().startswith("{")]
+        return json.loads(lines[-1]) if lines else None
+    except OSError:
+        return None
+b = last_json(os.path.join(out, "bench-train.json"))
+if b:
+    c, t = b["config"], b["context"]
+    n = b.get("parameters")
+    flops = 6 * n + 12 * c["num_hidden_layers"] * t * c["hidden_size"]
+    tps = b["tokens_per_s"]
+    print(f"bench train: {b['preset']} ({n/1e6:.1f}M params), batch {b['batch']} x {t}: {tps:,.0f} tokens/s, "
+          f"MFU {flops * tps / (peak * 1e12) * 100:.1f}% of {peak:g} TFLOP/s")
+steps = []
+try:
+    for l in open(os.path.join(out, "train.log")):
+        m = re.search(r"step\s+(\d+)/\d+ loss ([\d.]+).*tokens/s (\d+)(?: mfu ([\d.]+)%)?", l)
+        if m:
+            steps.append((int(m[1]), float(m[2]), int(m[3]), m[4]))
+except OSError:
+    pass
+if steps:
+    tail = steps[len(steps) // 2:]  # the second half: past warm-up and PTX loading
+    tps = sum(s[2] for s in tail) / len(tail)
+    mfu = [float(s[3]) for s in tail if s[3]]
+    print(f"train: {len(steps)} steps, loss {steps[0][1]:.3f} -> {steps[-1][1]:.3f}, {tps:,.0f} tokens/s"
+          + (f", MFU {sum(mfu)/len(mfu):.1f}%" if mfu else "") + " (mean of the second half of the steps)")
+else:
+    print("train: no step lines found in train.log")
+s = last_json(os.path.join(out, "bench-sample.json"))
+if s:
+    print(f"bench sample: batch {s['batch']}, {s['max_tokens']} new tokens: {s['tokens_per_s']:,.0f} tokens/s")
+EOF
+echo "gpu_check: done ($([ $fail = 0 ] && echo ok || echo FAILED)); everything is under $OUT"
+exit $fail
