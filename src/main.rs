@@ -3,7 +3,9 @@
 
 mod bench;
 mod eval_cli;
+mod eval_run;
 mod model_cli;
+mod run_dir;
 mod tokens_cli;
 
 use std::path::PathBuf;

@@ -224,3 +224,138 @@ fn missing_weights_name_the_fix() {
     );
     assert!(err.contains("make fid-weights"), "{err}");
 }
+
+/// `make dataset` + `make train` in miniature: the bundled photos (20% held out, as `make
+/// dataset` holds them out), a 320-entry vocabulary, a `tiny` model trained for a few steps.
+fn tiny_run(root: &Path) -> (PathBuf, PathBuf) {
+    let ds = root.join("ds");
+    crate::common::build(&fixtures("images"), &ds, &["--val-fraction", "0.2"]);
+    let vocab = root.join("vocab.json");
+    run_ok(
+        codeclm()
+            .args(["vocab", "train", "--dataset"])
+            .arg(&ds)
+            .args(["--size", "320", "--out"])
+            .arg(&vocab),
+    );
+    run_ok(
+        codeclm()
+            .args(["dataset", "tokenize", "--dataset"])
+            .arg(&ds)
+            .arg("--vocab")
+            .arg(&vocab),
+    );
+    let run = root.join("run");
+    run_ok(
+        codeclm()
+            .args(["train", "--dataset"])
+            .arg(&ds)
+            .args(["--preset", "tiny", "--steps", "3", "--context", "256"])
+            .args(["--batch", "2", "--threads", "2", "--out"])
+            .arg(&run),
+    );
+    (ds, run)
+}
+
+/// The run mode end to end: held-out images prompted with their first MCU row and completed, plus
+/// unconditional samples, scored against the originals; the table's FID is the folder mode's
+/// FID of the same originals and completions.
+#[test]
+fn eval_fid_run_mode_end_to_end() {
+    if weights().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (_ds, run) = tiny_run(tmp.path());
+    let o = run_ok(
+        codeclm()
+            .args(["eval", "fid", "--no-progress", "--run"])
+            .arg(&run)
+            .args(["--n", "2", "--seeds", "1", "--ratios", "0.0625"])
+            .args(["--max-tokens", "48", "--batch", "2"]),
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("| prompt | FID"), "{stdout}");
+    assert!(stdout.contains("| unconditional |"), "{stdout}");
+    assert!(
+        stdout.contains("eval fid: 2 settings x 1 seeds x 2 images"),
+        "{stdout}"
+    );
+    let md = std::fs::read_to_string(run.join("eval-fid.md")).unwrap();
+    assert!(md.contains("| 0.0625 |"), "{md}");
+
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("eval-fid.json")).unwrap()).unwrap();
+    assert_eq!(json["n"], 2);
+    assert_eq!(json["split"], "val");
+    let rows = json["rows"].as_array().unwrap();
+    let labels: Vec<&str> = rows.iter().map(|r| r["prompt"].as_str().unwrap()).collect();
+    assert_eq!(labels, ["0.0625", "unconditional"]);
+    for r in rows {
+        assert_eq!(r["n"], 2, "{r}");
+        assert_eq!(r["completions"], 2, "{r}");
+        let (failures, undecodable) = (
+            r["failures"].as_u64().unwrap(),
+            r["undecodable"].as_u64().unwrap(),
+        );
+        assert!(undecodable <= failures && failures <= 2, "{r}");
+        let seed = &r["seeds"][0];
+        assert_eq!(seed["scored"].as_u64().unwrap(), 2 - undecodable, "{r}");
+        // A FID wherever two completions gave pixels, and only there.
+        assert_eq!(r["fid_mean"].is_f64(), undecodable == 0, "{r}");
+        assert!(r["fid_std"].is_null(), "one seed has no spread: {r}");
+    }
+    // One MCU row of 16 is given (within the tiny model's context) and only 48 tokens may
+    // follow: every completion is cut short (a failure), yet the lenient decoder gives pixels
+    // for all of them (the header is there).
+    let prompted = &rows[0];
+    assert_eq!(prompted["context_full"], 0, "{prompted}");
+    assert_eq!(prompted["failures"], 2, "{prompted}");
+    assert_eq!(prompted["undecodable"], 0, "{prompted}");
+    assert!(json["generated_tokens"].as_u64().unwrap() >= 2, "{json}");
+    let fid = prompted["fid_mean"].as_f64().unwrap();
+    assert!(fid.is_finite() && fid > 0.0, "{prompted}");
+
+    // The same originals and completions through `--real/--fake` give the same FID.
+    let samples = run.join("eval-fid/r0.0625-s0/samples");
+    let (real, fake) = (tmp.path().join("real"), tmp.path().join("fake"));
+    std::fs::create_dir_all(&real).unwrap();
+    std::fs::create_dir_all(&fake).unwrap();
+    for e in std::fs::read_dir(&samples).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.ends_with("-original.jpg") {
+            std::fs::copy(e.path(), real.join(&name)).unwrap();
+        } else if name.ends_with("-s00.png") {
+            std::fs::copy(e.path(), fake.join(&name)).unwrap();
+        }
+    }
+    let out = tmp.path().join("folders.json");
+    run_ok(
+        codeclm()
+            .args(["eval", "fid", "--real"])
+            .arg(&real)
+            .arg("--fake")
+            .arg(&fake)
+            .arg("--out")
+            .arg(&out),
+    );
+    let folders: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(folders["real"]["images"], 2);
+    assert_eq!(folders["fake"]["images"], 2);
+    let same = folders["fid"].as_f64().unwrap();
+    assert!(
+        (same - fid).abs() <= 1e-3 * fid,
+        "run mode {fid} vs folders {same}"
+    );
+
+    // Bad arguments fail cleanly, naming the fix.
+    let err = run_err(
+        codeclm()
+            .args(["eval", "fid", "--run"])
+            .arg(&run)
+            .args(["--split", "nope"]),
+    );
+    assert!(err.contains("`nope` split has 0 ok images"), "{err}");
+    let err = run_err(codeclm().args(["eval", "fid", "--run"]).arg(tmp.path()));
+    assert!(err.contains("trainer_state.json"), "{err}");
+}
