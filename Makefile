@@ -18,7 +18,7 @@ else
 VAL_FRACTION ?= 0.01
 endif
 
-.PHONY: all setup deps pydeps build dataset test bench bench-tokens train fid-weights fid-ref bench-fid eval fmt clippy clean
+.PHONY: all setup deps pydeps build dataset test bench bench-tokens train sample fid-weights fid-ref bench-fid eval fmt clippy clean
 
 all: build
 
@@ -99,6 +99,11 @@ train: build
 EVAL_ARGS ?= --n 1000 --seeds 3
 eval: build fid-weights
 	$(BIN) eval fid --run $(TRAIN_RUN) --dataset $(OUT) $(EVAL_ARGS)
+## sample: draw 16 images from the run `make train` wrote: samples, contact sheet and
+## decodability report under $(TRAIN_RUN)/samples (SAMPLE_ARGS="--prompt photo.jpg --ratio 0.5 ...")
+SAMPLE_ARGS ?=
+sample: build
+	$(BIN) sample --run $(TRAIN_RUN) --n 16 --seed 0 --out $(TRAIN_RUN)/samples $(SAMPLE_ARGS)
 
 fmt:
 	$(CARGO) fmt --all

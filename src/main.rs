@@ -6,6 +6,7 @@ mod eval_cli;
 mod eval_run;
 mod model_cli;
 mod run_dir;
+mod sample_cli;
 mod tokens_cli;
 
 use std::path::PathBuf;
@@ -48,6 +49,9 @@ enum Command {
     Eval(eval_cli::EvalCommand),
     /// Train a Llama model on a dataset's token shards (or --resume a run).
     Train(model_cli::TrainArgs),
+    /// Draw images (or videos) from a trained run, unconditionally or from partial prompts;
+    /// writes the samples, a contact sheet and a decodability report.
+    Sample(sample_cli::SampleArgs),
     /// Trained models: logits for a token sequence, preset sizes and memory.
     #[command(subcommand)]
     Model(model_cli::ModelCommand),
@@ -288,6 +292,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Eval(cmd) => eval_cli::run(cmd),
         Command::Train(args) => model_cli::train_cmd(args),
+        Command::Sample(args) => sample_cli::sample(args),
         Command::Model(cmd) => model_cli::model_cmd(cmd),
     }
 }

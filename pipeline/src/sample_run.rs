@@ -211,10 +211,15 @@ pub fn sample_images(
 
 /// Mean codec bytes per image over a dataset's `ok` rows (for the length ratio).
 pub fn dataset_mean_bytes(ds: &codeclm_manifests::Dataset) -> Option<f64> {
+    dataset_mean_bytes_of(ds, "image")
+}
+
+/// Mean codec bytes per sample of one modality (`image`, `video`) over a dataset's `ok` rows.
+pub fn dataset_mean_bytes_of(ds: &codeclm_manifests::Dataset, modality: &str) -> Option<f64> {
     let lens: Vec<u64> = ds
         .rows()
         .iter()
-        .filter(|r| r.is_ok())
+        .filter(|r| r.is_ok() && r.modality == modality)
         .filter_map(|r| r.codec_bytes)
         .collect();
     (!lens.is_empty()).then(|| lens.iter().sum::<u64>() as f64 / lens.len() as f64)

@@ -225,38 +225,6 @@ fn missing_weights_name_the_fix() {
     assert!(err.contains("make fid-weights"), "{err}");
 }
 
-/// `make dataset` + `make train` in miniature: the bundled photos (20% held out, as `make
-/// dataset` holds them out), a 320-entry vocabulary, a `tiny` model trained for a few steps.
-fn tiny_run(root: &Path) -> (PathBuf, PathBuf) {
-    let ds = root.join("ds");
-    crate::common::build(&fixtures("images"), &ds, &["--val-fraction", "0.2"]);
-    let vocab = root.join("vocab.json");
-    run_ok(
-        codeclm()
-            .args(["vocab", "train", "--dataset"])
-            .arg(&ds)
-            .args(["--size", "320", "--out"])
-            .arg(&vocab),
-    );
-    run_ok(
-        codeclm()
-            .args(["dataset", "tokenize", "--dataset"])
-            .arg(&ds)
-            .arg("--vocab")
-            .arg(&vocab),
-    );
-    let run = root.join("run");
-    run_ok(
-        codeclm()
-            .args(["train", "--dataset"])
-            .arg(&ds)
-            .args(["--preset", "tiny", "--steps", "3", "--context", "256"])
-            .args(["--batch", "2", "--threads", "2", "--out"])
-            .arg(&run),
-    );
-    (ds, run)
-}
-
 /// The run mode end to end: held-out images prompted with their first MCU row and completed, plus
 /// unconditional samples, scored against the originals; the table's FID is the folder mode's
 /// FID of the same originals and completions.
@@ -266,7 +234,7 @@ fn eval_fid_run_mode_end_to_end() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let (_ds, run) = tiny_run(tmp.path());
+    let (_ds, run) = crate::sample::trained_run(tmp.path());
     let o = run_ok(
         codeclm()
             .args(["eval", "fid", "--no-progress", "--run"])

@@ -102,3 +102,193 @@ fn decodability_of_clean_truncated_and_damaged_streams() {
     assert!((0.35..0.65).contains(&mean(&half)), "{half:?}");
     assert!(mean(&flipped) < 1.0, "{flipped:?}");
 }
+
+/// `make dataset` + `make train` in miniature: the bundled photos, the paper's 320-entry
+/// vocabulary, a `tiny` model trained for a few steps.
+pub(crate) fn trained_run(root: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let ds = root.join("ds");
+    build(&fixtures("images"), &ds, &["--val-fraction", "0.2"]);
+    let vocab = root.join("vocab.json");
+    run_ok(
+        codeclm()
+            .args(["vocab", "train", "--dataset"])
+            .arg(&ds)
+            .args(["--size", "320", "--out"])
+            .arg(&vocab),
+    );
+    run_ok(
+        codeclm()
+            .args(["dataset", "tokenize", "--dataset"])
+            .arg(&ds)
+            .arg("--vocab")
+            .arg(&vocab),
+    );
+    let run = root.join("run");
+    run_ok(
+        codeclm()
+            .args(["train", "--dataset"])
+            .arg(&ds)
+            .args([
+                "--preset",
+                "tiny",
+                "--steps",
+                "3",
+                "--context",
+                "256",
+                "--batch",
+                "2",
+            ])
+            .args(["--threads", "2", "--out"])
+            .arg(&run),
+    );
+    (ds, run)
+}
+
+fn sample_cmd(run: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    run_ok(
+        codeclm()
+            .args(["sample", "--no-progress", "--run"])
+            .arg(run)
+            .arg("--out")
+            .arg(out)
+            .args(extra),
+    )
+}
+
+fn files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().to_string(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn sample_end_to_end_from_a_trained_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ds_dir, run) = trained_run(tmp.path());
+    let g = codeclm_pipeline::contact_sheet::GAP;
+
+    // Unconditional, seeded: the same files twice.
+    let args = [
+        "--n",
+        "3",
+        "--batch",
+        "2",
+        "--max-tokens",
+        "48",
+        "--seed",
+        "5",
+    ];
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let out = sample_cmd(&run, &a, &args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("decodability: 3 samples"), "{stdout}");
+    sample_cmd(&run, &b, &args);
+    let fa = files(&a.join("samples"));
+    assert!(
+        fa.keys().any(|k| k.starts_with("sample-002.")),
+        "{:?}",
+        fa.keys()
+    );
+    assert_eq!(
+        fa,
+        files(&b.join("samples")),
+        "a seeded run is reproducible"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("decodability.json")).unwrap()).unwrap();
+    assert_eq!(report["samples"], 3);
+    for s in report["per_sample"].as_array().unwrap() {
+        let n = s["n_tokens"].as_u64().unwrap();
+        assert!((1..=48).contains(&n), "{s}");
+    }
+    let sheet = image::open(a.join("contact_sheet.png")).unwrap().to_rgb8();
+    assert_eq!(sheet.dimensions(), (g + 2 * (256 + g), g + 2 * (256 + g)));
+    let other = tmp.path().join("c");
+    sample_cmd(
+        &run,
+        &other,
+        &[
+            "--n",
+            "3",
+            "--batch",
+            "2",
+            "--max-tokens",
+            "48",
+            "--seed",
+            "6",
+        ],
+    );
+    assert_ne!(
+        fa,
+        files(&other.join("samples")),
+        "another seed, other samples"
+    );
+
+    // Prompted: a file and a sample id, one MCU row each (1/16 of the image).
+    let ds = Dataset::open(&ds_dir).unwrap();
+    let row = ds.rows().iter().find(|r| r.is_ok()).unwrap();
+    let file = fixtures("images").join("astronaut.png");
+    let p = tmp.path().join("p");
+    let out = sample_cmd(
+        &run,
+        &p,
+        &[
+            "--prompt",
+            file.to_str().unwrap(),
+            "--prompt",
+            &row.sample_id,
+            "--ratio",
+            "0.0625",
+            "--n",
+            "2",
+            "--max-tokens",
+            "24",
+            "--top-k",
+            "40",
+            "--top-p",
+            "1.0",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("decodability: 4 samples"));
+    let names = files(&p.join("samples"));
+    for stem in ["p00-astronaut-original", "p00-astronaut-prompt", "p01-"] {
+        assert!(
+            names.keys().any(|k| k.starts_with(stem)),
+            "{stem}: {:?}",
+            names.keys()
+        );
+    }
+    // Every completion starts with its prompt's bytes (the header and the first MCU row).
+    let prompt = &names["p00-astronaut-prompt.jpg"];
+    let sample = &names["p00-astronaut-s01.jpg"];
+    assert!(
+        sample.len() > prompt.len() - 2 && sample[..prompt.len() - 2] == prompt[..prompt.len() - 2]
+    );
+    let sheet = image::open(p.join("contact_sheet.png")).unwrap().to_rgb8();
+    assert_eq!(sheet.dimensions(), (g + 4 * (256 + g), g + 2 * (256 + g)));
+
+    // Bad arguments fail cleanly, naming what to fix.
+    let err = run_err(
+        codeclm()
+            .args(["sample", "--run"])
+            .arg(tmp.path())
+            .arg("--out")
+            .arg(&p),
+    );
+    assert!(err.contains("trainer_state.json"), "{err}");
+    let err = run_err(
+        codeclm()
+            .args(["sample", "--run"])
+            .arg(&run)
+            .args(["--prompt", "nope", "--out"])
+            .arg(&p),
+    );
+    assert!(err.contains("nope"), "{err}");
+}
