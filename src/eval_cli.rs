@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use codeclm_pipeline::decode::{decode, ColorConvert, DecodeSettings};
 use fid::{FidInception, RgbImage, Stats, FEATURE_DIM};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -29,6 +29,7 @@ pub enum DeviceArg {
 }
 
 #[derive(Args)]
+#[command(group(ArgGroup::new("mode").required(true).args(["real", "run"])))]
 pub struct FidArgs {
     /// Folder of reference images (searched recursively); with --fake.
     #[arg(long, requires = "fake", conflicts_with = "run")]
@@ -38,7 +39,7 @@ pub struct FidArgs {
     pub fake: Option<PathBuf>,
     /// A run written by `codeclm train`: complete held-out images of its dataset and score them
     /// the paper's way (table in RUN/eval-fid.json and RUN/eval-fid.md).
-    #[arg(long, required_unless_present = "real")]
+    #[arg(long)]
     pub run: Option<PathBuf>,
     /// Run mode: the dataset (default: the one the run was trained on).
     #[arg(long, requires = "run")]
