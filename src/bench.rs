@@ -37,6 +37,9 @@ pub enum BenchCommand {
     /// Videos per second on one thread for the in-process H.264 encode (decode, filter, x264)
     /// of FILEs held in memory, and peak RSS; prints one JSON line (see tools/bench_video.py).
     Videos(VideosArgs),
+    /// FID feature throughput: images/s through decode + resize + Inception-v3 (all cores, as
+    /// `eval fid` runs it) over FILEs repeated `--repeat` times; prints one JSON line.
+    Fid(FidBenchArgs),
     /// Training tokens/s (forward + backward + AdamW) of a preset on a fixed batch; prints one
     /// JSON line (tools/bench_train.py compares it with PyTorch on the same model and batch).
     Train(crate::model_cli::BenchTrainArgs),
@@ -51,6 +54,21 @@ pub struct VideosArgs {
     repeat: u32,
     #[arg(required = true)]
     files: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct FidBenchArgs {
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Passes over the files (after one untimed warm-up batch).
+    #[arg(long, default_value_t = 4)]
+    repeat: usize,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[arg(long, value_enum, default_value_t = crate::eval_cli::DeviceArg::Cpu)]
+    device: crate::eval_cli::DeviceArg,
+    #[arg(long)]
+    weights: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -96,6 +114,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Images(args) => images(args),
         BenchCommand::Tokens(args) => tokens(args),
         BenchCommand::Videos(args) => videos(args),
+        BenchCommand::Fid(args) => fid_bench(args),
         BenchCommand::Train(args) => crate::model_cli::bench_train(args),
         BenchCommand::Sample(args) => crate::model_cli::bench_sample(args),
     }
@@ -413,4 +432,55 @@ fn peak_rss_mb() -> f64 {
     } else {
         kib / 1024.0
     }
+}
+
+fn fid_bench(args: FidBenchArgs) -> Result<()> {
+    let net = crate::eval_cli::load_net(args.weights.as_deref(), args.device)?;
+    let files: Vec<PathBuf> = (0..args.repeat.max(1))
+        .flat_map(|_| args.files.iter().cloned())
+        .collect();
+    // Warm-up: one batch (allocations, thread pools), untimed.
+    crate::eval_cli::features_of_files(
+        &net,
+        &files[..args.batch.min(files.len())],
+        args.batch,
+        "warm-up",
+    )?;
+    let start = Instant::now();
+    let set = crate::eval_cli::features_of_files(&net, &files, args.batch, "fid features")?;
+    let secs = start.elapsed().as_secs_f64();
+    // The Fréchet distance, the first half of the features against the second: at full
+    // dimension (2048x2048 eigendecompositions; the time does not depend on the number of
+    // images), and by the exact low-rank path taken with fewer images than dimensions.
+    let half = set.images / 2 * fid::FEATURE_DIM;
+    let a = fid::Stats::from_features(&set.features[..half], fid::FEATURE_DIM)?;
+    let b = fid::Stats::from_features(&set.features[half..2 * half], fid::FEATURE_DIM)?;
+    let t = Instant::now();
+    let fid_halves = fid::frechet_distance(&a, &b)?;
+    let low_rank_secs = t.elapsed().as_secs_f64();
+    let full = |s: &fid::Stats| fid::Stats {
+        factor: None,
+        ..s.clone()
+    };
+    let t = Instant::now();
+    let fid_full = fid::frechet_distance(&full(&a), &full(&b))?;
+    let frechet_secs = t.elapsed().as_secs_f64();
+    let threads = rayon::current_num_threads();
+    let line = serde_json::json!({
+        "bench": "fid-features",
+        "images": set.images,
+        "failed": set.failed.len(),
+        "batch": args.batch,
+        "seconds": secs,
+        "images_per_s": set.images as f64 / secs,
+        "threads": threads,
+        "images_per_s_per_thread": set.images as f64 / secs / threads as f64,
+        "frechet_2048_seconds": frechet_secs,
+        "frechet_low_rank_seconds": low_rank_secs,
+        "fid_first_half_vs_second": fid_halves,
+        "fid_first_half_vs_second_full_path": fid_full,
+        "peak_rss_mb": (peak_rss_mb() * 10.0).round() / 10.0,
+    });
+    writeln!(std::io::stdout(), "{line}")?;
+    Ok(())
 }

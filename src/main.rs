@@ -2,7 +2,10 @@
 //! libraries, print the whole error chain on failure.
 
 mod bench;
+mod eval_cli;
+mod eval_run;
 mod model_cli;
+mod run_dir;
 mod sample_cli;
 mod tokens_cli;
 
@@ -41,6 +44,9 @@ enum Command {
     /// Benchmarks: single-threaded images/s and peak memory (see tools/bench_compare.py).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Evaluation: FID the paper's way (needs `make fid-weights`).
+    #[command(subcommand)]
+    Eval(eval_cli::EvalCommand),
     /// Train a Llama model on a dataset's token shards (or --resume a run).
     Train(model_cli::TrainArgs),
     /// Draw images (or videos) from a trained run, unconditionally or from partial prompts;
@@ -310,6 +316,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Dataset(DatasetCommand::Decode(args)) => tokens_cli::decode(args),
         Command::Vocab(tokens_cli::VocabCommand::Train(args)) => tokens_cli::train(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Eval(cmd) => eval_cli::run(cmd),
         Command::Train(args) => model_cli::train_cmd(args),
         Command::Sample(args) => sample_cli::sample(args),
         Command::Model(cmd) => model_cli::model_cmd(cmd),

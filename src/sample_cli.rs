@@ -2,17 +2,18 @@
 //! and write them with a contact sheet and a decodability report. Glue between the model
 //! crate (generation) and the pipeline (prompts, files, figures).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use codeclm_manifests::tokens::TokenLayout;
 use codeclm_manifests::vocab::Vocab;
 use codeclm_manifests::Dataset;
-use codeclm_model::{GenerateConfig, Llama};
+use codeclm_model::GenerateConfig;
 use codeclm_pipeline::prompt::{self, CutAt, ImagePrompt, VideoPrompt};
 use codeclm_pipeline::sample_run::{self, ImageSampling};
 use codeclm_pipeline::video_sample::{self, VideoSampling};
+
+use crate::run_dir;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ModalityArg {
@@ -80,67 +81,25 @@ pub struct SampleArgs {
     no_progress: bool,
 }
 
-/// The two facts sampling needs from `trainer_state.json`.
-#[derive(serde::Deserialize)]
-struct RunState {
-    vocab_hash: String,
-    dataset: PathBuf,
-}
-
-fn read_state(run: &Path) -> Result<RunState> {
-    let path = run.join("trainer_state.json");
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "reading {}: is {} a run directory written by `codeclm train`?",
-            path.display(),
-            run.display()
-        )
-    })?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
-}
-
 pub fn sample(args: SampleArgs) -> Result<()> {
     if args.n == 0 {
         bail!("--n must be at least 1");
     }
-    if !(0.0..=1.0).contains(&args.top_p) || args.top_p == 0.0 {
-        bail!("--top-p {} is outside (0, 1]", args.top_p);
-    }
-    let state = read_state(&args.run)?;
-    let root = args.dataset.clone().unwrap_or(state.dataset.clone());
-    let ds = Dataset::open(&root).with_context(|| {
-        format!(
-            "opening the run's dataset {} (pass --dataset if it moved)",
-            root.display()
-        )
-    })?;
-    let vocab_path = TokenLayout::new(&root, &state.vocab_hash).vocab_path();
-    let vocab = Vocab::load(&vocab_path).with_context(|| {
-        format!(
-            "loading the run's vocabulary {} from {}",
-            state.vocab_hash,
-            vocab_path.display()
-        )
-    })?;
-    let device = codeclm_model::device(args.cuda)?;
-    let model = Llama::load(&args.run, &device)
-        .with_context(|| format!("loading the model in {}", args.run.display()))?;
-    if (model.config.vocab_size as u32) < vocab.size {
-        bail!(
-            "the model's vocabulary ({}) is smaller than the tokenizer's ({}): wrong run or dataset",
-            model.config.vocab_size,
-            vocab.size
-        );
-    }
-    let cfg = GenerateConfig {
-        max_new_tokens: args.max_tokens.unwrap_or(usize::MAX),
-        temperature: args.temperature,
-        top_k: (args.top_k > 0).then_some(args.top_k),
-        top_p: (args.top_p < 1.0).then_some(args.top_p),
-        seed: args.seed,
-        eos_token_id: Some(vocab.eos),
-        pad_token_id: vocab.bos,
-    };
+    let run_dir::OpenRun {
+        state,
+        root,
+        ds,
+        vocab,
+        model,
+    } = run_dir::open_run(&args.run, args.dataset.as_deref(), args.cuda)?;
+    let cfg = run_dir::generate_config(
+        &vocab,
+        args.max_tokens,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.seed,
+    )?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let settings = serde_json::json!({
@@ -161,7 +120,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     let mut generate = |batch: &[Vec<u32>]| -> Result<Vec<Vec<u32>>, String> {
         // A different seed per batch, derived from the run's seed: reproducible, not repeated.
         let cfg = GenerateConfig {
-            seed: cfg.seed ^ batch_index.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            seed: run_dir::batch_seed(cfg.seed, batch_index),
             ..cfg.clone()
         };
         batch_index += 1;

@@ -105,7 +105,7 @@ fn decodability_of_clean_truncated_and_damaged_streams() {
 
 /// `make dataset` + `make train` in miniature: the bundled photos, the paper's 320-entry
 /// vocabulary, a `tiny` model trained for a few steps.
-fn trained_run(root: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+pub(crate) fn trained_run(root: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let ds = root.join("ds");
     build(&fixtures("images"), &ds, &["--val-fraction", "0.2"]);
     let vocab = root.join("vocab.json");
