@@ -149,6 +149,7 @@ pub fn fid_run(args: &FidArgs, run: &Path) -> Result<()> {
     let open = run_dir::open_run(run, args.dataset.as_deref(), cuda)?;
     let base = run_dir::generate_config(
         &open.vocab,
+        open.state.config.context,
         args.max_tokens,
         args.temperature,
         args.top_k,
@@ -223,7 +224,12 @@ pub fn fid_run(args: &FidArgs, run: &Path) -> Result<()> {
     );
     let out_root = run.join("eval-fid");
     let mean_bytes = sample_run::dataset_mean_bytes(&open.ds);
-    let context = open.model.config.max_position_embeddings;
+    // With a sliding window every prompt fits; without one, a prompt must leave room.
+    let context = if base.window.is_some() {
+        usize::MAX
+    } else {
+        open.model.config.max_position_embeddings
+    };
     let mut generated_tokens = 0usize;
     let mut gen_secs = 0.0;
     let mut rows = Vec::with_capacity(conditions.len());

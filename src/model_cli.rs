@@ -376,6 +376,7 @@ pub fn bench_sample(a: BenchSampleArgs) -> Result<()> {
         seed: 0,
         eos_token_id: None,
         pad_token_id: model.config.pad_token_id.unwrap_or(0),
+        window: None,
     };
     let t = Instant::now();
     let out = codeclm_model::generate(&model, &prompts, &cfg)?;

@@ -9,11 +9,20 @@ use codeclm_manifests::vocab::Vocab;
 use codeclm_manifests::Dataset;
 use codeclm_model::{GenerateConfig, Llama};
 
-/// The two facts sampling needs from `trainer_state.json`.
+/// The facts sampling needs from `trainer_state.json`.
 #[derive(serde::Deserialize)]
 pub(crate) struct RunState {
     pub vocab_hash: String,
     pub dataset: PathBuf,
+    pub config: RunTrainConfig,
+}
+
+/// The part of the run's training settings sampling needs.
+#[derive(serde::Deserialize)]
+pub(crate) struct RunTrainConfig {
+    /// Training context: the positions the model has learned; sampling slides a window of
+    /// this size so that longer streams (whole images) stay within them.
+    pub context: usize,
 }
 
 pub(crate) fn read_state(run: &Path) -> Result<RunState> {
@@ -78,9 +87,15 @@ pub(crate) fn open_run(run: &Path, dataset: Option<&Path>, cuda: bool) -> Result
     })
 }
 
-/// Sampling settings as the command line gives them (0 top-k and 1.0 top-p mean off).
+/// Longest stream sampling writes when `--max-tokens` is not given: the paper's maximum
+/// sequence length (12,288 tokens: a 256x256 JPEG at q25 is ~5K on average).
+pub(crate) const DEFAULT_MAX_TOKENS: usize = 12_288;
+
+/// Sampling settings as the command line gives them (0 top-k and 1.0 top-p mean off), with a
+/// sliding window of the run's training context (`window`).
 pub(crate) fn generate_config(
     vocab: &Vocab,
+    window: usize,
     max_tokens: Option<usize>,
     temperature: f64,
     top_k: usize,
@@ -91,13 +106,14 @@ pub(crate) fn generate_config(
         bail!("--top-p {top_p} is outside (0, 1]");
     }
     Ok(GenerateConfig {
-        max_new_tokens: max_tokens.unwrap_or(usize::MAX),
+        max_new_tokens: max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
         temperature,
         top_k: (top_k > 0).then_some(top_k),
         top_p: (top_p < 1.0).then_some(top_p),
         seed,
         eos_token_id: Some(vocab.eos),
         pad_token_id: vocab.bos,
+        window: Some(window),
     })
 }
 

@@ -63,7 +63,9 @@ pub struct SampleArgs {
     top_p: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// New tokens per sample at most (default: up to the model's context).
+    /// New tokens per sample at most (default: the paper's sequence lengths, 12,288 for images
+    /// and 32,768 for videos). Generation slides a window of the run's training context, so
+    /// streams longer than what the model was trained on are sampled within learned positions.
     #[arg(long)]
     max_tokens: Option<usize>,
     /// Sequences generated together.
@@ -94,7 +96,9 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     } = run_dir::open_run(&args.run, args.dataset.as_deref(), args.cuda)?;
     let cfg = run_dir::generate_config(
         &vocab,
-        args.max_tokens,
+        state.config.context,
+        args.max_tokens
+            .or((args.modality == ModalityArg::Video).then_some(32_768)),
         args.temperature,
         args.top_k,
         args.top_p,

@@ -28,6 +28,12 @@ pub struct GenerateConfig {
     pub eos_token_id: Option<u32>,
     /// Token used for left padding (never attended to).
     pub pad_token_id: u32,
+    /// Sliding window: when set, generation may run past the model's context. Whenever the
+    /// cache would hold more than `window` positions, the last `window / 2` tokens of every row
+    /// are encoded again from position 0 and generation goes on from there, so the model only
+    /// ever sees positions it was trained on (set it to the training context). `None`: stop at
+    /// the model's `max_position_embeddings`.
+    pub window: Option<usize>,
 }
 
 impl Default for GenerateConfig {
@@ -40,6 +46,7 @@ impl Default for GenerateConfig {
             seed: 0,
             eos_token_id: None,
             pad_token_id: 0,
+            window: None,
         }
     }
 }
@@ -164,34 +171,59 @@ pub fn generate_with(
             "prompt token {bad} is outside the model's vocabulary of {vocab}; use the vocabulary the model was trained with"
         )));
     }
-    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     let limit = model.config.max_position_embeddings;
-    if longest >= limit {
-        return Err(Error::Config(format!(
-            "a prompt of {longest} tokens leaves no room in the model's context of {limit}; shorten the prompts"
-        )));
-    }
-    let steps = cfg.max_new_tokens.min(limit - longest);
-    let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
-    let mut ids = Vec::with_capacity(b * longest);
-    for (p, &pad) in prompts.iter().zip(&pads) {
-        ids.extend(std::iter::repeat_n(cfg.pad_token_id, pad));
-        ids.extend_from_slice(p);
-    }
+    // The positions the cache may hold: the window (at most the model's context), or the context.
+    let span = cfg.window.map_or(limit, |w| w.clamp(2, limit));
+    let keep = span / 2;
+    // Every row's tokens so far (prompt + generated): what a window re-encodes.
+    let mut hist: Vec<Vec<u32>> = prompts.to_vec();
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let steps = if cfg.window.is_some() {
+        cfg.max_new_tokens
+    } else {
+        if longest >= limit {
+            return Err(Error::Config(format!(
+                "a prompt of {longest} tokens leaves no room in the model's context of {limit}; shorten the prompts or sample with a window"
+            )));
+        }
+        cfg.max_new_tokens.min(limit - longest)
+    };
     let dev = model.device().clone();
+    // Left-pads the last `n` tokens of each row into one [B, n'] input; returns it with the pads.
+    let window_input = |hist: &[Vec<u32>], n: usize| -> Result<(Tensor, Vec<usize>)> {
+        let width = hist.iter().map(|h| h.len().min(n)).max().unwrap_or(1);
+        let mut ids = Vec::with_capacity(b * width);
+        let mut pads = Vec::with_capacity(b);
+        for h in hist {
+            let tail = &h[h.len() - h.len().min(n)..];
+            pads.push(width - tail.len());
+            ids.extend(std::iter::repeat_n(cfg.pad_token_id, width - tail.len()));
+            ids.extend_from_slice(tail);
+        }
+        Ok((Tensor::from_vec(ids, (b, width), &dev)?, pads))
+    };
     let mut procs: Vec<LogitsProcessor> = (0..b)
         .map(|i| {
             let seed = cfg.seed ^ (i as u64).wrapping_mul(0xA076_1D64_78BD_642F);
             LogitsProcessor::new(seed, cfg.temperature, cfg.top_k, cfg.top_p)
         })
         .collect();
-    let mut cache = KvCache::new(model.config.num_hidden_layers, longest + steps);
+    // A prompt longer than the window starts from its last `keep` tokens.
+    let first = if longest >= span { keep } else { longest };
+    let (mut input, mut pads) = window_input(&hist, first)?;
+    let mut cache = KvCache::new(model.config.num_hidden_layers, span.min(longest + steps));
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut done = vec![false; b];
-    let mut input = Tensor::from_vec(ids, (b, longest), &dev)?;
     let mut pos = 0;
     for _ in 0..steps {
-        let t = input.dim(1)?;
+        let mut t = input.dim(1)?;
+        if pos + t > span {
+            // The window is full: re-encode the last `keep` tokens from position 0.
+            (input, pads) = window_input(&hist, keep)?;
+            cache.reset();
+            pos = 0;
+            t = input.dim(1)?;
+        }
         let logits = model.forward_padded(&input, pos, Some(&mut cache), Some(&pads))?;
         pos += t;
         let last = logits.i((.., t - 1, ..))?.to_vec2::<f32>()?; // [B, V]
@@ -199,10 +231,12 @@ pub fn generate_with(
         for (row, l) in last.iter().enumerate() {
             if done[row] {
                 next.push(cfg.pad_token_id);
+                hist[row].push(cfg.pad_token_id);
                 continue;
             }
             let tok = procs[row].sample(l);
             out[row].push(tok);
+            hist[row].push(tok);
             on_token(row, tok);
             if cfg.eos_token_id == Some(tok) {
                 done[row] = true;

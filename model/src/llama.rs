@@ -858,6 +858,7 @@ mod tests {
             seed: 5,
             eos_token_id: Some(1),
             pad_token_id: 2,
+            window: None,
         };
         let a = crate::generate(&model, &prompts, &cfg).unwrap();
         let b = crate::generate(&model, &prompts, &cfg).unwrap();
@@ -912,6 +913,79 @@ mod tests {
             assert_eq!(tok, want);
             seq.push(tok);
         }
+    }
+
+    #[test]
+    fn sliding_window_generation_stays_within_learned_positions() {
+        let dev = Device::Cpu;
+        let (_, model) = tiny(&dev); // max_position_embeddings 64
+        let prompts = vec![vec![0u32, 4, 9], vec![0u32, 7, 7, 7, 12, 3]];
+        let base = crate::GenerateConfig {
+            max_new_tokens: 20,
+            temperature: 0.0,
+            eos_token_id: None,
+            pad_token_id: 2,
+            ..Default::default()
+        };
+        // A window the sequence never fills changes nothing.
+        let plain = crate::generate(&model, &prompts, &base).unwrap();
+        let wide = crate::GenerateConfig {
+            window: Some(64),
+            ..base.clone()
+        };
+        assert_eq!(crate::generate(&model, &prompts, &wide).unwrap(), plain);
+        // Without a window generation stops at the context; with one it runs past it.
+        let long = crate::GenerateConfig {
+            max_new_tokens: 150,
+            ..base.clone()
+        };
+        let capped = crate::generate(&model, &prompts, &long).unwrap();
+        assert_eq!(capped[1].len(), 64 - 6, "stops at the model's context");
+        let slid = crate::generate(
+            &model,
+            &prompts,
+            &crate::GenerateConfig {
+                window: Some(16),
+                ..long.clone()
+            },
+        )
+        .unwrap();
+        assert!(slid.iter().all(|o| o.len() == 150), "runs past the context");
+        // Each greedy token is the argmax of the uncached forward over the window the
+        // generator held: the last 8..16 tokens, re-encoded from position 0 when it filled.
+        // (Row 1: the longest prompt, so no left padding shifts when its window fills.)
+        let mut seq = prompts[1].clone();
+        let mut held = seq.len();
+        for &tok in &slid[1] {
+            if held > 16 {
+                held = 8;
+            }
+            let w = &seq[seq.len() - held..];
+            let l = model
+                .forward(
+                    &Tensor::from_vec(w.to_vec(), (1, w.len()), &dev).unwrap(),
+                    0,
+                    None,
+                )
+                .unwrap();
+            let want = l.i((0, w.len() - 1)).unwrap().argmax(0).unwrap();
+            assert_eq!(tok, want.to_scalar::<u32>().unwrap());
+            seq.push(tok);
+            held += 1;
+        }
+        // A prompt longer than the window starts from its last window/2 tokens.
+        let long_prompt = vec![(0..40).map(|i| (i * 7 % 40) as u32).collect::<Vec<u32>>()];
+        let out = crate::generate(
+            &model,
+            &long_prompt,
+            &crate::GenerateConfig {
+                window: Some(16),
+                max_new_tokens: 3,
+                ..base
+            },
+        )
+        .unwrap();
+        assert_eq!(out[0].len(), 3);
     }
 
     #[test]
