@@ -110,12 +110,16 @@ bench-fid: build fid-weights
 ## continues (or just re-evaluates) the run in $(TRAIN_RUN); delete the directory to start over.
 TRAIN_RUN ?= runs/tiny
 PRESET ?= tiny
+# The token set to train on: the JPEG vocabulary `make dataset` trained (the dataset also holds
+# the H.264 one when it has videos). TRAIN_VOCAB=data/vocab-h264-1024.json for the videos.
+TRAIN_VOCAB ?= $(OUT)/vocab-jpeg-$(VOCAB_SIZE).json
 TRAIN_ARGS ?=
+
 train: build
 	@if [ -f $(TRAIN_RUN)/trainer_state.json ]; then \
 	  $(BIN) train --resume $(TRAIN_RUN) $(TRAIN_ARGS); \
 	else \
-	  $(BIN) train --dataset $(OUT) --preset $(PRESET) --out $(TRAIN_RUN) $(TRAIN_ARGS); \
+	  $(BIN) train --dataset $(OUT) --vocab $(TRAIN_VOCAB) --preset $(PRESET) --out $(TRAIN_RUN) $(TRAIN_ARGS); \
 	fi
 
 ## eval: FID the paper's way on the run `make train` wrote: the held-out (`val`) images of $(OUT)
