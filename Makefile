@@ -129,11 +129,15 @@ train: build
 EVAL_ARGS ?= --n 1000 --seeds 3
 eval: build fid-weights
 	$(BIN) eval fid --run $(TRAIN_RUN) --dataset $(OUT) $(EVAL_ARGS)
-## sample: draw 16 images from the run `make train` wrote: samples, contact sheet and
-## decodability report under $(TRAIN_RUN)/samples (SAMPLE_ARGS="--prompt photo.jpg --ratio 0.5 ...")
+## sample: from the run `make train` wrote, complete held-out photos (prompt: the top half,
+## ratio 0.5, 4 completions each) and draw 8 unconditional images; samples, contact sheets and
+## decodability reports under $(TRAIN_RUN)/samples/{prompted,unconditional}
+## (SAMPLE_ARGS="--temperature 0.9 ..."; SAMPLE_PROMPTS="photo.jpg sample_id ...")
+SAMPLE_PROMPTS ?= $(BUNDLED)/astronaut.png $(BUNDLED)/coffee.png
 SAMPLE_ARGS ?=
 sample: build
-	$(BIN) sample --run $(TRAIN_RUN) --n 16 --seed 0 --out $(TRAIN_RUN)/samples $(SAMPLE_ARGS)
+	$(BIN) sample --run $(TRAIN_RUN) $(foreach p,$(SAMPLE_PROMPTS),--prompt $(p)) --ratio 0.5 --n 4 --seed 0 --out $(TRAIN_RUN)/samples/prompted $(SAMPLE_ARGS)
+	$(BIN) sample --run $(TRAIN_RUN) --n 8 --seed 0 --out $(TRAIN_RUN)/samples/unconditional $(SAMPLE_ARGS)
 
 fmt:
 	$(CARGO) fmt --all
