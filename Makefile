@@ -69,8 +69,9 @@ ifneq ($(VIDEOS),)
 endif
 	$(BIN) dataset inspect $(OUT)
 
-## test: unit tests, integration tests on real media, byte identity against Pillow
-test: deps pydeps
+## test: unit tests, integration tests on real media, byte identity against Pillow and the
+## ffmpeg CLI, the model and FID checks against their reference dumps (fetches the FID network)
+test: deps pydeps fid-weights
 	$(CARGO) test --release --workspace
 
 ## bench: criterion benches + the same-run comparison against Pillow
