@@ -23,9 +23,15 @@ else
 VAL_FRACTION ?= 0.01
 endif
 
-.PHONY: all setup deps pydeps build dataset test bench bench-video bench-tokens train sample fid-weights fid-ref bench-fid eval fmt clippy clean
+.PHONY: all help setup deps pydeps build dataset test bench bench-video bench-tokens train sample fid-weights fid-ref bench-fid eval fmt clippy clean
 
 all: build
+
+## help: every make target and what it does (the `##` lines of this Makefile)
+help:
+	@awk '/^## [a-z-]+:/ { if (doc) print doc; sub(/^## /, ""); doc = $$0; next } \
+	  /^## / && doc { sub(/^## /, "    "); doc = doc "\n" $$0; next } \
+	  { if (doc) print doc; doc = "" } END { if (doc) print doc }' $(MAKEFILE_LIST)
 
 ## setup: system packages (nasm, FFmpeg) and the Python references used by tests and benchmarks
 setup: deps pydeps
@@ -67,7 +73,7 @@ ifneq ($(VIDEOS),)
 	$(BIN) vocab train --dataset $(OUT) --modality video --pretokenize start-codes --size $(VIDEO_VOCAB_SIZE) --out $(OUT)/vocab-h264-$(VIDEO_VOCAB_SIZE).json
 	$(BIN) dataset tokenize --dataset $(OUT) --modality video --vocab $(OUT)/vocab-h264-$(VIDEO_VOCAB_SIZE).json
 endif
-	$(BIN) dataset inspect $(OUT)
+	$(BIN) dataset inspect --dataset $(OUT)
 
 ## test: unit tests, integration tests on real media, byte identity against Pillow and the
 ## ffmpeg CLI, the model and FID checks against their reference dumps (fetches the FID network)
@@ -124,21 +130,21 @@ train: build
 	fi
 
 ## eval: FID the paper's way on the run `make train` wrote: the held-out (`val`) images of $(OUT)
-## prompted with 0.25/0.5/0.75 of their rows and completed, plus unconditional samples, scored
+## prompted with 0.25/0.5/0.75 of their rows and completed, plus unconditional generations, scored
 ## against the originals over 3 seeds; table in $(TRAIN_RUN)/eval-fid.md and .json. All val
 ## images are used when there are fewer than --n (the bundled set holds out 3).
 EVAL_ARGS ?= --n 1000 --seeds 3
 eval: build fid-weights
 	$(BIN) eval fid --run $(TRAIN_RUN) --dataset $(OUT) $(EVAL_ARGS)
 ## sample: from the run `make train` wrote, complete held-out photos (prompt: the top half,
-## ratio 0.5, 4 completions each) and draw 8 unconditional images; samples, contact sheets and
-## decodability reports under $(TRAIN_RUN)/samples/{prompted,unconditional}
+## ratio 0.5, 4 completions each) and draw 8 unconditional images; generations, contact sheets and
+## decodability reports under $(TRAIN_RUN)/generated/{prompted,unconditional}
 ## (SAMPLE_ARGS="--temperature 0.9 ..."; SAMPLE_PROMPTS="photo.jpg sample_id ...")
 SAMPLE_PROMPTS ?= $(BUNDLED)/astronaut.png $(BUNDLED)/coffee.png
 SAMPLE_ARGS ?=
 sample: build
-	$(BIN) sample --run $(TRAIN_RUN) $(foreach p,$(SAMPLE_PROMPTS),--prompt $(p)) --ratio 0.5 --n 4 --seed 0 --out $(TRAIN_RUN)/samples/prompted $(SAMPLE_ARGS)
-	$(BIN) sample --run $(TRAIN_RUN) --n 8 --seed 0 --out $(TRAIN_RUN)/samples/unconditional $(SAMPLE_ARGS)
+	$(BIN) sample --run $(TRAIN_RUN) $(foreach p,$(SAMPLE_PROMPTS),--prompt $(p)) --ratio 0.5 --n 4 --seed 0 --out $(TRAIN_RUN)/generated/prompted $(SAMPLE_ARGS)
+	$(BIN) sample --run $(TRAIN_RUN) --n 8 --seed 0 --out $(TRAIN_RUN)/generated/unconditional $(SAMPLE_ARGS)
 
 fmt:
 	$(CARGO) fmt --all

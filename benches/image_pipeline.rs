@@ -12,10 +12,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use codeclm_pipeline::jpeg::{self, JpegSettings, Subsampling};
-use codeclm_pipeline::process::process_image;
-use codeclm_pipeline::resize::{self, Resampler, ResizeMode};
-use codeclm_pipeline::{ImageConfig, Preprocess};
+use codeclm_codec::jpeg::{self, JpegSettings, Subsampling};
+use codeclm_etl::process::process_image;
+use codeclm_etl::resize::{self, Resampler, ResizeMode};
+use codeclm_etl::{ImageConfig, Preprocess};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 
 /// Colour photos at least 500x375 after a centred 4:3 crop (so nothing is upscaled).

@@ -17,7 +17,7 @@ same codec streams, same run.
      checked equal on every sample) and writes our ids for the next step;
    - runs this script's --python-worker in its own process, single-threaded
      (TOKENIZERS_PARALLELISM=false, RAYON_NUM_THREADS=1): it reads the codec streams straight from
-     the shards (zstandard; format in manifests/src/shard.rs), `Tokenizer.from_file(...)
+     the shards (zstandard; format in formats/src/shard.rs), `Tokenizer.from_file(...)
      .encode(chars, add_special_tokens=False)` one sample at a time (never encode_batch), and
      asserts its ids equal ours for every sample;
    - times `codeclm dataset tokenize` (all cores) on ds/ and on data-bench/ (token set deleted

@@ -5,7 +5,7 @@
 
 Clips default to the real ones in tests/fixtures/videos/ (bikes, carphone and the derived
 edge cases). Both sides run pinned to one core (taskset), one process at a time:
-  - ffmpeg: the paper's command (REFERENCE.md s1), one process per clip, as a data pipeline
+  - ffmpeg: the paper's command (Jpeg-LM, Appendix D), one process per clip, as a data pipeline
     that shells out would run it; the whole loop is timed, peak RSS is the largest of the runs.
   - codeclm: `codeclm bench videos` (one thread, clips read into memory first, one warm-up
     pass, then --repeat timed passes).

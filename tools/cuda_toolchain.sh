@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A CUDA 13.0 toolchain for building `codeclm --features cuda` on a machine with no GPU and no
-# CUDA install (REFERENCE.md section 8): nvcc, headers and libraries from PyPI's NVIDIA wheels,
+# CUDA install: nvcc, headers and libraries from PyPI's NVIDIA wheels,
 # plus a link-only stub libcuda.so (the driver library, which no wheel ships).
 #
 #   tools/cuda_toolchain.sh [DIR]        # default DIR=.cuda (gitignored); idempotent

@@ -12,10 +12,10 @@
 # step on the CPU with the tiny preset instead.
 #
 # Steps (~3 min on an H200; at most ~6 min with every time limit hit):
-#   1. `codeclm bench train --cuda`: synthetic batches, no data loading: model tokens/s and MFU;
-#   2. `codeclm train --cuda` on the bundled dataset for as many steps as step 1's speed fits in
+#   1. `codeclm bench train --device cuda`: synthetic batches, no data loading: model tokens/s and MFU;
+#   2. `codeclm train --device cuda` on the bundled dataset for as many steps as step 1's speed fits in
 #      GPU_CHECK_SECONDS (real loader, per-step tokens/s and MFU, validation, checkpoint);
-#   3. `codeclm bench sample --cuda` from that checkpoint (KV cache, batch 16).
+#   3. `codeclm bench sample --device cuda` from that checkpoint (KV cache, batch 16).
 # Knobs: GPU_CHECK_PRESET (base), GPU_CHECK_BATCH (16), GPU_CHECK_CONTEXT (1024),
 # GPU_CHECK_SECONDS (75), GPU_PEAK_TFLOPS (989: H100/H200 bf16 dense).
 set -uo pipefail
@@ -72,7 +72,7 @@ BATCH=${GPU_CHECK_BATCH:-16}
 CONTEXT=${GPU_CHECK_CONTEXT:-1024}
 SECS=${GPU_CHECK_SECONDS:-75}
 PEAK=${GPU_PEAK_TFLOPS:-989}
-DEV=--cuda
+DEV="--device cuda"
 [ -x "$BIN" ] || { echo "gpu_check: no binary at $BIN (run 'tools/gpu_check.sh --bundle' on the build machine)"; exit 1; }
 [ -f "$DATA/dataset.json" ] || { echo "gpu_check: no dataset at $DATA"; exit 1; }
 

@@ -51,7 +51,7 @@ def read_token_shard(path: str) -> tuple[np.ndarray, str, int]:
 
 
 def read_codec_record(path: str, record: int) -> bytes:
-    """One record of a codec shard (format: manifests/src/shard.rs)."""
+    """One record of a codec shard (format: formats/src/shard.rs)."""
     raw = open(path, "rb").read()
     if raw[:8] != b"CLMCODEC":
         raise ValueError(f"{path}: not a codec shard")

@@ -18,16 +18,17 @@ pub use preprocess::{RgbImage, INPUT_SIZE};
 
 pub use candle_core::Device;
 
-/// The device for `--device cpu|cuda`: CUDA needs a build with the `cuda` feature.
-pub fn device(cuda: bool) -> Result<Device, FidError> {
-    if !cuda {
+/// The device for `--device`: `None` is the CPU, `Some(n)` CUDA device `n` (a build with the
+/// `cuda` feature).
+pub fn device(cuda: Option<usize>) -> Result<Device, FidError> {
+    let Some(ordinal) = cuda else {
         return Ok(Device::Cpu);
-    }
+    };
     if !candle_core::utils::cuda_is_available() {
         return Err(FidError::Device(
             "--device cuda: this binary was built without CUDA; rebuild with `--features cuda`"
                 .into(),
         ));
     }
-    Ok(Device::new_cuda(0)?)
+    Ok(Device::new_cuda(ordinal)?)
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
-use crate::llama::LlamaConfig;
+use crate::llama::{Llama, LlamaConfig};
 use crate::{Error, Result};
 
 pub const CONFIG: &str = "config.json";
@@ -87,10 +87,10 @@ pub fn commit(dir: &Path, files: &CheckpointFiles) -> Result<()> {
     }
     std::fs::create_dir_all(&journal).map_err(Error::io(&journal))?;
     for (name, bytes) in &files.files {
-        codeclm_manifests::write_atomic(&journal.join(name), bytes)?;
+        codeclm_formats::write_atomic(&journal.join(name), bytes)?;
     }
     let names: Vec<&str> = files.files.iter().map(|(n, _)| *n).collect();
-    codeclm_manifests::write_atomic(&journal.join(COMMIT), names.join("\n").as_bytes())?;
+    codeclm_formats::write_atomic(&journal.join(COMMIT), names.join("\n").as_bytes())?;
     roll_forward(dir)
 }
 
@@ -118,6 +118,12 @@ pub fn recover(dir: &Path) -> Result<()> {
     } else {
         std::fs::remove_dir_all(&journal).map_err(Error::io(&journal))
     }
+}
+
+/// Loads `dir/config.json` and `dir/model.safetensors` (a run directory or an HF export).
+pub fn load_model(dir: &Path, device: &Device) -> Result<Llama> {
+    let (config, tensors) = read_weights(dir, device)?;
+    Llama::from_tensors(config, &tensors, device)
 }
 
 /// The HF `config.json` bytes for a model.

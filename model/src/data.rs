@@ -14,15 +14,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use codeclm_manifests::tokens::{read_token_rows, TokenLayout, TokenRow, TokenShard};
-use codeclm_manifests::vocab::Vocab;
+use codeclm_formats::tokens::{read_token_rows, TokenRow, TokenSet, TokenShard};
+use codeclm_formats::vocab::Vocab;
+use codeclm_formats::Split;
 use serde::{Deserialize, Serialize};
 
 use crate::rng::Rng;
 use crate::{Error, Result};
 
-/// A token set of a dataset, resolved and checked.
-pub struct TokenSet {
+/// A token set of a dataset, resolved and checked, with its rows and (once loaded) shards.
+pub struct TrainingSet {
     pub root: PathBuf,
     pub hash: String,
     pub vocab: Vocab,
@@ -30,90 +31,20 @@ pub struct TokenSet {
     shards: HashMap<String, Arc<TokenShard>>,
 }
 
-impl TokenSet {
-    /// Opens the token set named by `vocab`: a hash, a unique hash prefix, a vocabulary json
-    /// path, or `None` when the dataset has exactly one token set.
-    pub fn open(root: &Path, vocab: Option<&str>) -> Result<TokenSet> {
-        let sets = TokenLayout::list(root);
-        let tokenize = |v: &str| {
-            format!(
-                "run `codeclm dataset tokenize --dataset {} --vocab {v}` first",
-                root.display()
-            )
-        };
-        let hash = match vocab {
-            None => match sets.as_slice() {
-                [one] => one.clone(),
-                [] => {
-                    return Err(Error::Data(format!(
-                        "dataset {} has no token shards. Fix: {}",
-                        root.display(),
-                        tokenize("VOCAB.json")
-                    )))
-                }
-                many => {
-                    return Err(Error::Data(format!(
-                        "dataset {} has {} token sets ({}); pick one with --vocab HASH",
-                        root.display(),
-                        many.len(),
-                        many.join(", ")
-                    )))
-                }
-            },
-            Some(v) if v.ends_with(".json") || Path::new(v).is_file() => {
-                let voc = Vocab::load(Path::new(v))?;
-                if !sets.contains(&voc.hash) {
-                    return Err(Error::Data(format!(
-                        "dataset {} has no tokens for vocabulary {v} (hash {}); it has [{}]. Fix: {}",
-                        root.display(),
-                        voc.hash,
-                        sets.join(", "),
-                        tokenize(v)
-                    )));
-                }
-                voc.hash
-            }
-            Some(prefix) => {
-                let hits: Vec<&String> = sets.iter().filter(|s| s.starts_with(prefix)).collect();
-                match hits.as_slice() {
-                    [one] => (*one).clone(),
-                    [] => {
-                        return Err(Error::Data(format!(
-                            "dataset {} has no token set {prefix:?}; it has [{}]. Fix: pass one of those to --vocab, or {}",
-                            root.display(),
-                            sets.join(", "),
-                            tokenize("VOCAB.json")
-                        )))
-                    }
-                    _ => {
-                        return Err(Error::Data(format!(
-                            "--vocab {prefix:?} matches several token sets ({}); give more digits",
-                            hits.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
-                        )))
-                    }
-                }
-            }
-        };
-        let layout = TokenLayout::new(root, &hash);
-        let vocab = Vocab::load(&layout.vocab_path())?;
-        if vocab.hash != hash {
-            return Err(Error::Data(format!(
-                "{} has hash {}, but its token set is named {hash}: the vocabulary file was replaced. Fix: {}",
-                layout.vocab_path().display(),
-                vocab.hash,
-                tokenize("THE_ORIGINAL_VOCAB.json")
-            )));
-        }
+impl TrainingSet {
+    /// Opens the token set named by `vocab` (see `codeclm_formats::tokens::TokenSet::resolve`)
+    /// and reads its manifest.
+    pub fn open(root: &Path, vocab: Option<&str>) -> Result<TrainingSet> {
+        let set = TokenSet::resolve(root, vocab)?;
+        set.require_tokens()?;
+        let TokenSet {
+            hash,
+            layout,
+            vocab,
+        } = set;
         let manifest = layout.manifest_path();
-        if !manifest.exists() {
-            return Err(Error::Data(format!(
-                "{} is missing (tokenization did not finish). Fix: {}",
-                manifest.display(),
-                tokenize(&layout.vocab_path().display().to_string())
-            )));
-        }
         let rows = read_token_rows(&manifest)?;
-        Ok(TokenSet {
+        Ok(TrainingSet {
             root: root.to_path_buf(),
             hash,
             vocab,
@@ -156,20 +87,21 @@ impl TokenSet {
         &s.tokens[row.offset as usize..(row.offset + row.n_tokens) as usize]
     }
 
-    /// Indices of the rows of a split, optionally one modality.
-    pub fn split(&self, split: &str, modality: Option<&str>) -> Vec<usize> {
+    /// Indices of the rows of a split, optionally one modality (by name, as mixes name them).
+    pub fn split(&self, split: Split, modality: Option<&str>) -> Vec<usize> {
         (0..self.rows.len())
             .filter(|&i| {
-                self.rows[i].split == split && modality.is_none_or(|m| self.rows[i].modality == m)
+                self.rows[i].split == split
+                    && modality.is_none_or(|m| self.rows[i].modality.as_str() == m)
             })
             .collect()
     }
 
-    pub fn modalities(&self, split: &str) -> Vec<String> {
+    pub fn modalities(&self, split: Split) -> Vec<String> {
         let mut m: Vec<String> = self
             .split(split, None)
             .into_iter()
-            .map(|i| self.rows[i].modality.clone())
+            .map(|i| self.rows[i].modality.to_string())
             .collect();
         m.sort();
         m.dedup();
@@ -203,12 +135,12 @@ impl Loader {
     /// `mix`: modality -> weight; empty means every modality with training documents, each
     /// weighted by its share of training tokens (the natural mix).
     pub fn new(
-        set: &TokenSet,
+        set: &TrainingSet,
         context: usize,
         seed: u64,
         mix: &BTreeMap<String, f64>,
     ) -> Result<Loader> {
-        let available = set.modalities("train");
+        let available = set.modalities(Split::Train);
         if available.is_empty() {
             return Err(Error::Data(format!(
                 "the token set {} of {} has no training documents (split \"train\"). Fix: build the dataset with a --val-fraction below 1",
@@ -223,7 +155,7 @@ impl Loader {
             mix.iter().map(|(m, w)| (m.clone(), Some(*w))).collect()
         };
         for (m, w) in chosen {
-            let docs = set.split("train", Some(&m));
+            let docs = set.split(Split::Train, Some(&m));
             if docs.is_empty() {
                 return Err(Error::Data(format!(
                     "the mix asks for modality {m:?}, which has no training documents in token set {} (it has: {}); fix the mix",
@@ -303,7 +235,7 @@ impl Loader {
     }
 
     /// The next window: `context + 1` tokens.
-    pub fn next_window(&mut self, set: &TokenSet) -> Vec<u32> {
+    pub fn next_window(&mut self, set: &TrainingSet) -> Vec<u32> {
         let want = self.context + 1;
         let mut out = Vec::with_capacity(want);
         if let Some(c) = self.state.carry {
@@ -329,7 +261,7 @@ impl Loader {
     }
 
     /// A batch: inputs and targets, each `batch * context` tokens (row-major [batch, context]).
-    pub fn next_batch(&mut self, set: &TokenSet, batch: usize) -> (Vec<u32>, Vec<u32>) {
+    pub fn next_batch(&mut self, set: &TrainingSet, batch: usize) -> (Vec<u32>, Vec<u32>) {
         let mut x = Vec::with_capacity(batch * self.context);
         let mut y = Vec::with_capacity(batch * self.context);
         for _ in 0..batch {
@@ -343,9 +275,9 @@ impl Loader {
 
 /// A byte-unigram model fitted on the training documents' codec bytes with add-one smoothing,
 /// evaluated on the validation documents' codec bytes: bits per byte.
-pub fn unigram_baseline_bits_per_byte(set: &TokenSet) -> Result<f64> {
+pub fn unigram_baseline_bits_per_byte(set: &TrainingSet) -> Result<f64> {
     let mut counts = [1u64; 256];
-    for i in set.split("train", None) {
+    for i in set.split(Split::Train, None) {
         let doc: Vec<u32> = set.doc(&set.rows[i]).iter().map(|&t| t as u32).collect();
         for b in set.vocab.decode(&doc)? {
             counts[b as usize] += 1;
@@ -353,7 +285,7 @@ pub fn unigram_baseline_bits_per_byte(set: &TokenSet) -> Result<f64> {
     }
     let total: u64 = counts.iter().sum();
     let (mut bits, mut n) = (0.0f64, 0u64);
-    for i in set.split("val", None) {
+    for i in set.split(Split::Val, None) {
         let doc: Vec<u32> = set.doc(&set.rows[i]).iter().map(|&t| t as u32).collect();
         for b in set.vocab.decode(&doc)? {
             bits -= (counts[b as usize] as f64 / total as f64).log2();

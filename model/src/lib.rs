@@ -3,7 +3,7 @@
 //! dataset's token shards ([`data`]), the trainer ([`train`]) and checkpoints that
 //! `transformers.LlamaForCausalLM.from_pretrained` reads ([`checkpoint`]).
 //!
-//! Reads datasets through `codeclm-manifests` only; never depends on the pipeline.
+//! Reads datasets through `codeclm-formats` only; knows nothing of codecs or media.
 
 pub mod checkpoint;
 pub mod data;
@@ -30,7 +30,7 @@ pub enum Error {
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
-    Manifest(#[from] codeclm_manifests::Error),
+    Manifest(#[from] codeclm_formats::Error),
     #[error("I/O error on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -61,17 +61,18 @@ impl Error {
     }
 }
 
-/// The device to run on: CUDA device 0 when built with `cuda` and `cuda` is asked for.
-pub fn device(cuda: bool) -> Result<Device> {
-    if cuda {
+/// The device to run on: `None` is the CPU, `Some(n)` CUDA device `n` (a build with the `cuda`
+/// feature).
+pub fn device(cuda: Option<usize>) -> Result<Device> {
+    if let Some(ordinal) = cuda {
         #[cfg(feature = "cuda")]
         {
-            return Ok(Device::new_cuda(0)?);
+            return Ok(Device::new_cuda(ordinal)?);
         }
         #[cfg(not(feature = "cuda"))]
-        return Err(Error::Config(
-            "this codeclm was built without CUDA; rebuild with `cargo build --release --features cuda` (see README, CUDA build)".into(),
-        ));
+        return Err(Error::Config(format!(
+            "--device cuda:{ordinal}: this codeclm was built without CUDA; rebuild with `cargo build --release --features cuda` (see docs/cuda.md)"
+        )));
     }
     Ok(Device::Cpu)
 }

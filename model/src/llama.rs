@@ -59,7 +59,7 @@ impl LlamaConfig {
         let (d, f, l, h, ctx) = match name {
             // ~0.5M parameters at vocabulary 320: trains in minutes on 2 CPU cores.
             "tiny" => (96, 256, 4, 4, 1024),
-            // REFERENCE.md section 5's comparison model (d=256, 4 layers, 4 heads).
+            // The model of the CPU training comparisons against PyTorch (d=256, 4 layers, 4 heads).
             "small" => (256, 688, 4, 4, 2048),
             // ~85M parameters without embeddings (GPT-2 small class).
             "base" => (768, 2048, 12, 12, 4096),
@@ -416,12 +416,6 @@ impl Llama {
         Llama::from_tensors(config, &map, device)
     }
 
-    /// Loads `dir/config.json` and `dir/model.safetensors` (a run directory or an HF export).
-    pub fn load(dir: &std::path::Path, device: &Device) -> Result<Llama> {
-        let (config, tensors) = crate::checkpoint::read_weights(dir, device)?;
-        Llama::from_tensors(config, &tensors, device)
-    }
-
     /// Runs the matmuls in `dtype` (bf16 on CUDA); weights stay f32.
     pub fn set_compute_dtype(&mut self, dtype: DType) {
         self.compute_dtype = dtype;
@@ -667,7 +661,7 @@ mod tests {
     #[test]
     fn forward_matches_the_numpy_reference() {
         let dev = Device::Cpu;
-        let model = Llama::load(&fixture(), &dev).unwrap();
+        let model = crate::checkpoint::load_model(&fixture(), &dev).unwrap();
         let ids: Vec<u32> =
             serde_json::from_slice(&std::fs::read(fixture().join("tokens.json")).unwrap()).unwrap();
         let want = candle_core::safetensors::load(fixture().join("logits.safetensors"), &dev)

@@ -75,7 +75,7 @@ pub fn loss_curve(
     };
     draw(train, Rgb([30, 90, 200]), false);
     draw(val, Rgb([210, 40, 40]), true);
-    let tmp = codeclm_manifests::tmp_path(path);
+    let tmp = codeclm_formats::tmp_path(path);
     img.save_with_format(&tmp, image::ImageFormat::Png)
         .map_err(|e| Error::Config(format!("cannot write {}: {e}", tmp.display())))?;
     std::fs::rename(&tmp, path).map_err(Error::io(path))?;

@@ -13,9 +13,10 @@ use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use crate::checkpoint::{self, CheckpointFiles};
-use crate::data::{Loader, LoaderState, TokenSet};
+use crate::data::{Loader, LoaderState, TrainingSet};
 use crate::llama::{init_params, Llama, LlamaConfig};
 use crate::{Error, Result};
+use codeclm_formats::Split;
 
 /// Every setting of a run (saved in `trainer_state.json`; a resume reuses it).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -248,6 +249,26 @@ pub struct TrainerState {
     pub tokens_seen: u64,
 }
 
+impl TrainerState {
+    /// Reads `run/trainer_state.json`: the one reader of it (resume, sampling, evaluation).
+    pub fn read(run: &Path) -> Result<TrainerState> {
+        let sp = run.join(checkpoint::STATE);
+        let bytes = std::fs::read(&sp).map_err(|e| Error::Checkpoint {
+            path: sp.clone(),
+            problem: format!("no training state ({e})"),
+            fix: format!(
+                "name a run directory written by `codeclm train --out` ({} is not one)",
+                run.display()
+            ),
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::Checkpoint {
+            path: sp.clone(),
+            problem: format!("unreadable training state: {e}"),
+            fix: "the file was written by another version; start a new run".into(),
+        })
+    }
+}
+
 /// The outcome of a run.
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainSummary {
@@ -285,11 +306,11 @@ pub struct Eval {
 
 /// Scores every `val` document: total nats over each document's tokens after BOS (windows of
 /// at most context + 1 tokens), per token and per codec byte (bits).
-pub fn evaluate(model: &Llama, set: &TokenSet, context: usize, batch: usize) -> Result<Eval> {
+pub fn evaluate(model: &Llama, set: &TrainingSet, context: usize, batch: usize) -> Result<Eval> {
     let dev = model.device().clone();
     let mut windows: Vec<Vec<u32>> = Vec::new();
     let mut codec_bytes = 0u64;
-    for i in set.split("val", None) {
+    for i in set.split(Split::Val, None) {
         let row = &set.rows[i];
         codec_bytes += row.codec_bytes;
         let doc: Vec<u32> = set.doc(row).iter().map(|&t| t as u32).collect();
@@ -456,7 +477,7 @@ pub fn train(start: Start, out: &Path, device: &Device) -> Result<TrainSummary> 
                     ),
                 });
             }
-            let set = TokenSet::open(&dataset, vocab.as_deref())?;
+            let set = TrainingSet::open(&dataset, vocab.as_deref())?;
             let mut model_cfg = LlamaConfig::preset(&config.preset, set.vocab.size as usize)?;
             model_cfg.bos_token_id = Some(set.vocab.bos);
             model_cfg.eos_token_id = Some(set.vocab.eos);
@@ -471,20 +492,9 @@ pub fn train(start: Start, out: &Path, device: &Device) -> Result<TrainSummary> 
             stop_at,
             dataset,
         } => {
-            let sp = out.join(checkpoint::STATE);
-            let bytes = std::fs::read(&sp).map_err(|e| Error::Checkpoint {
-                path: sp.clone(),
-                problem: format!("no training state ({e})"),
-                fix: "resume a directory written by `codeclm train --out`".into(),
-            })?;
-            let st: TrainerState =
-                serde_json::from_slice(&bytes).map_err(|e| Error::Checkpoint {
-                    path: sp.clone(),
-                    problem: format!("unreadable training state: {e}"),
-                    fix: "the file was written by another version; start a new run".into(),
-                })?;
+            let st = TrainerState::read(out)?;
             let root = dataset.unwrap_or(st.dataset.clone());
-            let set = TokenSet::open(&root, Some(&st.vocab_hash)).map_err(|e| {
+            let set = TrainingSet::open(&root, Some(&st.vocab_hash)).map_err(|e| {
                 Error::Data(format!(
                     "resuming {}: {e} (the run was trained on token set {} of {})",
                     out.display(),
@@ -564,7 +574,7 @@ pub fn train(start: Start, out: &Path, device: &Device) -> Result<TrainSummary> 
         model_cfg.num_parameters(),
         set.vocab.size,
         set.hash,
-        set.split("train", None).len(),
+        set.split(Split::Train, None).len(),
         set.root.display(),
         cfg.steps,
         cfg.grad_accum,
@@ -655,7 +665,7 @@ pub fn train(start: Start, out: &Path, device: &Device) -> Result<TrainSummary> 
     })
 }
 
-fn pad_id(set: &TokenSet) -> Option<u32> {
+fn pad_id(set: &TrainingSet) -> Option<u32> {
     (0..set.vocab.size)
         .find(|&i| set.vocab.is_special(i) && i != set.vocab.bos && i != set.vocab.eos)
 }
@@ -686,7 +696,7 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<History> {
         kept.push_str(line);
         kept.push('\n');
     }
-    codeclm_manifests::write_atomic(path, kept.as_bytes())?;
+    codeclm_formats::write_atomic(path, kept.as_bytes())?;
     Ok(hist)
 }
 

@@ -1,7 +1,7 @@
 //! The bad-input corpus (tests/fixtures/bad): every file becomes a manifest row with the right
 //! status and a message that says what is wrong; the run goes on and good files still land.
 
-use codeclm_manifests::{Dataset, Status};
+use codeclm_formats::{Dataset, Status};
 
 use crate::common::*;
 
@@ -52,7 +52,7 @@ fn every_bad_file_is_a_row_with_a_clear_error() {
         assert_eq!(row.status, *status, "{name}: {:?}", row.error);
         if *status == Status::Ok {
             assert!(row.error.is_none() && row.codec_bytes.unwrap() > 1000);
-            ds.jpeg_file(row).unwrap();
+            crate::common::jpeg_file(&ds, row);
         } else {
             let err = row.error.as_deref().unwrap_or_default();
             assert!(
@@ -84,7 +84,11 @@ fn damaged_shard_is_reported_with_file_and_fix() {
     let tmp = tempfile::tempdir().unwrap();
     let ds_dir = tmp.path().join("ds");
     build(&fixtures("images"), &ds_dir, &[]);
-    run_ok(codeclm().args(["dataset", "verify"]).arg(&ds_dir));
+    run_ok(
+        codeclm()
+            .args(["dataset", "verify", "--dataset"])
+            .arg(&ds_dir),
+    );
     let shard = ds_dir.join("shards/part-000000-jpeg-000.shard");
     let len = std::fs::metadata(&shard).unwrap().len();
     std::fs::OpenOptions::new()
@@ -93,7 +97,11 @@ fn damaged_shard_is_reported_with_file_and_fix() {
         .unwrap()
         .set_len(len - 100)
         .unwrap();
-    let err = run_err(codeclm().args(["dataset", "verify"]).arg(&ds_dir));
+    let err = run_err(
+        codeclm()
+            .args(["dataset", "verify", "--dataset"])
+            .arg(&ds_dir),
+    );
     assert!(
         err.contains("part-000000-jpeg-000.shard") && err.contains("rerun `codeclm dataset build`"),
         "{err}"

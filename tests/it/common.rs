@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use codeclm_manifests::Dataset;
+use codeclm_formats::Dataset;
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -129,4 +129,10 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
             b.display()
         );
     }
+}
+
+/// A standalone JPEG of an image sample: its abbreviated stream with the dataset's tables.
+pub fn jpeg_file(ds: &codeclm_formats::Dataset, row: &codeclm_formats::SampleRow) -> Vec<u8> {
+    let abbr = ds.codec_bytes(row).unwrap();
+    codeclm_codec::jpeg::splice_tables(&abbr, ds.jpeg_tables().unwrap()).unwrap()
 }

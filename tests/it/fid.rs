@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use codeclm_pipeline::decode::{decode, ColorConvert, DecodeSettings};
+use codeclm_etl::decode::{decode, ColorConvert, DecodeSettings};
 use fid::{FidInception, RgbImage, Stats, FEATURE_DIM};
 use safetensors::SafeTensors;
 
@@ -285,7 +285,7 @@ fn eval_fid_run_mode_end_to_end() {
     assert!(fid.is_finite() && fid > 0.0, "{prompted}");
 
     // The same originals and completions through `--real/--fake` give the same FID.
-    let samples = run.join("eval-fid/r0.0625-s0/samples");
+    let samples = run.join("eval-fid/r0.0625-s0/generations");
     let (real, fake) = (tmp.path().join("real"), tmp.path().join("fake"));
     std::fs::create_dir_all(&real).unwrap();
     std::fs::create_dir_all(&fake).unwrap();
@@ -323,7 +323,10 @@ fn eval_fid_run_mode_end_to_end() {
             .arg(&run)
             .args(["--split", "nope"]),
     );
-    assert!(err.contains("`nope` split has 0 ok images"), "{err}");
+    assert!(
+        err.contains("nope") && err.contains("train") && err.contains("val"),
+        "{err}"
+    );
     let err = run_err(codeclm().args(["eval", "fid", "--run"]).arg(tmp.path()));
     assert!(err.contains("trainer_state.json"), "{err}");
 }

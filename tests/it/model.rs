@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use codeclm_model::{Device, Llama};
+use codeclm_model::Device;
 
 use crate::common::*;
 
@@ -132,7 +132,7 @@ fn resumed_training_equals_uninterrupted_and_errors_are_clean() {
         .iter()
         .any(|(n, _)| n == "model.layers.3.self_attn.q_proj.weight"));
     assert!(a.iter().any(|(n, _)| n == "lm_head.weight"));
-    Llama::load(&full, &Device::Cpu).unwrap();
+    codeclm_model::checkpoint::load_model(&full, &Device::Cpu).unwrap();
 
     // model logits writes [T, V].
     let toks = tmp.path().join("toks.txt");

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use codeclm_manifests::Dataset;
+use codeclm_formats::Dataset;
 
 use crate::common::*;
 
@@ -63,7 +63,7 @@ fn compare(inputs: &[PathBuf], flags: &[&str], ref_args: &[&str]) -> Vec<String>
             .to_string_lossy()
             .to_string();
         let abbr = ds.codec_bytes(row).unwrap();
-        let full = ds.jpeg_file(row).unwrap();
+        let full = crate::common::jpeg_file(&ds, row);
         let want_abbr = std::fs::read(reference.join(format!("{stem}.abbr.jpg"))).unwrap();
         let want_full = std::fs::read(reference.join(format!("{stem}.jpg"))).unwrap();
         if abbr != want_abbr || full != want_full {

@@ -3,10 +3,10 @@
 
 use std::path::Path;
 
-use codeclm_manifests::Dataset;
-use codeclm_pipeline::jpeg_scan::{check_scan, FrameLayout, HuffmanTables};
-use codeclm_pipeline::prompt;
-use codeclm_pipeline::sample;
+use codeclm_codec::jpeg::scan::{check_scan, FrameLayout, HuffmanTables};
+use codeclm_formats::Dataset;
+use codeclm_sample::image as sample;
+use codeclm_sample::prompt;
 
 use crate::common::*;
 
@@ -60,7 +60,7 @@ fn decodability_of_clean_truncated_and_damaged_streams() {
     let huff = HuffmanTables::from_stream(&tables).unwrap();
     let (mut clean, mut half, mut flipped) = (Vec::new(), Vec::new(), Vec::new());
     for row in ds.rows().iter().filter(|r| r.is_ok()) {
-        let full = ds.jpeg_file(row).unwrap();
+        let full = crate::common::jpeg_file(&ds, row);
         let (_, r) = sample::measure_jpeg(&full, &row.sample_id);
         assert!(r.decodes_clean && r.mcu_fraction == 1.0, "{r:?}");
         clean.push(r.mcu_fraction);
@@ -172,7 +172,7 @@ fn files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 fn sample_end_to_end_from_a_trained_run() {
     let tmp = tempfile::tempdir().unwrap();
     let (ds_dir, run) = trained_run(tmp.path());
-    let g = codeclm_pipeline::contact_sheet::GAP;
+    let g = codeclm_sample::contact_sheet::GAP;
 
     // Unconditional, seeded: the same files twice.
     let args = [
@@ -188,23 +188,23 @@ fn sample_end_to_end_from_a_trained_run() {
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let out = sample_cmd(&run, &a, &args);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("decodability: 3 samples"), "{stdout}");
+    assert!(stdout.contains("decodability: 3 images"), "{stdout}");
     sample_cmd(&run, &b, &args);
-    let fa = files(&a.join("samples"));
+    let fa = files(&a.join("generations"));
     assert!(
-        fa.keys().any(|k| k.starts_with("sample-002.")),
+        fa.keys().any(|k| k.starts_with("image-002.")),
         "{:?}",
         fa.keys()
     );
     assert_eq!(
         fa,
-        files(&b.join("samples")),
+        files(&b.join("generations")),
         "a seeded run is reproducible"
     );
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(a.join("decodability.json")).unwrap()).unwrap();
-    assert_eq!(report["samples"], 3);
-    for s in report["per_sample"].as_array().unwrap() {
+    assert_eq!(report["generations"], 3);
+    for s in report["per_generation"].as_array().unwrap() {
         let n = s["n_tokens"].as_u64().unwrap();
         assert!((1..=48).contains(&n), "{s}");
     }
@@ -227,8 +227,8 @@ fn sample_end_to_end_from_a_trained_run() {
     );
     assert_ne!(
         fa,
-        files(&other.join("samples")),
-        "another seed, other samples"
+        files(&other.join("generations")),
+        "another seed, other generations"
     );
 
     // Prompted: a file and a sample id, one MCU row each (1/16 of the image).
@@ -256,8 +256,8 @@ fn sample_end_to_end_from_a_trained_run() {
             "1.0",
         ],
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("decodability: 4 samples"));
-    let names = files(&p.join("samples"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("decodability: 4 images"));
+    let names = files(&p.join("generations"));
     for stem in ["p00-astronaut-original", "p00-astronaut-prompt", "p01-"] {
         assert!(
             names.keys().any(|k| k.starts_with(stem)),

@@ -4,10 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
-use codeclm_manifests::tokens::{read_token_rows, TokenLayout, TokenShard};
-use codeclm_manifests::vocab::{bytes_to_chars, PreTokenize, Vocab};
-use codeclm_manifests::Dataset;
-use codeclm_pipeline::tokenize::train_on_streams;
+use codeclm_etl::tokenize::train_on_streams;
+use codeclm_formats::tokens::{read_token_rows, TokenLayout, TokenShard};
+use codeclm_formats::vocab::{bytes_to_chars, PreTokenize, Vocab};
+use codeclm_formats::Dataset;
 
 use crate::common::*;
 

@@ -1,16 +1,16 @@
 //! Behaviour of the default preprocessing on real photos: EXIF orientation, DCT-domain scaled
 //! decoding, resize modes, and what comes out decodes as a 256x256 JPEG.
 
-use codeclm_pipeline::config::ImageConfig;
-use codeclm_pipeline::jpeg::{self, DecodeOptions};
-use codeclm_pipeline::process::process_image;
-use codeclm_pipeline::resize::ResizeMode;
+use codeclm_codec::jpeg::{self, DecodeOptions};
+use codeclm_etl::config::ImageConfig;
+use codeclm_etl::process::process_image;
+use codeclm_etl::resize::ResizeMode;
 
 use crate::common::fixtures;
 
 fn decode_output(abbreviated: &[u8], cfg: &ImageConfig) -> Vec<u8> {
     let tables = jpeg::tables_only(&cfg.jpeg).unwrap();
-    let full = codeclm_manifests::jpeg_stream::splice_tables(abbreviated, &tables).unwrap();
+    let full = codeclm_codec::jpeg::splice_tables(abbreviated, &tables).unwrap();
     let d = jpeg::decode(
         &full,
         &DecodeOptions {
@@ -52,7 +52,7 @@ fn exif_orientation_is_applied_by_default_and_not_in_the_paper_preset() {
         "oriented photo differs from the upright one by {d}"
     );
     let no_exif = ImageConfig {
-        decode: codeclm_pipeline::decode::DecodeSettings {
+        decode: codeclm_etl::decode::DecodeSettings {
             apply_exif_orientation: false,
             ..cfg.decode
         },

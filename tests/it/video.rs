@@ -1,11 +1,12 @@
 //! Video: the stored H.264 is byte-identical to the ffmpeg CLI running the paper's command
-//! (REFERENCE.md s1, s4) on every test clip, bad videos become manifest rows, and the public
+//! (Jpeg-LM, Appendix D) on every test clip, bad videos become manifest rows, and the public
 //! video API (remux, decode) works on real streams.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use codeclm_pipeline::video::{self, VideoConfig};
+use codeclm_codec::h264::nal;
+use codeclm_codec::h264::{self as video, VideoConfig};
 
 use crate::common::fixtures;
 
@@ -23,7 +24,7 @@ fn clips() -> Vec<PathBuf> {
     v
 }
 
-/// The paper's ffmpeg command (REFERENCE.md s1) on `input`.
+/// The paper's ffmpeg command (Jpeg-LM, Appendix D) on `input`.
 fn ffmpeg_cli(input: &Path, cfg: &VideoConfig) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.h264");
@@ -58,7 +59,7 @@ fn identical_to_the_ffmpeg_cli_on_every_test_clip() {
         }
         // The default drops exactly x264's SEI: a 557-byte NAL unit after a 3-byte start code.
         let stripped = video::encode_file(&clip, &default).unwrap();
-        assert_eq!(stripped.h264, video::strip_x264_sei(&cli), "{name}");
+        assert_eq!(stripped.h264, nal::strip_x264_sei(&cli), "{name}");
         assert_eq!(cli.len() - stripped.h264.len(), 557 + 3, "{name}");
         assert_eq!(stripped.nal_units + 1, ours.nal_units, "{name}");
         // From memory (the dataset sources hand bytes, not paths): the same stream.
@@ -90,8 +91,8 @@ fn decode_h264_gives_the_encoded_frames_and_the_sei_changes_no_pixel() {
         keep_x264_sei: true,
         ..VideoConfig::default()
     });
-    let a = codeclm_pipeline::decode_h264(&plain, 100).unwrap();
-    let b = codeclm_pipeline::decode_h264(&with_sei, 100).unwrap();
+    let a = codeclm_codec::h264::decode_h264(&plain, 100).unwrap();
+    let b = codeclm_codec::h264::decode_h264(&with_sei, 100).unwrap();
     assert_eq!(a.frames.len(), 15);
     assert_eq!((a.decode_errors, a.concealed_frames), (0, 0));
     assert!(a.frames.iter().all(|f| f.dimensions() == (256, 144)));
@@ -105,7 +106,7 @@ fn decode_h264_gives_the_encoded_frames_and_the_sei_changes_no_pixel() {
     assert!(lumas.iter().max().unwrap() - lumas.iter().min().unwrap() > 40);
     // max_frames is a hard cap.
     assert_eq!(
-        codeclm_pipeline::decode_h264(&plain, 4)
+        codeclm_codec::h264::decode_h264(&plain, 4)
             .unwrap()
             .frames
             .len(),
@@ -117,7 +118,7 @@ fn decode_h264_gives_the_encoded_frames_and_the_sei_changes_no_pixel() {
 fn decode_h264_survives_damage_and_garbage() {
     let plain = bikes_h264(&VideoConfig::default());
     // Truncated: decodes up to the cut.
-    let cut = codeclm_pipeline::decode_h264(&plain[..plain.len() / 2], 100).unwrap();
+    let cut = codeclm_codec::h264::decode_h264(&plain[..plain.len() / 2], 100).unwrap();
     assert!(
         (5..15).contains(&cut.frames.len()),
         "{} frames",
@@ -133,32 +134,32 @@ fn decode_h264_survives_damage_and_garbage() {
         let i = 2000 + (x as usize) % (damaged.len() - 2000);
         damaged[i] = (x >> 32) as u8;
     }
-    let d = codeclm_pipeline::decode_h264(&damaged, 40).unwrap();
+    let d = codeclm_codec::h264::decode_h264(&damaged, 40).unwrap();
     assert!(d.frames.len() <= 40);
     // Pure garbage, and nothing at all: zero frames, not a panic.
     let noise: Vec<u8> = (0..50_000u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
     assert!(
-        codeclm_pipeline::decode_h264(&noise, 40)
+        codeclm_codec::h264::decode_h264(&noise, 40)
             .unwrap()
             .frames
             .len()
             <= 40
     );
-    assert!(codeclm_pipeline::decode_h264(&[], 40)
+    assert!(codeclm_codec::h264::decode_h264(&[], 40)
         .unwrap()
         .frames
         .is_empty());
     // Without SPS/PPS nothing decodes.
     let mut no_headers = Vec::new();
-    for (sc, hdr, end) in video::nal_units(&plain) {
-        if !matches!(plain[hdr] & 0x1f, 7 | 8) {
-            no_headers.extend_from_slice(&plain[sc..end]);
+    for n in nal::nal_units(&plain) {
+        if !matches!(n.nal_type, 7 | 8) {
+            no_headers.extend_from_slice(&plain[n.start..n.end]);
         }
     }
     assert!(no_headers.len() < plain.len());
-    let d = codeclm_pipeline::decode_h264(&no_headers, 40).unwrap();
+    let d = codeclm_codec::h264::decode_h264(&no_headers, 40).unwrap();
     assert!(
         d.frames.is_empty(),
         "{} frames without SPS/PPS",
@@ -194,7 +195,7 @@ fn ffprobe(path: &Path) -> String {
 fn annexb_to_mp4_writes_a_playable_mp4() {
     let dir = tempfile::tempdir().unwrap();
     let mp4 = dir.path().join("bikes.mp4");
-    codeclm_pipeline::annexb_to_mp4(&bikes_h264(&VideoConfig::default()), 3, &mp4).unwrap();
+    codeclm_codec::h264::annexb_to_mp4(&bikes_h264(&VideoConfig::default()), 3, &mp4).unwrap();
     let probe = ffprobe(&mp4);
     for want in [
         "codec_name=h264",
@@ -208,13 +209,13 @@ fn annexb_to_mp4_writes_a_playable_mp4() {
     }
     // Garbage is an error, and leaves no file behind.
     let bad = dir.path().join("bad.mp4");
-    assert!(codeclm_pipeline::annexb_to_mp4(b"not h264", 3, &bad).is_err());
+    assert!(codeclm_codec::h264::annexb_to_mp4(b"not h264", 3, &bad).is_err());
     assert!(std::fs::read_dir(dir.path()).unwrap().count() == 1);
 }
 
 #[test]
 fn images_and_videos_in_one_dataset_with_bad_videos_as_rows_and_export_to_mp4() {
-    use codeclm_manifests::{Dataset, Status};
+    use codeclm_formats::{Dataset, Status};
     let dir = tempfile::tempdir().unwrap();
     // Good and bad videos together in one source (a file list), plus the bundled photos.
     let list = dir.path().join("videos.txt");
@@ -264,9 +265,13 @@ fn images_and_videos_in_one_dataset_with_bad_videos_as_rows_and_export_to_mp4() 
     let videos: Vec<_> = ds
         .rows()
         .iter()
-        .filter(|r| r.modality == "video" && r.is_ok())
+        .filter(|r| r.modality == codeclm_formats::Modality::Video && r.is_ok())
         .collect();
-    let images = ds.rows().iter().filter(|r| r.modality == "image").count();
+    let images = ds
+        .rows()
+        .iter()
+        .filter(|r| r.modality == codeclm_formats::Modality::Image)
+        .count();
     assert_eq!((videos.len(), images), (clips().len(), 10));
     // The stored stream is the encoder's (SEI dropped by default), in an h264 shard, and the
     // manifest's video columns are filled.
@@ -284,10 +289,7 @@ fn images_and_videos_in_one_dataset_with_bad_videos_as_rows_and_export_to_mp4() 
     );
     assert_eq!(bikes.src_duration, Some(10.0));
     assert_eq!(bikes.src_fps, Some(25.0));
-    assert_eq!(
-        bikes.nal_units,
-        Some(video::nal_units(&direct).count() as u32)
-    );
+    assert_eq!(bikes.nal_units, Some(nal::nal_units(&direct).len() as u32));
     let carphone = videos
         .iter()
         .find(|r| r.source.ends_with("carphone_pristine.mp4"))
@@ -297,7 +299,7 @@ fn images_and_videos_in_one_dataset_with_bad_videos_as_rows_and_export_to_mp4() 
     assert!(ds
         .rows()
         .iter()
-        .filter(|r| r.modality == "image")
+        .filter(|r| r.modality == codeclm_formats::Modality::Image)
         .all(|r| r.frames.is_none()));
 
     // Export: <id>.h264 (the stored bytes) and a playable <id>.mp4.
@@ -336,7 +338,7 @@ fn decoding_is_bounded_by_the_packet_limit() {
         ..VideoConfig::default()
     };
     let e = video::encode_file(&clip, &tight).unwrap_err();
-    assert_eq!(e.status, codeclm_manifests::Status::TooLarge);
+    assert_eq!(e.failure, codeclm_codec::Failure::TooLarge);
     assert!(e.message.contains("10 packets"), "{e}");
     // The 5 s are reached long before the end of a 10 s clip: trim ends the decode early,
     // well under the 250 packets of the whole clip suffice.

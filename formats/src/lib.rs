@@ -1,0 +1,97 @@
+//! Every byte a codeclm dataset puts on disk, and only that: codec shards, the Parquet sample
+//! manifests, `dataset.json`, the directory layout, vocabularies and token shards. `etl` writes
+//! these formats, `model` and `sample` read them; no other crate defines a file format. What is
+//! inside a codec record (JPEG, H.264) is `codeclm-codec`'s business.
+
+pub mod dataset;
+pub mod error;
+pub mod reader;
+pub mod samples;
+pub mod shard;
+pub mod tokens;
+pub mod vocab;
+
+pub use dataset::{DatasetConfig, DatasetLayout};
+pub use error::{Error, Result};
+pub use reader::Dataset;
+pub use samples::{Modality, SampleRow, Split, Status};
+pub use shard::{Codec, CodecShard, CodecShardWriter, RecordLocation};
+
+/// Writes `bytes` to `path` atomically: a temp file beside it, fsync, then rename, so a reader
+/// (or a resumed build) sees either the old file or the whole new one, never a torn write.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = tmp_path(path);
+    let io = |source| Error::Io {
+        path: tmp.clone(),
+        source,
+    };
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes `path` atomically with a writer that writes a file by name itself (an FFmpeg muxer):
+/// it writes the temp name, which is then synced and renamed into place; on failure the temp
+/// file is removed and the old `path`, if any, is left as it was.
+pub fn write_atomic_with<E>(
+    path: &std::path::Path,
+    write: impl FnOnce(&std::path::Path) -> std::result::Result<(), E>,
+) -> Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let tmp = tmp_path(path);
+    if let Err(e) = write(&tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::Write {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        });
+    }
+    let synced = std::fs::File::open(&tmp).and_then(|f| f.sync_all());
+    synced.map_err(|source| Error::Io {
+        path: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The temp name used while `path` is being written: `name.<host>-<pid>.tmp` in the same
+/// directory (so the final rename never crosses file systems, and workers on several machines
+/// sharing one dataset directory never write the same temp file). Stale ones are swept when a
+/// build resumes, see [`DatasetLayout::sweep_temp_files`].
+pub fn tmp_path(path: &std::path::Path) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}.tmp", writer_tag()));
+    path.with_file_name(name)
+}
+
+/// `<host>-<pid>` of this process, as embedded in temp names.
+pub fn writer_tag() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!(
+        "{}-{}",
+        if host.is_empty() { "host" } else { &host },
+        std::process::id()
+    )
+}

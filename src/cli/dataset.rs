@@ -1,0 +1,342 @@
+//! `codeclm dataset ...`: build, inspect, verify, export and merge datasets (tokenize and decode
+//! are in [`super::tokens`]).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use codeclm_etl::{BuildOptions, BuildSettings};
+use codeclm_formats::{Dataset, Modality};
+
+use super::flags::{self, AlphaArg, PreprocessArg, ResamplerArg, ResizeArg, SourceKindArg};
+use super::tokens;
+
+#[derive(Subcommand)]
+pub enum DatasetCommand {
+    /// Turn images into JPEG and videos into H.264 codec bytes in shards indexed by Parquet
+    /// manifests (resumable).
+    Build(BuildArgs),
+    /// Write samples as standalone files: `<sample_id>.jpg` (tables spliced back) for images,
+    /// `<sample_id>.h264` and a playable `<sample_id>.mp4` for videos.
+    Export(ExportArgs),
+    /// Print a summary: counts by status and split, bytes, codec length, build throughput.
+    Inspect {
+        #[arg(long)]
+        dataset: PathBuf,
+    },
+    /// Merge datasets built by separate workers (--shard-index/--num-shards) into one.
+    Merge {
+        /// The merged dataset (may be one of the inputs; with no inputs, consolidates it in place).
+        #[arg(long)]
+        out: PathBuf,
+        inputs: Vec<PathBuf>,
+    },
+    /// Read every record of every shard and check it against the manifest.
+    Verify {
+        #[arg(long)]
+        dataset: PathBuf,
+    },
+    /// Write the token shards of a vocabulary for every sample (reads codec shards, never media).
+    Tokenize(tokens::TokenizeArgs),
+    /// Turn token sequences back into files (JPEG with the tables spliced back).
+    Decode(tokens::DecodeArgs),
+}
+
+#[derive(Args)]
+pub struct BuildArgs {
+    /// Images: a directory tree, a file list (one path a line), a webdataset .tar (or a
+    /// directory of them), or a Parquet file (or directory) with an image-bytes column.
+    #[arg(long, required_unless_present = "videos")]
+    pub(crate) images: Option<PathBuf>,
+    /// Videos, from the same kinds of source as --images; encoded to H.264 with the paper's
+    /// x264 settings (byte-identical to its ffmpeg command). Images and videos may share one
+    /// dataset.
+    #[arg(long)]
+    pub(crate) videos: Option<PathBuf>,
+    /// The dataset directory (created; rerunning with the same arguments resumes it).
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Worker threads (default: every core).
+    #[arg(long)]
+    pub(crate) workers: Option<usize>,
+    /// This machine's index among --num-shards workers; each takes parts i, i+n, i+2n, ...
+    #[arg(long, default_value_t = 0)]
+    pub(crate) shard_index: u32,
+    #[arg(long, default_value_t = 1)]
+    pub(crate) num_shards: u32,
+    /// What --images is (auto-detected by default).
+    #[arg(long, value_enum, default_value_t = SourceKindArg::Auto)]
+    pub(crate) source_kind: SourceKindArg,
+    /// Parquet sources: the image column (default: the first {bytes, path} struct or binary column).
+    #[arg(long)]
+    pub(crate) image_column: Option<String>,
+    /// Preset: `default` (DCT-scaled decode, Lanczos3, EXIF orientation, alpha on white) or
+    /// `paper` (the paper's Python pipeline byte for byte: Pillow convert("RGB"), centre crop,
+    /// Pillow BILINEAR). Options below override the preset.
+    #[arg(long, value_enum, default_value_t = PreprocessArg::Default)]
+    pub(crate) preprocess: PreprocessArg,
+    /// Output side in pixels.
+    #[arg(long)]
+    pub(crate) size: Option<u32>,
+    #[arg(long, value_enum)]
+    pub(crate) resize: Option<ResizeArg>,
+    #[arg(long, value_enum)]
+    pub(crate) resampler: Option<ResamplerArg>,
+    /// Decode large JPEGs at 1/2, 1/4 or 1/8 size in the DCT domain (never below --size).
+    #[arg(long)]
+    pub(crate) dct_scaling: Option<bool>,
+    /// Apply the EXIF orientation tag.
+    #[arg(long)]
+    pub(crate) exif_orientation: Option<bool>,
+    #[arg(long, value_enum)]
+    pub(crate) alpha: Option<AlphaArg>,
+    /// Refuse images with more pixels than this (decompression bombs).
+    #[arg(long)]
+    pub(crate) max_pixels: Option<u64>,
+    /// JPEG quality (paper: 25).
+    #[arg(long)]
+    pub(crate) quality: Option<u8>,
+    /// Chroma subsampling: 4:2:0 (paper), 4:2:2 or 4:4:4.
+    #[arg(long)]
+    pub(crate) subsampling: Option<String>,
+    /// Restart marker every N MCUs (paper: 1).
+    #[arg(long)]
+    pub(crate) restart_interval: Option<u16>,
+    /// Video frame rate (paper: 3).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) fps: u32,
+    /// Video frame size WxH; the source is fitted inside and padded (paper: 256x144).
+    #[arg(long, default_value = "256x144")]
+    pub(crate) video_size: String,
+    /// Seconds of video kept from the start (paper: 5).
+    #[arg(long, default_value_t = 5.0)]
+    pub(crate) seconds: f64,
+    /// H.264 constant quantiser (paper: 37).
+    #[arg(long, default_value_t = 37)]
+    pub(crate) qp: u32,
+    /// Keep x264's SEI (version and options string, 557 bytes, the same in every video): the
+    /// exact bytes of the paper's ffmpeg command. Dropped by default (no picture information).
+    #[arg(long)]
+    pub(crate) keep_x264_sei: bool,
+    /// Refuse videos with more pixels per frame than this.
+    #[arg(long)]
+    pub(crate) max_video_pixels: Option<u64>,
+    /// Fraction of samples in the validation split.
+    #[arg(long, default_value_t = 0.01)]
+    pub(crate) val_fraction: f64,
+    /// Inputs per part (the unit of resume and sharding).
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) part_size: usize,
+    /// Roll a part's shard over to a new file past this many MiB of codec bytes.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) shard_max_mib: u64,
+    /// No progress bar.
+    #[arg(long)]
+    pub(crate) no_progress: bool,
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    #[arg(long)]
+    dataset: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// Sample ids to export (comma-separated).
+    #[arg(long, value_delimiter = ',', conflicts_with = "all")]
+    ids: Vec<String>,
+    /// Export every successful sample.
+    #[arg(long)]
+    all: bool,
+    /// Also write the abbreviated stream as `<sample_id>.abbr.jpg`.
+    #[arg(long)]
+    abbreviated: bool,
+}
+
+pub fn run(cmd: DatasetCommand) -> Result<()> {
+    match cmd {
+        DatasetCommand::Build(args) => build(args),
+        DatasetCommand::Export(args) => export(args),
+        DatasetCommand::Inspect { dataset } => {
+            let ds = open(&dataset)?;
+            print!("{}", ds.summary()?);
+            Ok(())
+        }
+        DatasetCommand::Merge { out, inputs } => merge(&out, &inputs),
+        DatasetCommand::Verify { dataset } => verify(&dataset),
+        DatasetCommand::Tokenize(args) => tokens::tokenize(args),
+        DatasetCommand::Decode(args) => tokens::decode(args),
+    }
+}
+
+/// Opens a dataset with the error every command gives for it.
+pub fn open(dir: &std::path::Path) -> Result<Dataset> {
+    Dataset::open(dir).with_context(|| format!("opening dataset {}", dir.display()))
+}
+
+fn merge(out: &std::path::Path, inputs: &[PathBuf]) -> Result<()> {
+    let s = codeclm_formats::dataset::merge(inputs, out)
+        .with_context(|| format!("merging into {}", out.display()))?;
+    let total = s
+        .parts_total
+        .map(|t| t.to_string())
+        .unwrap_or_else(|| "?".into());
+    println!(
+        "merged: {} parts copied, {} already present; {} of {} parts, {} samples in {}",
+        s.parts_copied,
+        s.parts_skipped,
+        s.parts_present,
+        total,
+        s.rows,
+        out.join("samples.parquet").display()
+    );
+    if s.parts_total.is_some_and(|t| t != s.parts_present) {
+        tracing::warn!("the dataset is incomplete: some workers have not finished their parts yet");
+    }
+    Ok(())
+}
+
+fn build(args: BuildArgs) -> Result<()> {
+    let settings: BuildSettings = flags::build_settings(&args)?;
+    let workers = flags::workers(args.workers);
+    let opts = BuildOptions {
+        out: args.out.clone(),
+        settings,
+        workers,
+        shard_index: args.shard_index,
+        num_shards: args.num_shards,
+        progress: !args.no_progress,
+    };
+    tracing::info!(
+        "building {} from{}{} with {workers} workers{}",
+        args.out.display(),
+        opts.settings
+            .source
+            .as_ref()
+            .map(|s| format!(" images {} ({:?})", s.path.display(), s.kind))
+            .unwrap_or_default(),
+        opts.settings
+            .videos
+            .as_ref()
+            .map(|s| format!(" videos {} ({:?})", s.path.display(), s.kind))
+            .unwrap_or_default(),
+        if args.num_shards > 1 {
+            format!(", shard {} of {}", args.shard_index, args.num_shards)
+        } else {
+            String::new()
+        }
+    );
+    let s = codeclm_etl::build(&opts)
+        .with_context(|| format!("building dataset {}", args.out.display()))?;
+    let failures = s
+        .by_status
+        .iter()
+        .filter(|(k, _)| k.as_str() != "ok")
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>();
+    println!(
+        "built {} inputs ({} ok, {} failed{}) in {:.1} s: {:.1} inputs/s, {:.1}/s per worker; parts {} built, {} already done, {} in source; {:.2} MB of codec bytes",
+        s.processed,
+        s.ok,
+        s.failed,
+        if failures.is_empty() { String::new() } else { format!(": {}", failures.join(", ")) },
+        s.seconds,
+        s.images_per_second(),
+        s.images_per_second() / s.workers.max(1) as f64,
+        s.parts_built,
+        s.parts_skipped,
+        s.parts_total,
+        s.codec_bytes as f64 / 1e6,
+    );
+    if s.complete {
+        println!(
+            "dataset complete: {}",
+            args.out.join("samples.parquet").display()
+        );
+    } else {
+        println!(
+            "this worker's parts are done; when every worker has finished run `codeclm dataset merge --out DIR <each worker's --out>` (or `--out {}` alone if they share it)",
+            args.out.display()
+        );
+    }
+    Ok(())
+}
+
+fn export(args: ExportArgs) -> Result<()> {
+    let ds = open(&args.dataset)?;
+    if !args.all && args.ids.is_empty() {
+        bail!("say which samples to export: --ids ID,ID,... or --all");
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let rows: Vec<_> = if args.all {
+        ds.rows().iter().filter(|r| r.is_ok()).collect()
+    } else {
+        args.ids
+            .iter()
+            .map(|id| ds.find(id).with_context(|| format!("no sample {id} in {}; `codeclm dataset inspect` lists counts, the manifest lists ids", args.dataset.display())))
+            .collect::<Result<_>>()?
+    };
+    let settings = BuildSettings::of(&ds)?;
+    let tables = ds.jpeg_tables();
+    for row in &rows {
+        if row.modality == Modality::Video {
+            let h264 = ds
+                .codec_bytes(row)
+                .with_context(|| format!("exporting sample {} ({})", row.sample_id, row.source))?;
+            codeclm_formats::write_atomic(
+                &args.out.join(format!("{}.h264", row.sample_id)),
+                &h264,
+            )?;
+            let mp4 = args.out.join(format!("{}.mp4", row.sample_id));
+            let fps = settings.video.fps;
+            codeclm_formats::write_atomic_with(&mp4, |tmp| {
+                codeclm_codec::h264::annexb_to_mp4(&h264, fps, tmp)
+            })
+            .with_context(|| {
+                format!("remuxing sample {} ({}) to MP4", row.sample_id, row.source)
+            })?;
+            continue;
+        }
+        let tables =
+            tables.context("the dataset has no JPEG tables file (jpeg_tables.jpg): rebuild it")?;
+        let full = ds
+            .codec_bytes(row)
+            .map_err(anyhow::Error::from)
+            .and_then(|abbr| Ok(codeclm_codec::jpeg::splice_tables(&abbr, tables)?))
+            .with_context(|| format!("exporting sample {} ({})", row.sample_id, row.source))?;
+        let path = args.out.join(format!("{}.jpg", row.sample_id));
+        codeclm_formats::write_atomic(&path, &full)?;
+        if args.abbreviated {
+            let abbr = ds.codec_bytes(row)?;
+            codeclm_formats::write_atomic(
+                &args.out.join(format!("{}.abbr.jpg", row.sample_id)),
+                &abbr,
+            )?;
+        }
+    }
+    println!("exported {} samples to {}", rows.len(), args.out.display());
+    Ok(())
+}
+
+fn verify(dir: &std::path::Path) -> Result<()> {
+    let ds = open(dir)?;
+    let mut checked = 0u64;
+    let mut bytes = 0u64;
+    for row in ds.rows().iter().filter(|r| r.is_ok()) {
+        let b = ds
+            .codec_bytes(row)
+            .with_context(|| format!("sample {} ({})", row.sample_id, row.source))?;
+        if Some(b.len() as u64) != row.codec_bytes {
+            bail!(
+                "sample {}: {} codec bytes in the shard, {:?} in the manifest; rebuild its part",
+                row.sample_id,
+                b.len(),
+                row.codec_bytes
+            );
+        }
+        checked += 1;
+        bytes += b.len() as u64;
+    }
+    println!("verified {checked} samples, {:.2} MB of codec bytes: every record matches its manifest row", bytes as f64 / 1e6);
+    Ok(())
+}

@@ -1,0 +1,274 @@
+//! Where flags become library configs: the value types shared by several commands (`--device`,
+//! `--modality`, `--split`, the preprocessing choices) and the conversions from a command's
+//! parsed arguments to the configs the libraries take. Commands parse with clap, then call these;
+//! no library sees a flag.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use clap::ValueEnum;
+use codeclm_codec::h264::VideoConfig;
+use codeclm_codec::jpeg::Subsampling;
+use codeclm_etl::decode::ColorConvert;
+use codeclm_etl::resize::{Resampler, ResizeMode};
+use codeclm_etl::{BuildSettings, ImageConfig, Preprocess, SourceKind, SourceSpec};
+use codeclm_formats::{Modality, Split};
+
+use super::dataset::BuildArgs;
+
+/// `--device cpu|cuda|cuda:N`, the one device flag of every command that runs a network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeviceArg {
+    #[default]
+    Cpu,
+    /// CUDA device N (`cuda` is device 0).
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(DeviceArg::Cpu),
+            "cuda" => Ok(DeviceArg::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceArg::Cuda)
+                .ok_or_else(|| format!("{s:?}: use cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceArg::Cpu => f.write_str("cpu"),
+            DeviceArg::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceArg {
+    /// The CUDA ordinal, `None` for the CPU (what `codeclm_model::device` and `fid::device` take).
+    pub fn cuda(self) -> Option<usize> {
+        match self {
+            DeviceArg::Cpu => None,
+            DeviceArg::Cuda(n) => Some(n),
+        }
+    }
+
+    pub fn model(self) -> Result<codeclm_model::Device> {
+        Ok(codeclm_model::device(self.cuda())?)
+    }
+}
+
+/// `--modality image|video`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModalityArg {
+    /// JPEG images.
+    Image,
+    /// H.264 videos.
+    Video,
+}
+
+impl From<ModalityArg> for Modality {
+    fn from(m: ModalityArg) -> Modality {
+        match m {
+            ModalityArg::Image => Modality::Image,
+            ModalityArg::Video => Modality::Video,
+        }
+    }
+}
+
+/// `--split train|val`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SplitArg {
+    Train,
+    Val,
+}
+
+impl From<SplitArg> for Split {
+    fn from(s: SplitArg) -> Split {
+        match s {
+            SplitArg::Train => Split::Train,
+            SplitArg::Val => Split::Val,
+        }
+    }
+}
+
+/// `--workers N`, default every core.
+pub fn workers(n: Option<usize>) -> usize {
+    n.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    })
+}
+
+/// `--threads N` for the model's CPU kernels: set before rayon's global pool exists.
+pub fn set_threads(n: Option<usize>) {
+    if let Some(n) = n.filter(|&n| n > 0) {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
+/// Everything `dataset build` decides about the output bytes.
+pub fn build_settings(args: &BuildArgs) -> Result<BuildSettings> {
+    let image = image_config(args)?;
+    let video = video_config(args)?;
+    let images = args
+        .images
+        .as_deref()
+        .map(|p| source_spec(p, args))
+        .transpose()?;
+    let videos = args
+        .videos
+        .as_deref()
+        .map(|p| source_spec(p, args))
+        .transpose()?;
+    let mut settings = BuildSettings::with_sources(images, image, videos, video);
+    settings.val_fraction = args.val_fraction;
+    settings.part_size = args.part_size;
+    settings.shard_max_bytes = args.shard_max_mib.max(1) << 20;
+    Ok(settings)
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum SourceKindArg {
+    Auto,
+    Dir,
+    List,
+    Tar,
+    Parquet,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum PreprocessArg {
+    Default,
+    Paper,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ResizeArg {
+    CenterCrop,
+    Pad,
+    Stretch,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ResamplerArg {
+    Lanczos3,
+    PillowBilinear,
+    PillowLanczos,
+}
+
+impl From<PreprocessArg> for Preprocess {
+    fn from(p: PreprocessArg) -> Preprocess {
+        match p {
+            PreprocessArg::Default => Preprocess::Default,
+            PreprocessArg::Paper => Preprocess::Paper,
+        }
+    }
+}
+
+impl From<ResamplerArg> for Resampler {
+    fn from(r: ResamplerArg) -> Resampler {
+        match r {
+            ResamplerArg::Lanczos3 => Resampler::Lanczos3,
+            ResamplerArg::PillowBilinear => Resampler::PillowBilinear,
+            ResamplerArg::PillowLanczos => Resampler::PillowLanczos,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum AlphaArg {
+    /// Composite on white.
+    White,
+    /// Drop alpha like Pillow's convert("RGB").
+    Drop,
+}
+
+pub fn image_config(args: &BuildArgs) -> Result<ImageConfig> {
+    let mut c = ImageConfig::preset(args.preprocess.into());
+    if let Some(s) = args.size {
+        c.size = s;
+    }
+    if let Some(r) = args.resize {
+        c.resize = match r {
+            ResizeArg::CenterCrop => ResizeMode::CenterCrop,
+            ResizeArg::Pad => ResizeMode::Pad,
+            ResizeArg::Stretch => ResizeMode::Stretch,
+        };
+    }
+    if let Some(r) = args.resampler {
+        c.resampler = r.into();
+    }
+    if let Some(v) = args.dct_scaling {
+        c.dct_scaling = v;
+    }
+    if let Some(v) = args.exif_orientation {
+        c.decode.apply_exif_orientation = v;
+    }
+    if let Some(a) = args.alpha {
+        c.decode.color = match a {
+            AlphaArg::White => ColorConvert::CompositeWhite,
+            AlphaArg::Drop => ColorConvert::Pillow,
+        };
+    }
+    if let Some(v) = args.max_pixels {
+        c.decode.max_pixels = v;
+    }
+    if let Some(q) = args.quality {
+        c.jpeg.quality = q;
+    }
+    if let Some(s) = &args.subsampling {
+        c.jpeg.subsampling = Subsampling::parse(s)
+            .with_context(|| format!("--subsampling {s}: use 4:2:0, 4:2:2 or 4:4:4"))?;
+    }
+    if let Some(r) = args.restart_interval {
+        c.jpeg.restart_interval = r;
+    }
+    c.validate().map_err(anyhow::Error::msg)?;
+    Ok(c)
+}
+
+pub fn video_config(args: &BuildArgs) -> Result<VideoConfig> {
+    let mut c = VideoConfig {
+        fps: args.fps,
+        qp: args.qp,
+        keep_x264_sei: args.keep_x264_sei,
+        duration_ms: (args.seconds * 1000.0).round().clamp(0.0, u32::MAX as f64) as u32,
+        ..VideoConfig::default()
+    };
+    let (w, h) = args
+        .video_size
+        .split_once('x')
+        .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+        .with_context(|| format!("--video-size {}: use WxH, e.g. 256x144", args.video_size))?;
+    (c.width, c.height) = (w, h);
+    if let Some(v) = args.max_video_pixels {
+        c.max_pixels = v;
+    }
+    c.validate().map_err(anyhow::Error::msg)?;
+    Ok(c)
+}
+
+pub fn source_spec(path: &Path, args: &BuildArgs) -> Result<SourceSpec> {
+    let mut spec = match args.source_kind {
+        SourceKindArg::Auto => SourceSpec::detect(path)?,
+        kind => SourceSpec {
+            kind: match kind {
+                SourceKindArg::Dir => SourceKind::Dir,
+                SourceKindArg::List => SourceKind::List,
+                SourceKindArg::Tar => SourceKind::Tar,
+                _ => SourceKind::Parquet,
+            },
+            path: path.to_path_buf(),
+            column: None,
+        },
+    };
+    spec.column = args.image_column.clone();
+    Ok(spec)
+}

@@ -1,0 +1,187 @@
+//! `codeclm sample`: generate images (or videos) from a trained run, unconditionally or
+//! completing prompts, and write them with a contact sheet and a decodability report.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use codeclm_etl::BuildSettings;
+use codeclm_formats::Modality;
+use codeclm_sample::image::Images;
+use codeclm_sample::prompt::{self, CutAt, ImagePrompt, VideoPrompt};
+use codeclm_sample::run::Medium;
+use codeclm_sample::trained::{DEFAULT_MAX_TOKENS, DEFAULT_MAX_VIDEO_TOKENS};
+use codeclm_sample::video::Videos;
+use codeclm_sample::{Drawing, ModelGenerator, Sampling, TrainedRun};
+
+use super::flags::{DeviceArg, ModalityArg};
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum CutArg {
+    /// Right before the restart marker: the prompt is a prefix of the image's tokens.
+    BeforeMarker,
+    /// After the marker, as the paper's code cuts.
+    AfterMarker,
+}
+
+#[derive(Args)]
+pub struct SampleArgs {
+    /// A run directory written by `codeclm train` (config.json, model.safetensors, trainer_state.json).
+    #[arg(long)]
+    run: PathBuf,
+    /// Generations in all (unconditional), or completions per prompt.
+    #[arg(long, default_value_t = 16)]
+    n: usize,
+    /// An image file or a sample id of the run's dataset; repeat for several prompts. Files go
+    /// through the dataset's own preprocessing and encoder.
+    #[arg(long)]
+    prompt: Vec<String>,
+    /// What to generate: JPEG images, or H.264 videos (a dataset built with --videos).
+    #[arg(long, value_enum, default_value_t = ModalityArg::Image)]
+    modality: ModalityArg,
+    /// Fraction of the image's MCU rows given as the prompt (rounded to whole rows).
+    #[arg(long, default_value_t = 0.5)]
+    ratio: f64,
+    /// Video prompts: frames given (Avc-LM: 10 of 15).
+    #[arg(long, default_value_t = 10)]
+    frames: usize,
+    #[arg(long, value_enum, default_value_t = CutArg::BeforeMarker)]
+    cut: CutArg,
+    /// 0 = greedy. The paper's code: 1.0.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// 0 = off. The paper: 40 or 80; its code's example 50.
+    #[arg(long, default_value_t = 50)]
+    top_k: usize,
+    /// 1.0 = off. The paper: 0.9 or 1.0.
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// New tokens per generation at most (default: the paper's sequence lengths, 12,288 for images
+    /// and 32,768 for videos). Generation slides a window of the run's training context, so
+    /// streams longer than what the model was trained on are sampled within learned positions.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Sequences generated together.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// The dataset (default: the one the run was trained on).
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+    /// cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
+    #[arg(long, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    #[arg(long)]
+    no_progress: bool,
+}
+
+pub fn sample(args: SampleArgs) -> Result<()> {
+    if args.n == 0 {
+        bail!("--n must be at least 1");
+    }
+    let open = TrainedRun::open(&args.run, args.dataset.as_deref(), &args.device.model()?)?;
+    let modality = Modality::from(args.modality);
+    let default_max = match modality {
+        Modality::Image => DEFAULT_MAX_TOKENS,
+        Modality::Video => DEFAULT_MAX_VIDEO_TOKENS,
+    };
+    let drawing = Drawing {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+        max_tokens: args.max_tokens.unwrap_or(default_max),
+    };
+    let cfg = drawing.config(&open.vocab, open.context())?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let settings = serde_json::json!({
+        "run": args.run, "dataset": open.root, "vocab_hash": open.state.vocab_hash, "n": args.n,
+        "modality": modality.as_str(),
+        "prompts": args.prompt, "ratio": args.ratio, "frames": args.frames,
+        "cut": match args.cut { CutArg::BeforeMarker => "before-marker", CutArg::AfterMarker => "after-marker" },
+        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+        "seed": args.seed, "max_tokens": args.max_tokens, "batch": args.batch,
+    });
+    codeclm_formats::write_atomic(
+        &args.out.join("sample.json"),
+        format!("{}\n", serde_json::to_string_pretty(&settings)?).as_bytes(),
+    )?;
+    let started = std::time::Instant::now();
+    let mut generator = ModelGenerator::new(&open.model, cfg);
+    let mean_bytes = open.ds.mean_codec_bytes(modality);
+    let (count, sheet, report_path) = match modality {
+        Modality::Video => {
+            let build = BuildSettings::of(&open.ds)?;
+            let vcfg = build.video_settings(&open.ds)?;
+            let mut prompts: Vec<VideoPrompt> = Vec::new();
+            for p in &args.prompt {
+                let (name, stream) = prompt::video_prompt_stream(&open.ds, p, vcfg)?;
+                prompts.push(
+                    prompt::video_prompt(&name, stream, &open.vocab, args.frames)
+                        .with_context(|| format!("cutting the video prompt {p}"))?,
+                );
+            }
+            let medium = Videos { cfg: vcfg };
+            run_medium(&args, &open, &medium, &prompts, mean_bytes, &mut generator)?
+        }
+        Modality::Image => {
+            let tables = open
+                .ds
+                .jpeg_tables()
+                .context("the dataset has no JPEG tables file: sampling writes JPEG images")?
+                .to_vec();
+            let cut_at = match args.cut {
+                CutArg::BeforeMarker => CutAt::BeforeMarker,
+                CutArg::AfterMarker => CutAt::AfterMarker,
+            };
+            let mut prompts: Vec<ImagePrompt> = Vec::new();
+            for p in &args.prompt {
+                let (name, stream) = prompt::prompt_stream(&open.ds, p)?;
+                prompts.push(
+                    prompt::image_prompt(&name, stream, &open.vocab, args.ratio, cut_at)
+                        .with_context(|| format!("cutting the prompt {p}"))?,
+                );
+            }
+            let medium = Images { tables: &tables };
+            run_medium(&args, &open, &medium, &prompts, mean_bytes, &mut generator)?
+        }
+    };
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "sampled {count} generations in {secs:.1} s: {} new tokens, {:.1} tokens/s -> {} (contact sheet {}, report {})",
+        generator.tokens,
+        generator.tokens as f64 / secs.max(1e-9),
+        args.out.display(),
+        sheet.display(),
+        report_path.display()
+    );
+    Ok(())
+}
+
+/// One sampling run of `medium`; prints its report line and returns (generations, sheet, report).
+fn run_medium<M: Medium>(
+    args: &SampleArgs,
+    open: &TrainedRun,
+    medium: &M,
+    prompts: &[M::Prompt],
+    dataset_mean_bytes: Option<f64>,
+    generator: &mut ModelGenerator,
+) -> Result<(usize, PathBuf, PathBuf)> {
+    let job = Sampling {
+        medium,
+        vocab: &open.vocab,
+        prompts,
+        n: args.n,
+        batch: args.batch,
+        out: &args.out,
+        dataset_mean_bytes,
+        progress: !args.no_progress,
+    };
+    let r = codeclm_sample::sample(&job, generator)?;
+    println!("{}", r.report);
+    Ok((r.generated.len(), r.sheet, r.report_path))
+}
