@@ -11,23 +11,16 @@ pub mod h264;
 pub mod jpeg;
 
 /// Why an input could not be turned into codec bytes, by kind. A dataset records it as the
-/// sample's status (`codeclm_formats::Status` has one variant per kind, plus `Ok`).
+/// sample's status: `codeclm_formats::Status` has one variant for each (documented there), plus
+/// `Ok`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Failure {
-    /// Zero-byte input.
     Empty,
-    /// The data ends before the picture or the stream does.
     Truncated,
-    /// Recognised format, damaged content.
     Corrupt,
-    /// Not a format known at all (text, HTML, random bytes).
     Unrecognized,
-    /// A real format this build does not decode.
     Unsupported,
-    /// Over the configured pixel or size limit.
     TooLarge,
-    /// The source could not be read.
     ReadError,
-    /// Decoded fine but the encoder refused it (recorded rather than lost).
     EncodeError,
 }
