@@ -84,9 +84,7 @@ impl BuildSettings {
             zstd_level: shard::DEFAULT_ZSTD_LEVEL,
         }
     }
-}
 
-impl BuildSettings {
     /// The settings a dataset was built with (`build` in its `dataset.json`): the one reader
     /// of them, so every command sees the same typed record.
     pub fn of(ds: &codeclm_formats::Dataset) -> Result<BuildSettings, BuildError> {

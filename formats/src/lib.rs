@@ -95,3 +95,35 @@ pub fn writer_tag() -> String {
         std::process::id()
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("the muxer gave up")]
+    struct Refused;
+
+    /// A writer that fails leaves the old file and no temp file; one that succeeds replaces it.
+    #[test]
+    fn write_atomic_with_commits_or_leaves_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.mp4");
+        write_atomic(&path, b"old").unwrap();
+        let err = write_atomic_with(&path, |tmp| {
+            std::fs::write(tmp, b"half").unwrap();
+            Err(Refused)
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("the muxer gave up"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert_eq!(left.len(), 1, "the temp file is removed");
+        write_atomic_with(&path, |tmp| {
+            std::fs::write(tmp, b"new").map_err(|_| Refused)
+        })
+        .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

@@ -289,13 +289,31 @@ pub fn from_dataframe(df: &DataFrame, path: &Path) -> Result<Vec<SampleRow>> {
     let (status, error) = (s("status")?, s("error")?);
     let mut rows = Vec::with_capacity(df.height());
     for i in 0..df.height() {
-        let col = |c: &str, v: Option<&str>| (c.to_string(), v.unwrap_or_default().to_string());
-        let (c, v) = col("status", status.get(i));
-        let status = parse_column(path, "samples manifest", i, &c, &v, Status::parse)?;
-        let (c, v) = col("modality", modality.get(i));
-        let row_modality = parse_column(path, "samples manifest", i, &c, &v, Modality::parse)?;
-        let (c, v) = col("split", split.get(i));
-        let row_split = parse_column(path, "samples manifest", i, &c, &v, Split::parse)?;
+        let what = "samples manifest";
+        let status = parse_column(
+            path,
+            what,
+            i,
+            "status",
+            status.get(i).unwrap_or_default(),
+            Status::parse,
+        )?;
+        let row_modality = parse_column(
+            path,
+            what,
+            i,
+            "modality",
+            modality.get(i).unwrap_or_default(),
+            Modality::parse,
+        )?;
+        let row_split = parse_column(
+            path,
+            what,
+            i,
+            "split",
+            split.get(i).unwrap_or_default(),
+            Split::parse,
+        )?;
         rows.push(SampleRow {
             sample_id: sample_id.get(i).unwrap_or_default().to_string(),
             source: source.get(i).unwrap_or_default().to_string(),
@@ -454,6 +472,34 @@ mod tests {
     fn status_strings_round_trip() {
         for s in Status::ALL {
             assert_eq!(Status::parse(s.as_str()), Some(s));
+        }
+        for m in Modality::ALL {
+            assert_eq!(Modality::parse(m.as_str()), Some(m));
+            assert_eq!(serde_json::to_string(&m).unwrap(), format!("\"{m}\""));
+        }
+        for sp in Split::ALL {
+            assert_eq!(Split::parse(sp.as_str()), Some(sp));
+            assert_eq!(serde_json::to_string(&sp).unwrap(), format!("\"{sp}\""));
+        }
+    }
+
+    /// A manifest whose modality or split this version does not know is refused, naming the row.
+    #[test]
+    fn unknown_modality_or_split_is_a_corrupt_manifest() {
+        let rows: Vec<_> = (0..3).map(|i| row(i, Status::Ok)).collect();
+        for (column, bad) in [("modality", "audio"), ("split", "test")] {
+            let mut df = to_dataframe(&rows).unwrap();
+            let good = if column == "split" { "train" } else { "image" };
+            let values = vec![good, good, bad];
+            df.replace(column, Column::new(column.into(), values))
+                .unwrap();
+            let err = from_dataframe(&df, Path::new("m.parquet")).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&format!("row 2 has unknown {column} \"{bad}\""))
+                    && msg.contains("m.parquet"),
+                "{msg}"
+            );
         }
     }
 }

@@ -79,14 +79,19 @@ impl Generator for ModelGenerator<'_> {
             .filter(|&i| batch[i].len() < limit)
             .collect();
         self.context_full += batch.len() - fits.len();
-        let mut out = vec![Vec::new(); batch.len()];
-        if !fits.is_empty() {
-            let prompts: Vec<Vec<u32>> = fits.iter().map(|&i| batch[i].clone()).collect();
-            let new = codeclm_model::generate(self.model, &prompts, &cfg)?;
-            for (&i, ids) in fits.iter().zip(new) {
-                out[i] = ids;
+        let out = if fits.len() == batch.len() {
+            codeclm_model::generate(self.model, batch, &cfg)?
+        } else {
+            let mut out = vec![Vec::new(); batch.len()];
+            if !fits.is_empty() {
+                let prompts: Vec<Vec<u32>> = fits.iter().map(|&i| batch[i].clone()).collect();
+                let new = codeclm_model::generate(self.model, &prompts, &cfg)?;
+                for (&i, ids) in fits.iter().zip(new) {
+                    out[i] = ids;
+                }
             }
-        }
+            out
+        };
         self.tokens += out.iter().map(Vec::len).sum::<usize>();
         if let Some(bar) = &self.progress {
             bar.inc(batch.len() as u64);

@@ -100,12 +100,6 @@ impl Drawing {
                 self.top_p
             )));
         }
-        if !(self.temperature >= 0.0) {
-            return Err(SampleError::Invalid(format!(
-                "--temperature {} must be 0 (greedy) or more",
-                self.temperature
-            )));
-        }
         Ok(GenerateConfig {
             max_new_tokens: self.max_tokens,
             temperature: self.temperature,

@@ -299,15 +299,12 @@ fn export(args: ExportArgs) -> Result<()> {
         }
         let tables =
             tables.context("the dataset has no JPEG tables file (jpeg_tables.jpg): rebuild it")?;
-        let full = ds
-            .codec_bytes(row)
-            .map_err(anyhow::Error::from)
-            .and_then(|abbr| Ok(codeclm_codec::jpeg::splice_tables(&abbr, tables)?))
-            .with_context(|| format!("exporting sample {} ({})", row.sample_id, row.source))?;
+        let exporting = || format!("exporting sample {} ({})", row.sample_id, row.source);
+        let abbr = ds.codec_bytes(row).with_context(exporting)?;
+        let full = codeclm_codec::jpeg::splice_tables(&abbr, tables).with_context(exporting)?;
         let path = args.out.join(format!("{}.jpg", row.sample_id));
         codeclm_formats::write_atomic(&path, &full)?;
         if args.abbreviated {
-            let abbr = ds.codec_bytes(row)?;
             codeclm_formats::write_atomic(
                 &args.out.join(format!("{}.abbr.jpg", row.sample_id)),
                 &abbr,

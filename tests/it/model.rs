@@ -207,3 +207,40 @@ fn resumed_training_equals_uninterrupted_and_errors_are_clean() {
         "{e}"
     );
 }
+
+/// `--device` is one flag on every command that runs a model: `cpu`, `cuda` or `cuda:N`; other
+/// values are refused by the parser, and CUDA on a build without it names the rebuild.
+#[test]
+fn device_flag_is_parsed_and_cuda_needs_a_cuda_build() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = run_err(
+        codeclm()
+            .args(["train", "--dataset"])
+            .arg(tmp.path())
+            .args(["--device", "gpu"]),
+    );
+    assert!(err.contains("use cpu, cuda or cuda:N"), "{err}");
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    for cmd in [
+        &["train", "--dataset", "."][..],
+        &[
+            "model",
+            "logits",
+            "--run",
+            ".",
+            "--tokens-file",
+            "t",
+            "--out",
+            "o",
+        ][..],
+        &["bench", "train", "--steps", "1"][..],
+    ] {
+        let err = run_err(codeclm().args(cmd).args(["--device", "cuda:1"]));
+        assert!(
+            err.contains("--device cuda:1") && err.contains("--features cuda"),
+            "{cmd:?}: {err}"
+        );
+    }
+}

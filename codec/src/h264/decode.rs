@@ -198,8 +198,8 @@ pub fn decode_h264(h264: &[u8], max_frames: usize) -> Result<DecodedVideo, Video
     Ok(out)
 }
 
-/// Remuxes an Annex B stream (as stored) into a playable MP4 at `fps`, in-process; written
-/// written straight to `out` (commit it through a temp file: `codeclm_formats::write_atomic_with`).
+/// Remuxes an Annex B stream (as stored) into a playable MP4 at `fps`, in-process, written
+/// straight to `out` (commit it through a temp file: `codeclm_formats::write_atomic_with`).
 pub fn annexb_to_mp4(h264: &[u8], fps: u32, out: &Path) -> Result<(), VideoError> {
     silence_ffmpeg_logs();
     let fail = |what: &str, r: i32| VideoError {
