@@ -40,8 +40,83 @@ pub fn serialize_tensors(
         .map_err(|e| Error::Config(format!("cannot serialize tensors: {e}")))
 }
 
-/// Reads `dir/config.json` and `dir/model.safetensors`.
-pub fn read_weights(dir: &Path, device: &Device) -> Result<(LlamaConfig, HashMap<String, Tensor>)> {
+/// A tensor as the engine holds it on the host: shape and f32 values.
+pub type HostTensor = (Vec<usize>, Vec<f32>);
+
+/// Serializes f32 tensors given as (name, shape, values) straight from flat buffers (HF
+/// `format: pt` metadata).
+pub fn serialize_f32(
+    tensors: &[(&str, &[usize], &[f32])],
+    extra_metadata: &[(&str, String)],
+) -> Result<Vec<u8>> {
+    struct F32<'a>(&'a [usize], &'a [f32]);
+    impl safetensors::View for &F32<'_> {
+        fn dtype(&self) -> safetensors::Dtype {
+            safetensors::Dtype::F32
+        }
+        fn shape(&self) -> &[usize] {
+            self.0
+        }
+        fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+            let mut b = Vec::with_capacity(self.1.len() * 4);
+            for v in self.1 {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+            b.into()
+        }
+        fn data_len(&self) -> usize {
+            self.1.len() * 4
+        }
+    }
+    let mut meta: HashMap<String, String> = HashMap::new();
+    meta.insert("format".into(), "pt".into());
+    for (k, v) in extra_metadata {
+        meta.insert(k.to_string(), v.clone());
+    }
+    let views: Vec<(&str, F32)> = tensors.iter().map(|(n, s, v)| (*n, F32(s, v))).collect();
+    safetensors::serialize(views.iter().map(|(n, v)| (*n, v)), Some(meta))
+        .map_err(|e| Error::Config(format!("cannot serialize tensors: {e}")))
+}
+
+/// Reads every tensor of a safetensors file as f32 (f32, bf16 and f16 files: HF exports).
+pub fn read_f32(path: &Path) -> Result<HashMap<String, HostTensor>> {
+    let bad = |problem: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        problem,
+        fix: "point at a model.safetensors written by `codeclm train` or an HF Llama export".into(),
+    };
+    let data = std::fs::read(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&data)
+        .map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let b = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            safetensors::Dtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            safetensors::Dtype::BF16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            safetensors::Dtype::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(bad(format!(
+                    "tensor {name} has dtype {other:?}; f32, bf16 or f16 expected"
+                )))
+            }
+        };
+        out.insert(name, (view.shape().to_vec(), values));
+    }
+    Ok(out)
+}
+
+/// Reads `dir/config.json`.
+pub fn read_config(dir: &Path) -> Result<LlamaConfig> {
     recover(dir)?;
     let cfg_path = dir.join(CONFIG);
     let fix = format!(
@@ -52,11 +127,69 @@ pub fn read_weights(dir: &Path, device: &Device) -> Result<(LlamaConfig, HashMap
         problem: format!("cannot read the model config: {e}"),
         fix: fix.clone(),
     })?;
-    let config: LlamaConfig = serde_json::from_slice(&bytes).map_err(|e| Error::Checkpoint {
+    serde_json::from_slice(&bytes).map_err(|e| Error::Checkpoint {
         path: cfg_path.clone(),
         problem: format!("not a Llama config.json: {e}"),
-        fix: fix.clone(),
-    })?;
+        fix,
+    })
+}
+
+/// Loads `dir`'s weights into an engine model's flat parameters (every name checked against
+/// the config's shapes).
+pub fn load_params(dir: &Path, config: &LlamaConfig) -> Result<Vec<f32>> {
+    let path = dir.join(WEIGHTS);
+    let tensors = read_f32(&path)?;
+    flat_from(&tensors, config, &path, "")
+}
+
+/// Tensors `prefix + name` for every parameter name, in `parameter_shapes` order, as one flat
+/// buffer.
+pub fn flat_from(
+    tensors: &HashMap<String, HostTensor>,
+    config: &LlamaConfig,
+    path: &Path,
+    prefix: &str,
+) -> Result<Vec<f32>> {
+    let shapes = config.parameter_shapes();
+    let bad = |problem: String, fix: &str| Error::Checkpoint {
+        path: path.to_path_buf(),
+        problem,
+        fix: fix.into(),
+    };
+    let want = shapes.len();
+    let have = tensors.keys().filter(|k| k.starts_with(prefix)).count();
+    if have != want {
+        return Err(bad(
+            format!("{have} tensors named {prefix}*, the config implies {want}"),
+            "is this a Llama checkpoint without tied embeddings, and is config.json its own?",
+        ));
+    }
+    let mut flat = Vec::with_capacity(config.num_parameters() as usize);
+    for (name, shape) in shapes {
+        let key = format!("{prefix}{name}");
+        let (s, v) = tensors.get(&key).ok_or_else(|| {
+            bad(
+                format!("no tensor {key}"),
+                "the checkpoint is damaged or from another model; start a new run",
+            )
+        })?;
+        if *s != shape {
+            return Err(bad(
+                format!("tensor {key} has shape {s:?}, the config implies {shape:?}"),
+                "config.json does not belong to these weights",
+            ));
+        }
+        flat.extend_from_slice(v);
+    }
+    Ok(flat)
+}
+
+/// Reads `dir/config.json` and `dir/model.safetensors`.
+pub fn read_weights(dir: &Path, device: &Device) -> Result<(LlamaConfig, HashMap<String, Tensor>)> {
+    let config = read_config(dir)?;
+    let fix = format!(
+        "point --run at a directory written by `codeclm train` (or an HF Llama export) that holds {CONFIG} and {WEIGHTS}"
+    );
     let w = dir.join(WEIGHTS);
     let data = std::fs::read(&w).map_err(|e| Error::Checkpoint {
         path: w.clone(),

@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod engine;
 pub mod generate;
 pub mod kv_cache;
 pub mod llama;

@@ -1,20 +1,21 @@
-//! The trainer: AdamW (decoupled weight decay, own implementation so its moments are
-//! checkpointed), linear warmup then cosine decay, global-norm gradient clipping, gradient
-//! accumulation; one log line per step, validation in nats/token and bits per codec byte,
-//! `metrics.jsonl`, `loss.png`, and exact resume (weights, optimizer, loader position).
+//! The trainer over the engine ([`crate::engine`]): AdamW (decoupled weight decay on matrices,
+//! PyTorch's arithmetic), linear warmup then cosine decay, global-norm gradient clipping,
+//! gradient accumulation; one log line per step, validation in nats/token and bits per codec
+//! byte, `metrics.jsonl`, `loss.png`, and exact resume (weights, optimizer, loader position):
+//! N steps equal N/2 steps, a resume and N/2 steps, bit for bit.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use crate::checkpoint::{self, CheckpointFiles};
 use crate::data::{Loader, LoaderState, TrainingSet};
-use crate::llama::{init_params, Llama, LlamaConfig};
+use crate::engine::{self, Backend, Capacity, Cpu, Model, IGNORE};
+use crate::llama::LlamaConfig;
 use crate::{Error, Result};
 use codeclm_formats::Split;
 
@@ -55,6 +56,10 @@ pub struct TrainConfig {
     /// Stop (with a checkpoint) after this step without finishing the schedule; resume later.
     #[serde(default)]
     pub stop_at: Option<u64>,
+    /// Keep only each layer's input for the backward and recompute the rest (less memory for
+    /// long contexts, about one more forward per step).
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 impl TrainConfig {
@@ -93,6 +98,7 @@ impl TrainConfig {
             bf16: true,
             peak_tflops: 989.0,
             stop_at: None,
+            recompute: false,
         })
     }
 
@@ -147,93 +153,6 @@ impl TrainConfig {
             )));
         }
         Ok(())
-    }
-}
-
-/// AdamW with decoupled weight decay (Loshchilov & Hutter; PyTorch's `AdamW`), applied to
-/// matrices only (norm weights are not decayed). Moments are f32 tensors beside each parameter.
-pub struct AdamW {
-    pub step: u64,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
-}
-
-impl AdamW {
-    pub fn new(vars: &[(String, Var)]) -> Result<AdamW> {
-        let zeros = |v: &Var| v.zeros_like();
-        Ok(AdamW {
-            step: 0,
-            m: vars
-                .iter()
-                .map(|(_, v)| zeros(v))
-                .collect::<candle_core::Result<_>>()?,
-            v: vars
-                .iter()
-                .map(|(_, v)| zeros(v))
-                .collect::<candle_core::Result<_>>()?,
-        })
-    }
-
-    /// One update with gradients `grads` (same order as `vars`), already clipped.
-    pub fn update(
-        &mut self,
-        vars: &[(String, Var)],
-        grads: &[Tensor],
-        cfg: &TrainConfig,
-        lr: f64,
-    ) -> Result<()> {
-        self.step += 1;
-        let (b1, b2) = (cfg.beta1, cfg.beta2);
-        let c1 = 1.0 - b1.powi(self.step as i32);
-        let c2 = 1.0 - b2.powi(self.step as i32);
-        for (i, ((_, var), g)) in vars.iter().zip(grads).enumerate() {
-            let m = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
-            let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let denom = ((&v / c2)?.sqrt()? + cfg.eps)?;
-            let upd = ((&m / c1)? / denom)?;
-            let p = var.as_detached_tensor();
-            let decay = if p.rank() >= 2 {
-                1.0 - lr * cfg.weight_decay
-            } else {
-                1.0
-            };
-            let next = ((&p * decay)? - (upd * lr)?)?;
-            var.set(&next)?;
-            self.m[i] = m;
-            self.v[i] = v;
-        }
-        Ok(())
-    }
-
-    fn tensors(&self, vars: &[(String, Var)]) -> Vec<(String, Tensor)> {
-        let mut out = Vec::new();
-        for (i, (n, _)) in vars.iter().enumerate() {
-            out.push((format!("exp_avg.{n}"), self.m[i].clone()));
-            out.push((format!("exp_avg_sq.{n}"), self.v[i].clone()));
-        }
-        out
-    }
-
-    fn load(vars: &[(String, Var)], path: &Path, step: u64, device: &Device) -> Result<AdamW> {
-        let data = std::fs::read(path).map_err(Error::io(path))?;
-        let t = candle_core::safetensors::load_buffer(&data, device)?;
-        let get = |k: String| {
-            t.get(&k).cloned().ok_or_else(|| Error::Checkpoint {
-                path: path.to_path_buf(),
-                problem: format!("no tensor {k}"),
-                fix: "the optimizer state belongs to another model; start a new run".into(),
-            })
-        };
-        let mut opt = AdamW {
-            step,
-            m: Vec::new(),
-            v: Vec::new(),
-        };
-        for (n, _) in vars {
-            opt.m.push(get(format!("exp_avg.{n}"))?);
-            opt.v.push(get(format!("exp_avg_sq.{n}"))?);
-        }
-        Ok(opt)
     }
 }
 
@@ -295,7 +214,7 @@ pub enum Start {
     },
 }
 
-/// Validation result over every held-out document.
+/// Validation result over the held-out documents.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Eval {
     pub nats_per_token: f64,
@@ -304,42 +223,48 @@ pub struct Eval {
     pub codec_bytes: u64,
 }
 
-/// Scores every `val` document: total nats over each document's tokens after BOS (windows of
-/// at most context + 1 tokens), per token and per codec byte (bits).
-pub fn evaluate(model: &Llama, set: &TrainingSet, context: usize, batch: usize) -> Result<Eval> {
-    let dev = model.device().clone();
-    let mut windows: Vec<Vec<u32>> = Vec::new();
-    let mut codec_bytes = 0u64;
-    for i in set.split(Split::Val, None) {
-        let row = &set.rows[i];
-        codec_bytes += row.codec_bytes;
-        let doc: Vec<u32> = set.doc(row).iter().map(|&t| t as u32).collect();
+/// Scores whole documents (each `BOS .. EOS`): the total nats of every token after BOS, in
+/// windows of at most context + 1 tokens that overlap by one, packed into batches of the
+/// model's capacity with unscored padding; per token and per codec byte (bits).
+pub fn evaluate<B: Backend>(
+    model: &mut Model<B>,
+    docs: &[Vec<u16>],
+    codec_bytes: u64,
+) -> Result<Eval> {
+    let Capacity { batch, context } = model.cap;
+    let mut windows: Vec<&[u16]> = Vec::new();
+    for doc in docs {
         let mut start = 0;
         while start + 1 < doc.len() {
             let end = (start + context + 1).min(doc.len());
-            windows.push(doc[start..end].to_vec());
+            windows.push(&doc[start..end]);
             start = end - 1;
         }
     }
     if windows.is_empty() || codec_bytes == 0 {
-        return Err(Error::Data(format!(
-            "token set {} has no validation documents (split \"val\"). Fix: build the dataset with --val-fraction > 0",
-            set.hash
-        )));
+        return Err(Error::Data(
+            "there are no validation documents (split \"val\"). Fix: build the dataset with --val-fraction > 0".into(),
+        ));
     }
-    let (mut nats, mut tokens) = (0f64, 0u64);
+    // Longest first, so a batch's positions are mostly real tokens.
     windows.sort_by_key(|w| std::cmp::Reverse(w.len()));
-    for group in windows.chunk_by(|a, b| a.len() == b.len()) {
-        for chunk in group.chunks(batch.max(1)) {
-            let t = chunk[0].len() - 1;
-            let x: Vec<u32> = chunk.iter().flat_map(|w| w[..t].iter().copied()).collect();
-            let y: Vec<u32> = chunk.iter().flat_map(|w| w[1..].iter().copied()).collect();
-            let x = Tensor::from_vec(x, (chunk.len(), t), &dev)?;
-            let y = Tensor::from_vec(y, (chunk.len(), t), &dev)?;
-            let loss = model.loss(&x, &y)?.to_scalar::<f32>()? as f64;
-            nats += loss * (chunk.len() * t) as f64;
-            tokens += (chunk.len() * t) as u64;
+    let (mut x, mut y) = (vec![0u32; batch * context], vec![IGNORE; batch * context]);
+    let (mut nats, mut tokens) = (0f64, 0u64);
+    for chunk in windows.chunks(batch) {
+        let t = chunk[0].len() - 1;
+        let (x, y) = (&mut x[..chunk.len() * t], &mut y[..chunk.len() * t]);
+        x.fill(0);
+        y.fill(IGNORE);
+        for (r, w) in chunk.iter().enumerate() {
+            for (i, pair) in w.windows(2).enumerate() {
+                x[r * t + i] = pair[0] as u32;
+                y[r * t + i] = pair[1] as u32;
+            }
+            tokens += (w.len() - 1) as u64;
         }
+        nats += model
+            .forward(x, Some(y), chunk.len(), t, None)?
+            .unwrap_or(0.0);
     }
     Ok(Eval {
         nats_per_token: nats / tokens as f64,
@@ -349,105 +274,115 @@ pub fn evaluate(model: &Llama, set: &TrainingSet, context: usize, batch: usize) 
     })
 }
 
-/// Forward + backward of one optimizer step (gradient accumulation over `micro`), clipping,
-/// AdamW. Returns (mean loss, gradient norm before clipping).
-pub fn train_step(
-    model: &Llama,
-    vars: &[(String, Var)],
-    opt: &mut AdamW,
-    micro: &[(Tensor, Tensor)],
+/// Every validation document of the set and their codec bytes.
+fn validation_docs(set: &TrainingSet) -> (Vec<Vec<u16>>, u64) {
+    let rows = set.split(Split::Val, None);
+    let bytes = rows.iter().map(|&i| set.rows[i].codec_bytes).sum();
+    let docs = rows
+        .iter()
+        .map(|&i| set.doc(&set.rows[i]).to_vec())
+        .collect();
+    (docs, bytes)
+}
+
+/// One optimizer step: gradient accumulation over `micro` batches of [B, T] inputs and
+/// targets, global-norm clipping, AdamW. Returns (mean loss, gradient norm before clipping).
+pub fn train_step<B: Backend>(
+    model: &mut Model<B>,
+    micro: &[(&[u32], &[u32])],
     cfg: &TrainConfig,
+    step: u64,
     lr: f64,
 ) -> Result<(f64, f64)> {
-    let k = micro.len() as f64;
-    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-    let mut loss_sum = 0.0;
+    let Capacity { batch, context } = model.cap;
+    let k = micro.len();
+    let per = (batch * context) as f64;
+    model.zero_grad()?;
+    let mut loss = 0.0;
     for (x, y) in micro {
-        let loss = model.loss(x, y)?;
-        loss_sum += loss.to_scalar::<f32>()? as f64;
-        let scaled = if micro.len() > 1 { (loss / k)? } else { loss };
-        let mut store = scaled.backward()?;
-        for (i, (_, var)) in vars.iter().enumerate() {
-            if let Some(g) = store.remove(var.as_tensor()) {
-                grads[i] = Some(match grads[i].take() {
-                    Some(acc) => (acc + g)?,
-                    None => g,
-                });
-            }
-        }
+        let scale = (1.0 / (per * k as f64)) as f32;
+        let sum = model.forward(x, Some(y), batch, context, Some(scale))?;
+        loss += sum.unwrap_or(0.0) / per;
+        model.backward()?;
     }
-    let grads: Vec<Tensor> = grads
-        .into_iter()
-        .zip(vars)
-        .map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.zeros_like()))
-        .collect::<candle_core::Result<_>>()?;
-    let mut sq = 0f64;
-    for g in &grads {
-        sq += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-    }
-    let norm = sq.sqrt();
-    let loss = loss_sum / k;
+    let loss = loss / k as f64;
+    let norm = model.grad_norm()?;
     if !loss.is_finite() || !norm.is_finite() {
         return Err(Error::NonFinite {
-            step: opt.step + 1,
+            step,
             loss: loss as f32,
         });
     }
-    let grads = if cfg.grad_clip > 0.0 && norm > cfg.grad_clip {
-        let s = cfg.grad_clip / (norm + 1e-6);
-        grads
-            .iter()
-            .map(|g| g * s)
-            .collect::<candle_core::Result<Vec<_>>>()?
+    let clip = cfg.grad_clip;
+    let grad_scale = if clip > 0.0 && norm > clip {
+        (clip / (norm + 1e-6)) as f32
     } else {
-        grads
+        1.0
     };
-    opt.update(vars, &grads, cfg, lr)?;
+    model.adamw(engine::backend::AdamW {
+        lr: lr as f32,
+        beta1: cfg.beta1 as f32,
+        beta2: cfg.beta2 as f32,
+        eps: cfg.eps as f32,
+        weight_decay: cfg.weight_decay as f32,
+        step,
+        grad_scale,
+    })?;
     Ok((loss, norm))
 }
 
-fn batch_tensors(
-    x: Vec<u32>,
-    y: Vec<u32>,
-    b: usize,
-    t: usize,
-    dev: &Device,
-) -> Result<(Tensor, Tensor)> {
-    Ok((
-        Tensor::from_vec(x, (b, t), dev)?,
-        Tensor::from_vec(y, (b, t), dev)?,
-    ))
+/// Named views of a flat buffer, for safetensors.
+fn named<'a>(model: &'a Model<Cpu>, flat: &'a [f32]) -> Vec<(&'a str, &'a [usize], &'a [f32])> {
+    model
+        .layout
+        .tensors
+        .iter()
+        .map(|(n, s, sp)| (n.as_str(), s.as_slice(), &flat[sp.off..sp.end()]))
+        .collect()
 }
 
-fn save(
-    out: &Path,
-    model_cfg: &LlamaConfig,
-    vars: &[(String, Var)],
-    opt: &AdamW,
-    state: &TrainerState,
-) -> Result<()> {
-    let weights: Vec<(String, Tensor)> = vars
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_detached_tensor()))
-        .collect();
+fn save(out: &Path, model: &Model<Cpu>, state: &TrainerState) -> Result<()> {
+    let n = model.num_parameters();
+    let (mut p, mut g, mut m, mut v) = (vec![0f32; n], vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    model.read_params(&mut p);
+    model.read_state(&mut g, &mut m, &mut v)?;
     let step = state.step.to_string();
+    let moments: Vec<(String, &[usize], &[f32])> = model
+        .layout
+        .tensors
+        .iter()
+        .flat_map(|(name, shape, sp)| {
+            [
+                (
+                    format!("exp_avg.{name}"),
+                    shape.as_slice(),
+                    &m[sp.off..sp.end()],
+                ),
+                (
+                    format!("exp_avg_sq.{name}"),
+                    shape.as_slice(),
+                    &v[sp.off..sp.end()],
+                ),
+            ]
+        })
+        .collect();
+    let moments: Vec<(&str, &[usize], &[f32])> = moments
+        .iter()
+        .map(|(n, s, d)| (n.as_str(), *s, *d))
+        .collect();
     let files = CheckpointFiles {
         files: vec![
             (
                 checkpoint::CONFIG,
-                checkpoint::config_json(model_cfg, "float32")?,
+                checkpoint::config_json(&model.config, "float32")?,
             ),
             (
                 checkpoint::WEIGHTS,
-                checkpoint::serialize_tensors(&weights, &[("step", step.clone())])?,
+                checkpoint::serialize_f32(&named(model, &p), &[("step", step.clone())])?,
             ),
             (
                 checkpoint::OPTIMIZER,
-                checkpoint::serialize_tensors(&opt.tensors(vars), &[("step", step)])?,
+                checkpoint::serialize_f32(&moments, &[("step", step)])?,
             ),
             (
                 checkpoint::STATE,
@@ -458,10 +393,22 @@ fn save(
     checkpoint::commit(out, &files)
 }
 
-/// Trains (or resumes) a run in `out`; prints one line per step and returns the summary.
-pub fn train(start: Start, out: &Path, device: &Device) -> Result<TrainSummary> {
+/// Loads a run's weights and AdamW moments into `model`.
+fn restore(out: &Path, model: &mut Model<Cpu>) -> Result<()> {
+    let flat = checkpoint::load_params(out, &model.config)?;
+    model.write_params(&flat);
+    let path = out.join(checkpoint::OPTIMIZER);
+    let t = checkpoint::read_f32(&path)?;
+    let m = checkpoint::flat_from(&t, &model.config, &path, "exp_avg.")?;
+    let v = checkpoint::flat_from(&t, &model.config, &path, "exp_avg_sq.")?;
+    model.write_moments(&m, &v)
+}
+
+/// Trains (or resumes) a run in `out` on the CPU engine; prints one line per step and returns
+/// the summary.
+pub fn train(start: Start, out: &Path) -> Result<TrainSummary> {
     checkpoint::recover(out)?;
-    let (mut set, cfg, model_cfg, vars, mut opt, loader_state, mut tokens_seen) = match start {
+    let (mut set, cfg, model_cfg, resume) = match start {
         Start::New {
             dataset,
             vocab,
@@ -483,9 +430,7 @@ pub fn train(start: Start, out: &Path, device: &Device) -> Result<TrainSummary> 
             model_cfg.eos_token_id = Some(set.vocab.eos);
             model_cfg.pad_token_id = pad_id(&set);
             config.validate(&model_cfg)?;
-            let vars = init_params(&model_cfg, config.seed, device)?;
-            let opt = AdamW::new(&vars)?;
-            (set, config, model_cfg, vars, opt, None, 0)
+            (set, config, model_cfg, None)
         }
         Start::Resume {
             steps,
@@ -508,80 +453,59 @@ pub fn train(start: Start, out: &Path, device: &Device) -> Result<TrainSummary> 
                     out.display(), st.vocab_hash, set.hash
                 )));
             }
-            let (wcfg, tensors) = checkpoint::read_weights(out, device)?;
-            let shapes = wcfg.parameter_shapes();
-            let vars = shapes
-                .iter()
-                .map(|(n, _)| {
-                    let t = tensors.get(n).ok_or_else(|| Error::Checkpoint {
-                        path: out.join(checkpoint::WEIGHTS),
-                        problem: format!("missing tensor {n}"),
-                        fix: "the checkpoint is damaged; start a new run".into(),
-                    })?;
-                    Ok((n.clone(), Var::from_tensor(&t.to_dtype(DType::F32)?)?))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let opt = AdamW::load(&vars, &out.join(checkpoint::OPTIMIZER), st.step, device)?;
             let mut cfg = st.config.clone();
             if let Some(s) = steps {
                 cfg.steps = s;
             }
             cfg.stop_at = stop_at;
-            (
-                set,
-                cfg,
-                st.model.clone(),
-                vars,
-                opt,
-                Some(st.loader),
-                st.tokens_seen,
-            )
+            (set, cfg, st.model.clone(), Some(st))
         }
     };
     set.load_shards()?;
     std::fs::create_dir_all(out).map_err(Error::io(out))?;
-    let mut model = Llama::from_vars(model_cfg.clone(), &vars, device)?;
-    let on_cuda = device.is_cuda();
-    if on_cuda && cfg.bf16 {
-        model.set_compute_dtype(DType::BF16);
-    }
-    // Evaluation through detached views of the same storage: no autograd graph is built.
-    let detached: HashMap<String, Tensor> = vars
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_detached_tensor()))
-        .collect();
-    let mut eval_model = Llama::from_tensors(model_cfg.clone(), &detached, device)?;
-    if on_cuda && cfg.bf16 {
-        eval_model.set_compute_dtype(DType::BF16);
-    }
+    let cap = Capacity {
+        batch: cfg.batch,
+        context: cfg.context,
+    };
+    let mut model = Model::new(Cpu::new(), model_cfg.clone(), cap, true, cfg.recompute)?;
+    let (start_step, mut tokens_seen) = match &resume {
+        None => {
+            model.init(cfg.seed);
+            (0, 0)
+        }
+        Some(st) => {
+            restore(out, &mut model)?;
+            (st.step, st.tokens_seen)
+        }
+    };
     let mut loader = Loader::new(&set, cfg.context, cfg.seed, &cfg.mix)?;
-    if let Some(s) = loader_state {
-        loader.state = s;
+    if let Some(st) = resume {
+        loader.state = st.loader;
     }
     let unigram = crate::data::unigram_baseline_bits_per_byte(&set)?;
+    let (val_docs, val_bytes) = validation_docs(&set);
     let metrics_path = out.join("metrics.jsonl");
-    let mut history = truncate_metrics(&metrics_path, opt.step)?;
+    let mut history = truncate_metrics(&metrics_path, start_step)?;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&metrics_path)
         .map_err(Error::io(&metrics_path))?;
-    let start_step = opt.step;
     let end = cfg.stop_at.map(|s| s.min(cfg.steps)).unwrap_or(cfg.steps);
     info!(
-        "training {} ({} parameters, vocabulary {} = {}) on {} docs of {}; steps {start_step}..{end} of {}, {} x {} x {} tokens per step, byte-unigram baseline {unigram:.4} bits/byte (fitted on train bytes, add-one smoothing, on held-out bytes)",
+        "training {} ({} parameters, vocabulary {} = {}) on {} docs of {} with {}; steps {start_step}..{end} of {}, {} x {} x {} tokens per step, byte-unigram baseline {unigram:.4} bits/byte (fitted on train bytes, add-one smoothing, on held-out bytes)",
         cfg.preset,
         model_cfg.num_parameters(),
         set.vocab.size,
         set.hash,
         set.split(Split::Train, None).len(),
         set.root.display(),
+        model.backend.name(),
         cfg.steps,
         cfg.grad_accum,
         cfg.batch,
         cfg.context
     );
-    let flops_per_token = model_cfg.train_flops_per_token(cfg.context);
     let t0 = Instant::now();
     let (mut last_loss, mut last_eval) = (f64::NAN, None::<Eval>);
     let tokens_per_step = (cfg.batch * cfg.context * cfg.grad_accum) as u64;
@@ -591,37 +515,35 @@ pub fn train(start: Start, out: &Path, device: &Device) -> Result<TrainSummary> 
     };
     for step in start_step..end {
         let ts = Instant::now();
-        let micro: Vec<(Tensor, Tensor)> = (0..cfg.grad_accum)
-            .map(|_| {
-                let (x, y) = loader.next_batch(&set, cfg.batch);
-                batch_tensors(x, y, cfg.batch, cfg.context, device)
-            })
-            .collect::<Result<_>>()?;
+        let micro: Vec<(Vec<u32>, Vec<u32>)> = (0..cfg.grad_accum)
+            .map(|_| loader.next_batch(&set, cfg.batch))
+            .collect();
+        let views: Vec<(&[u32], &[u32])> = micro
+            .iter()
+            .map(|(x, y)| (x.as_slice(), y.as_slice()))
+            .collect();
         let lr = cfg.lr_at(step);
-        let (loss, norm) = train_step(&model, &vars, &mut opt, &micro, &cfg, lr)?;
+        let (loss, norm) = train_step(&mut model, &views, &cfg, step + 1, lr)?;
         let dt = ts.elapsed().as_secs_f64();
         tokens_seen += tokens_per_step;
         run_tokens += tokens_per_step;
         last_loss = loss;
         let tps = tokens_per_step as f64 / dt;
-        let mfu = on_cuda.then(|| flops_per_token * tps / (cfg.peak_tflops * 1e12));
-        let mfu_text = mfu
-            .map(|m| format!(" mfu {:.1}%", m * 100.0))
-            .unwrap_or_default();
-        info!("step {:>6}/{} loss {loss:.4} lr {lr:.3e} grad_norm {norm:.3} tokens/s {tps:.0}{mfu_text}", step + 1, cfg.steps);
+        info!("step {:>6}/{} loss {loss:.4} lr {lr:.3e} grad_norm {norm:.3} {:.0} ms tokens/s {tps:.0}", step + 1, cfg.steps, dt * 1e3);
         write_line(
             &mut metrics,
-            serde_json::json!({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_second": tps, "tokens": tokens_seen, "mfu": mfu}),
+            serde_json::json!({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_second": tps, "tokens": tokens_seen}),
         )?;
         history.0.push((step + 1, loss));
         let done = step + 1 == end;
         if done || (cfg.eval_every > 0 && (step + 1) % cfg.eval_every == 0) {
-            let e = evaluate(&eval_model, &set, cfg.context, cfg.batch)?;
+            let e = evaluate(&mut model, &val_docs, val_bytes)?;
             info!(
-                "eval step {}: val {:.4} nats/token, {:.4} bits per codec byte (byte-unigram {unigram:.4})",
+                "eval step {}: val {:.4} nats/token, {:.4} bits per codec byte (byte-unigram {unigram:.4}) over {} documents",
                 step + 1,
                 e.nats_per_token,
-                e.bits_per_byte
+                e.bits_per_byte,
+                val_docs.len()
             );
             write_line(
                 &mut metrics,
@@ -640,12 +562,12 @@ pub fn train(start: Start, out: &Path, device: &Device) -> Result<TrainSummary> 
                 dataset: std::fs::canonicalize(&set.root).unwrap_or(set.root.clone()),
                 tokens_seen,
             };
-            save(out, &model_cfg, &vars, &opt, &state)?;
+            save(out, &model, &state)?;
         }
     }
     let eval = match last_eval {
         Some(e) => e,
-        None => evaluate(&eval_model, &set, cfg.context, cfg.batch)?,
+        None => evaluate(&mut model, &val_docs, val_bytes)?,
     };
     let png = out.join("loss.png");
     let ((x0, x1), (y0, y1)) = crate::plot::loss_curve(&png, &history.0, &history.1)?;
@@ -655,7 +577,7 @@ pub fn train(start: Start, out: &Path, device: &Device) -> Result<TrainSummary> 
         png.display()
     );
     Ok(TrainSummary {
-        steps: opt.step,
+        steps: end.max(start_step),
         final_train_loss: last_loss,
         val_nats_per_token: eval.nats_per_token,
         val_bits_per_byte: eval.bits_per_byte,
@@ -713,48 +635,90 @@ pub fn process_cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// Training throughput of `preset` on a fixed pseudo-random batch (forward + backward +
-/// AdamW), after one untimed step: (tokens per wall second, tokens per CPU second). What
-/// `codeclm bench train` prints.
+/// Training throughput of `preset` on fixed pseudo-random batches (forward + backward + clip +
+/// AdamW), after one untimed step; what `codeclm bench train` prints.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchTrain {
+    pub tokens_per_second: f64,
+    pub tokens_per_cpu_second: f64,
+    pub seconds_per_step: f64,
+    /// Training FLOPs per token (6 N + 12 L T D), times tokens/s.
+    pub flops_per_second: f64,
+    /// The backend (SIMD level, threads).
+    pub backend: String,
+    /// With `profile`: per kernel, (name, calls per step, seconds per step), most expensive
+    /// first, from the timed steps.
+    pub profile: Vec<(String, f64, f64)>,
+}
+
 pub fn bench_train(
     preset: &str,
     vocab_size: usize,
     batch: usize,
     context: usize,
     steps: usize,
-    fused: bool,
-    device: &Device,
-) -> Result<(f64, f64)> {
+    recompute: bool,
+    profile: bool,
+) -> Result<BenchTrain> {
     let model_cfg = LlamaConfig::preset(preset, vocab_size)?;
     let mut cfg = TrainConfig::preset(preset)?;
     cfg.context = context;
     cfg.batch = batch;
     cfg.validate(&model_cfg)?;
-    let vars = init_params(&model_cfg, 0, device)?;
-    let mut model = Llama::from_vars(model_cfg, &vars, device)?;
-    model.set_fused(fused);
-    let mut opt = AdamW::new(&vars)?;
+    let cap = Capacity { batch, context };
+    if profile {
+        let be = engine::profile::Profiled::new(Cpu::new());
+        let mut model = Model::new(be, model_cfg, cap, true, recompute)?;
+        let mut r = timed_steps(&mut model, &cfg, steps, |b| b.reset())?;
+        let per = steps.max(1) as f64;
+        r.profile = model
+            .backend
+            .report()
+            .into_iter()
+            .map(|(k, calls, secs)| (k.to_string(), calls as f64 / per, secs / per))
+            .collect();
+        return Ok(r);
+    }
+    let mut model = Model::new(Cpu::new(), model_cfg, cap, true, recompute)?;
+    timed_steps(&mut model, &cfg, steps, |_| {})
+}
+
+fn timed_steps<B: Backend>(
+    model: &mut Model<B>,
+    cfg: &TrainConfig,
+    steps: usize,
+    after_warmup: impl FnOnce(&B),
+) -> Result<BenchTrain> {
+    model.init(0);
+    let Capacity { batch, context } = model.cap;
+    let vocab_size = model.config.vocab_size;
     let mut rng = crate::rng::Rng::new(1);
     let data: Vec<u32> = (0..batch * (context + 1))
         .map(|_| rng.below(vocab_size) as u32)
         .collect();
-    let mut x = Vec::new();
-    let mut y = Vec::new();
+    let (mut x, mut y) = (Vec::new(), Vec::new());
     for r in 0..batch {
         let w = &data[r * (context + 1)..(r + 1) * (context + 1)];
         x.extend_from_slice(&w[..context]);
         y.extend_from_slice(&w[1..]);
     }
-    let micro = vec![batch_tensors(x, y, batch, context, device)?];
-    train_step(&model, &vars, &mut opt, &micro, &cfg, 1e-4)?;
+    let micro = [(x.as_slice(), y.as_slice())];
+    train_step(model, &micro, cfg, 1, 1e-4)?;
+    after_warmup(&model.backend);
     let (t, cpu) = (Instant::now(), process_cpu_seconds());
-    for _ in 0..steps {
-        train_step(&model, &vars, &mut opt, &micro, &cfg, 1e-4)?;
+    for s in 0..steps {
+        train_step(model, &micro, cfg, 2 + s as u64, 1e-4)?;
     }
+    let secs = t.elapsed().as_secs_f64();
     let tokens = (steps * batch * context) as f64;
     let cpu = process_cpu_seconds() - cpu;
-    Ok((
-        tokens / t.elapsed().as_secs_f64(),
-        if cpu > 0.0 { tokens / cpu } else { f64::NAN },
-    ))
+    let tps = tokens / secs;
+    Ok(BenchTrain {
+        tokens_per_second: tps,
+        tokens_per_cpu_second: if cpu > 0.0 { tokens / cpu } else { f64::NAN },
+        seconds_per_step: secs / steps.max(1) as f64,
+        flops_per_second: tps * model.config.train_flops_per_token(context),
+        backend: model.backend.name(),
+        profile: Vec::new(),
+    })
 }

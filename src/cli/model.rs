@@ -51,6 +51,10 @@ pub struct TrainArgs {
     /// Stop with a checkpoint after this step (continue later with --resume).
     #[arg(long)]
     stop_at: Option<u64>,
+    /// Recompute each layer's activations in the backward instead of keeping them: less
+    /// memory for long contexts, about a third more compute; the same results bit for bit.
+    #[arg(long)]
+    recompute: bool,
     /// Run directory (checkpoints, metrics.jsonl, loss.png).
     #[arg(long, default_value = "runs/tiny")]
     out: PathBuf,
@@ -114,9 +118,12 @@ pub struct BenchTrainArgs {
     steps: usize,
     #[arg(long, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
-    /// Only candle's composed ops (no fused kernels of ops.rs): the before/after comparison.
+    /// Recompute each layer's activations in the backward (as `train --recompute`).
     #[arg(long)]
-    no_fused: bool,
+    recompute: bool,
+    /// Time every kernel call and print where a step's time goes (stderr).
+    #[arg(long)]
+    profile: bool,
     /// Accepted for scripts; the summary is always one JSON line.
     #[arg(long)]
     json: bool,
@@ -165,7 +172,7 @@ fn parse_mix(s: &str) -> Result<BTreeMap<String, f64>> {
 
 pub fn train_cmd(a: TrainArgs) -> Result<()> {
     set_threads(a.threads);
-    let device = a.device.model()?;
+    cpu_only(&a.device, "train")?;
     let (start, out) = if let Some(run) = a.resume {
         if a.config.is_some()
             || a.context.is_some()
@@ -213,6 +220,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
             cfg.mix = parse_mix(m)?;
         }
         cfg.stop_at = a.stop_at;
+        cfg.recompute |= a.recompute;
         let dataset = a.dataset.context("--dataset is required")?;
         (
             Start::New {
@@ -223,7 +231,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
             a.out,
         )
     };
-    let s = train::train(start, &out, &device)?;
+    let s = train::train(start, &out)?;
     println!(
         "held-out: {:.4} bits per codec byte ({:.4} nats/token) vs byte-unigram baseline {:.4} bits per byte (unigram fitted on the training bytes, add-one smoothing): {:.1}% of the baseline",
         s.val_bits_per_byte,
@@ -323,28 +331,62 @@ pub fn model_cmd(cmd: ModelCommand) -> Result<()> {
     }
 }
 
+/// Training runs on the engine's CPU backend until its CUDA backend lands.
+fn cpu_only(device: &DeviceArg, what: &str) -> Result<()> {
+    if let DeviceArg::Cuda(n) = device {
+        bail!(
+            "--device cuda:{n}: `codeclm {what}` runs on the training engine, whose CUDA backend is not built yet (docs/cuda.md); use --device cpu"
+        );
+    }
+    Ok(())
+}
+
 pub fn bench_train(a: BenchTrainArgs) -> Result<()> {
     set_threads(Some(a.threads));
-    let device = a.device.model()?;
-    let (tps, per_cpu) = train::bench_train(
+    cpu_only(&a.device, "bench train")?;
+    let r = train::bench_train(
         &a.preset,
         a.vocab_size,
         a.batch,
         a.context,
         a.steps,
-        !a.no_fused,
-        &device,
+        a.recompute,
+        a.profile,
     )?;
+    if a.profile {
+        let total: f64 = r.profile.iter().map(|p| p.2).sum();
+        eprintln!(
+            "{:<20} {:>10} {:>10} {:>7}",
+            "kernel", "calls/step", "ms/step", "share"
+        );
+        for (k, calls, secs) in &r.profile {
+            eprintln!(
+                "{k:<20} {calls:>10.0} {:>10.2} {:>6.1}%",
+                secs * 1e3,
+                100.0 * secs / total
+            );
+        }
+        eprintln!(
+            "{:<20} {:>10} {:>10.2} (step {:.2} ms)",
+            "total",
+            "",
+            total * 1e3,
+            r.seconds_per_step * 1e3
+        );
+    }
     let cfg = LlamaConfig::preset(&a.preset, a.vocab_size)?;
+    let tps = r.tokens_per_second;
     println!(
         "{}",
         serde_json::json!({
-            "impl": "candle", "preset": a.preset, "threads": a.threads, "batch": a.batch,
-            "context": a.context, "vocab_size": a.vocab_size, "parameters": cfg.num_parameters(),
-            "steps": a.steps, "tokens_per_second": tps, "tokens_per_s": tps,
-            "config": cfg.to_hf_json("float32"),
+            "impl": "codeclm", "backend": r.backend, "preset": a.preset, "threads": a.threads,
+            "batch": a.batch, "context": a.context, "vocab_size": a.vocab_size,
+            "parameters": cfg.num_parameters(), "steps": a.steps, "tokens_per_second": tps,
+            "tokens_per_s": tps, "config": cfg.to_hf_json("float32"),
             "tokens_per_second_per_thread": tps / a.threads as f64,
-            "tokens_per_cpu_second": per_cpu, "fused": !a.no_fused,
+            "tokens_per_cpu_second": r.tokens_per_cpu_second,
+            "seconds_per_step": r.seconds_per_step, "flops_per_second": r.flops_per_second,
+            "recompute": a.recompute, "profile": r.profile,
         })
     );
     Ok(())

@@ -1,0 +1,268 @@
+//! What a device must provide to run the engine: buffers of f32 and of token ids, and the
+//! kernels of the paper's Llama, each forward beside its backward. The model ([`super::llama`])
+//! is written once against this trait; the CPU backend is [`super::cpu`], the CUDA one will
+//! implement the same calls over device pointers (cuBLASLt matmuls, NVRTC kernels).
+//!
+//! Tensors are [`View`]s: a buffer and a span in it. Kernels read their inputs and write their
+//! outputs through views of shared buffers (as llm.c passes pointers into one arena); an output
+//! never overlaps an input of the same call unless the kernel says it works in place.
+
+use crate::Result;
+
+/// A span of a buffer, in elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub off: usize,
+    pub len: usize,
+}
+
+impl Span {
+    pub fn end(&self) -> usize {
+        self.off + self.len
+    }
+    /// The first `len` elements of this span.
+    pub fn prefix(&self, len: usize) -> Span {
+        debug_assert!(len <= self.len, "prefix {len} of a span of {}", self.len);
+        Span { off: self.off, len }
+    }
+    /// `len` elements from `at` (relative to the span).
+    pub fn sub(&self, at: usize, len: usize) -> Span {
+        debug_assert!(
+            at + len <= self.len,
+            "{at}+{len} outside a span of {}",
+            self.len
+        );
+        Span {
+            off: self.off + at,
+            len,
+        }
+    }
+}
+
+/// A tensor: `span` of `buf`.
+pub struct View<'a, B: Backend + ?Sized> {
+    pub buf: &'a B::Buf,
+    pub span: Span,
+}
+
+impl<B: Backend + ?Sized> Clone for View<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend + ?Sized> Copy for View<'_, B> {}
+
+impl<'a, B: Backend + ?Sized> View<'a, B> {
+    pub fn new(buf: &'a B::Buf, span: Span) -> Self {
+        View { buf, span }
+    }
+    pub fn len(&self) -> usize {
+        self.span.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.span.len == 0
+    }
+    pub fn prefix(&self, len: usize) -> Self {
+        View::new(self.buf, self.span.prefix(len))
+    }
+    pub fn sub(&self, at: usize, len: usize) -> Self {
+        View::new(self.buf, self.span.sub(at, len))
+    }
+}
+
+/// C[m, n] = op(A)[m, k] . op(B)[k, n] (+ C when `accumulate`), all row-major and contiguous;
+/// `trans_a`: A is stored [k, m]; `trans_b`: B is stored [n, k] (a Linear's weight).
+#[derive(Clone, Copy, Debug)]
+pub struct Matmul {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub accumulate: bool,
+}
+
+/// The shape of one causal self-attention call over a packed `qkv` buffer: rows are
+/// `[B, T]`, each row `[q: H * Dh | k: K * Dh | v: K * Dh]`, q and k already rotated.
+#[derive(Clone, Copy, Debug)]
+pub struct Attention {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Attention {
+    pub fn row(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+}
+
+/// AdamW's settings for one update (PyTorch's `torch.optim.AdamW` arithmetic).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step, for the bias corrections.
+    pub step: u64,
+    /// Every gradient is multiplied by this first (global-norm clipping).
+    pub grad_scale: f32,
+}
+
+/// A device: memory and the kernels. Every call may be asynchronous on a GPU; `download` and
+/// the reductions that return a host value synchronise.
+pub trait Backend: Send + Sync {
+    /// Device memory of f32.
+    type Buf: Send + Sync;
+    /// Device memory of u32 token ids.
+    type Ids: Send + Sync;
+
+    /// A human-readable name ("cpu (avx512f, 2 threads)").
+    fn name(&self) -> String;
+
+    // -- memory ------------------------------------------------------------------------------
+    /// `len` zeroed elements.
+    fn alloc(&self, len: usize) -> Result<Self::Buf>;
+    fn alloc_ids(&self, len: usize) -> Result<Self::Ids>;
+    fn upload(&self, dst: View<Self>, src: &[f32]);
+    fn download(&self, src: View<Self>, dst: &mut [f32]);
+    /// Writes `src` at the start of `dst` (interior mutability: ids are rewritten every step).
+    fn upload_ids(&self, dst: &Self::Ids, src: &[u32]);
+    fn fill(&self, x: View<Self>, value: f32);
+    /// dst += src (the residual connections; same length).
+    fn add_assign(&self, dst: View<Self>, src: View<Self>);
+
+    // -- the kernels, each forward beside its backward ---------------------------------------
+    fn matmul(&self, c: View<Self>, a: View<Self>, b: View<Self>, mm: Matmul);
+
+    /// out[r] = table[ids[r]] for `rows` rows of `dim`.
+    fn embedding_forward(
+        &self,
+        out: View<Self>,
+        table: View<Self>,
+        ids: &Self::Ids,
+        rows: usize,
+        dim: usize,
+    );
+    /// dtable[ids[r]] += dout[r].
+    fn embedding_backward(
+        &self,
+        dtable: View<Self>,
+        dout: View<Self>,
+        ids: &Self::Ids,
+        rows: usize,
+        dim: usize,
+    );
+
+    /// out = x * rstd * w per row, rstd = 1 / sqrt(mean(x^2) + eps) (kept for the backward).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_forward(
+        &self,
+        out: View<Self>,
+        rstd: View<Self>,
+        x: View<Self>,
+        w: View<Self>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    );
+    /// dx (+)= the input gradient (added when `accumulate`); dw += the weight gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        dx: View<Self>,
+        dw: View<Self>,
+        dout: View<Self>,
+        x: View<Self>,
+        w: View<Self>,
+        rstd: View<Self>,
+        rows: usize,
+        dim: usize,
+        accumulate: bool,
+    );
+
+    /// Rotates the q and k heads of `qkv` in place (HF `rotate_half`), row t of each sequence at
+    /// position `pos0 + t`; `cos`/`sin` are [positions, Dh / 2].
+    fn rope_forward(
+        &self,
+        qkv: View<Self>,
+        cos: View<Self>,
+        sin: View<Self>,
+        shape: Attention,
+        pos0: usize,
+    );
+    /// The transpose rotation, in place on the q and k parts of `dqkv`.
+    fn rope_backward(
+        &self,
+        dqkv: View<Self>,
+        cos: View<Self>,
+        sin: View<Self>,
+        shape: Attention,
+        pos0: usize,
+    );
+
+    /// Causal attention: out [B, T, H * Dh], lse [B, H, T] (log-sum-exp of each score row, for
+    /// the backward). Tiled with an online softmax: no T x T matrix.
+    fn attention_forward(
+        &self,
+        out: View<Self>,
+        lse: View<Self>,
+        qkv: View<Self>,
+        shape: Attention,
+    );
+    /// Writes every element of dqkv (the gradient of q, k and v) from dout.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dqkv: View<Self>,
+        dout: View<Self>,
+        out: View<Self>,
+        lse: View<Self>,
+        qkv: View<Self>,
+        shape: Attention,
+    );
+
+    /// out[r] = silu(gate[r]) * up[r], `gate_up` rows `[gate: F | up: F]`.
+    fn swiglu_forward(&self, out: View<Self>, gate_up: View<Self>, rows: usize, ffn: usize);
+    fn swiglu_backward(
+        &self,
+        dgate_up: View<Self>,
+        dout: View<Self>,
+        gate_up: View<Self>,
+        rows: usize,
+        ffn: usize,
+    );
+
+    /// losses[r] = logsumexp(logits[r]) - logits[r, targets[r]] (0 where the target is
+    /// [`IGNORE`]); with `grad_scale`, logits[r] is overwritten in place by
+    /// grad_scale * (softmax(logits[r]) - onehot(targets[r])).
+    fn cross_entropy(
+        &self,
+        losses: View<Self>,
+        logits: View<Self>,
+        targets: &Self::Ids,
+        rows: usize,
+        vocab: usize,
+        grad_scale: Option<f32>,
+    );
+
+    /// sum(x^2) in f64, the same value for any thread count.
+    fn sum_squares(&self, x: View<Self>) -> f64;
+    /// One AdamW update over `spans` of the flat buffers, weight decay where the flag is set.
+    fn adamw(
+        &self,
+        params: &Self::Buf,
+        grads: &Self::Buf,
+        m: &Self::Buf,
+        v: &Self::Buf,
+        spans: &[(Span, bool)],
+        hp: AdamW,
+    );
+}
+
+/// A target that is not scored (padding).
+pub const IGNORE: u32 = u32::MAX;
