@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Training speed, candle (codeclm) vs PyTorch, same model, same batch, same machine, same run.
+"""Training speed, codeclm's engine vs PyTorch, same model, same batch, same machine, same run.
 
     python3 tools/bench_train.py [--presets tiny small] [--threads 1 2] [--bin target/release/codeclm]
     make bench-train                     # in the `make compat-env` venv
@@ -12,8 +12,11 @@ For each preset and thread count:
      config as transformers' LlamaForCausalLM (SDPA attention, f32), the same batch x context of
      random tokens, cross-entropy on next tokens, gradient clipping at 1.0, torch.optim.AdamW;
      after --warmup untimed steps it times --steps steps (stopping early after --seconds).
-Both run under /usr/bin/time -v for the peak RSS. Prints a Markdown table with tokens/s per core
-and the ratio candle / PyTorch, and writes it with the raw JSON to OUT/bench-train.md.
+Both run under /usr/bin/time -v for the peak RSS. Prints a Markdown table with tokens/s per core,
+the ratio codeclm / PyTorch, and codeclm's achieved FLOP/s (6 N + 12 L T D per token, PaLM's
+count) against the machine's f32 peak, taken as cores x the nominal clock of /proc/cpuinfo x 64
+FLOP per cycle (two AVX-512 FMA units: 2 x 16 lanes x 2); writes it with the raw JSON to
+OUT/bench-train.md.
 """
 
 from __future__ import annotations
@@ -63,6 +66,16 @@ def torch_worker(spec: dict) -> None:
                       "torch": torch.__version__, "parameters": sum(p.numel() for p in model.parameters())}))
 
 
+def peak_flops(threads: int) -> float | None:
+    """f32 peak of `threads` cores: nominal clock x 64 FLOP/cycle (AVX-512, two FMA units)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            mhz = next(float(l.split(":")[1]) for l in f if l.startswith("cpu MHz"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return threads * mhz * 1e6 * 64
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["tiny", "small"])
@@ -99,16 +112,20 @@ def main() -> int:
             pout, _, rss_pt, _ = run_with_rss([sys.executable, __file__, "--torch-worker", json.dumps(spec)], threads)
             pt = last_json(pout)
             ratio = rs_tps / pt["tokens_per_s"]
+            flops = rs.get("flops_per_second")
+            peak = peak_flops(threads)
+            share = f"{flops / 1e9:,.0f} ({100 * flops / peak:.0f}%)" if flops and peak else "?"
             rows.append([preset, threads, f"{batch}x{context}", f"{pt['parameters']:,}",
                          f"{rs_tps / threads:,.0f}", f"{pt['tokens_per_s'] / threads:,.0f}", f"{ratio:.2f}",
-                         f"{rss_rs:,.0f}", f"{rss_pt:,.0f}"])
+                         share, f"{rss_rs:,.0f}", f"{rss_pt:,.0f}"])
             raw.append({"preset": preset, "threads": threads, "codeclm": rs, "pytorch": pt,
                         "rss_mib": {"codeclm": rss_rs, "pytorch": rss_pt}, "ratio": ratio})
-            print(f"bench_train: {preset} x{threads}: candle {rs_tps:,.0f} tok/s, PyTorch "
+            print(f"bench_train: {preset} x{threads}: codeclm {rs_tps:,.0f} tok/s, PyTorch "
                   f"{pt['tokens_per_s']:,.0f} tok/s, ratio {ratio:.2f}", file=sys.stderr)
 
-    md = table(rows, ["preset", "threads", "batch x ctx", "params", "candle tok/s/core",
-                      "PyTorch tok/s/core", "candle/PyTorch", "candle RSS MiB", "PyTorch RSS MiB"])
+    md = table(rows, ["preset", "threads", "batch x ctx", "params", "codeclm tok/s/core",
+                      "PyTorch tok/s/core", "codeclm/PyTorch", "codeclm GFLOP/s (of peak)",
+                      "codeclm RSS MiB", "PyTorch RSS MiB"])
     head = (f"Training tokens/s (forward + backward + AdamW, f32), {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores, PyTorch {raw[0]['pytorch']['torch'] if raw else '?'}; "
             f"peak RSS per process (/usr/bin/time -v)")

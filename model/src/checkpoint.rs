@@ -10,9 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
-
-use crate::llama::{Llama, LlamaConfig};
+use crate::llama::LlamaConfig;
 use crate::{Error, Result};
 
 pub const CONFIG: &str = "config.json";
@@ -21,24 +19,6 @@ pub const OPTIMIZER: &str = "optimizer.safetensors";
 pub const STATE: &str = "trainer_state.json";
 const JOURNAL: &str = ".next";
 const COMMIT: &str = "COMMIT";
-
-/// Serializes named tensors (HF `format: pt` metadata, so `transformers` accepts the file).
-pub fn serialize_tensors(
-    tensors: &[(String, Tensor)],
-    extra_metadata: &[(&str, String)],
-) -> Result<Vec<u8>> {
-    let mut meta: HashMap<String, String> = HashMap::new();
-    meta.insert("format".into(), "pt".into());
-    for (k, v) in extra_metadata {
-        meta.insert(k.to_string(), v.clone());
-    }
-    let items: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(n, t)| Ok((n.clone(), t.contiguous()?)))
-        .collect::<Result<_>>()?;
-    safetensors::serialize(items.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
-        .map_err(|e| Error::Config(format!("cannot serialize tensors: {e}")))
-}
 
 /// A tensor as the engine holds it on the host: shape and f32 values.
 pub type HostTensor = (Vec<usize>, Vec<f32>);
@@ -184,27 +164,6 @@ pub fn flat_from(
     Ok(flat)
 }
 
-/// Reads `dir/config.json` and `dir/model.safetensors`.
-pub fn read_weights(dir: &Path, device: &Device) -> Result<(LlamaConfig, HashMap<String, Tensor>)> {
-    let config = read_config(dir)?;
-    let fix = format!(
-        "point --run at a directory written by `codeclm train` (or an HF Llama export) that holds {CONFIG} and {WEIGHTS}"
-    );
-    let w = dir.join(WEIGHTS);
-    let data = std::fs::read(&w).map_err(|e| Error::Checkpoint {
-        path: w.clone(),
-        problem: format!("cannot read the weights: {e}"),
-        fix: fix.clone(),
-    })?;
-    let tensors =
-        candle_core::safetensors::load_buffer(&data, device).map_err(|e| Error::Checkpoint {
-            path: w.clone(),
-            problem: format!("not a readable safetensors file: {e}"),
-            fix,
-        })?;
-    Ok((config, tensors))
-}
-
 /// The files of one checkpoint, committed together by [`commit`].
 #[derive(Default)]
 pub struct CheckpointFiles {
@@ -253,24 +212,27 @@ pub fn recover(dir: &Path) -> Result<()> {
     }
 }
 
-/// Loads `dir/config.json` and `dir/model.safetensors` (a run directory or an HF export).
-pub fn load_model(dir: &Path, device: &Device) -> Result<Llama> {
-    let (config, tensors) = read_weights(dir, device)?;
-    Llama::from_tensors(config, &tensors, device)
-}
-
 /// The HF `config.json` bytes for a model.
 pub fn config_json(config: &LlamaConfig, torch_dtype: &str) -> Result<Vec<u8>> {
     serde_json::to_vec_pretty(&config.to_hf_json(torch_dtype))
         .map_err(|e| Error::Config(format!("cannot write config.json: {e}")))
 }
 
-/// Writes a model-only run directory (config.json + model.safetensors), e.g. for exports/tests.
-pub fn save_model(dir: &Path, config: &LlamaConfig, tensors: &[(String, Tensor)]) -> Result<()> {
+/// Writes a model-only run directory (config.json + model.safetensors) from flat parameters in
+/// `parameter_shapes` order, e.g. for exports and tests.
+pub fn save_model(dir: &Path, config: &LlamaConfig, params: &[f32]) -> Result<()> {
+    let shapes = config.parameter_shapes();
+    let mut at = 0;
+    let mut named = Vec::new();
+    for (name, shape) in &shapes {
+        let n: usize = shape.iter().product();
+        named.push((name.as_str(), shape.as_slice(), &params[at..at + n]));
+        at += n;
+    }
     let files = CheckpointFiles {
         files: vec![
             (CONFIG, config_json(config, "float32")?),
-            (WEIGHTS, serialize_tensors(tensors, &[])?),
+            (WEIGHTS, serialize_f32(&named, &[])?),
         ],
     };
     commit(dir, &files)

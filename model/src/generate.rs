@@ -8,12 +8,81 @@
 //! rules: temperature, then top-k (ties with the k-th value kept), then top-p (the smallest set
 //! of most likely tokens whose probability reaches p; at least one kept).
 
-use candle_core::{IndexOp, Tensor};
+use std::path::Path;
 
-use crate::kv_cache::KvCache;
-use crate::llama::Llama;
+use crate::engine::{Capacity, Cpu, Model};
+use crate::llama::LlamaConfig;
 use crate::rng::Rng;
 use crate::{Error, Result};
+
+/// A trained model ready to generate on the engine's CPU backend: its weights, and an inference
+/// model (with a KV cache) built for the largest batch x window asked for so far.
+pub struct Lm {
+    pub config: LlamaConfig,
+    params: Vec<f32>,
+    model: Option<Model<Cpu>>,
+}
+
+impl Lm {
+    /// `dir/config.json` + `dir/model.safetensors` (a run directory or an HF Llama export).
+    pub fn load(dir: &Path) -> Result<Lm> {
+        let config = crate::checkpoint::read_config(dir)?;
+        config.validate()?;
+        let params = crate::checkpoint::load_params(dir, &config)?;
+        Ok(Lm {
+            config,
+            params,
+            model: None,
+        })
+    }
+
+    /// From flat parameters in `LlamaConfig::parameter_shapes` order.
+    pub fn new(config: LlamaConfig, params: Vec<f32>) -> Result<Lm> {
+        config.validate()?;
+        if params.len() as u64 != config.num_parameters() {
+            return Err(Error::Config(format!(
+                "{} parameters for a config of {}",
+                params.len(),
+                config.num_parameters()
+            )));
+        }
+        Ok(Lm {
+            config,
+            params,
+            model: None,
+        })
+    }
+
+    /// The inference model, rebuilt when a larger batch or window is needed.
+    pub fn model(&mut self, batch: usize, context: usize) -> Result<&mut Model<Cpu>> {
+        let fits = self
+            .model
+            .as_ref()
+            .is_some_and(|m| m.cap.batch >= batch && m.cap.context >= context);
+        if !fits {
+            self.model = None;
+            let cap = Capacity {
+                batch: batch.max(1),
+                context: context.max(1),
+            };
+            let mut m = Model::new(Cpu::new(), self.config.clone(), cap, false, false)?;
+            m.write_params(&self.params);
+            m.enable_cache()?;
+            self.model = Some(m);
+        }
+        Ok(self.model.as_mut().expect("built above"))
+    }
+
+    /// Logits [T, V] of one sequence from position 0 (no cache).
+    pub fn logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let v = self.config.vocab_size;
+        let m = self.model(1, ids.len())?;
+        m.forward(ids, None, 1, ids.len(), None)?;
+        let mut out = vec![0f32; ids.len() * v];
+        m.read_logits(&mut out);
+        Ok(out)
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct GenerateConfig {
@@ -141,17 +210,16 @@ fn argmax(v: &[f32]) -> u32 {
 }
 
 /// Completes every prompt; returns the new tokens of each (EOS included when produced).
-pub fn generate(
-    model: &Llama,
-    prompts: &[Vec<u32>],
-    cfg: &GenerateConfig,
-) -> Result<Vec<Vec<u32>>> {
-    generate_with(model, prompts, cfg, &mut |_, _| {})
+pub fn generate(lm: &mut Lm, prompts: &[Vec<u32>], cfg: &GenerateConfig) -> Result<Vec<Vec<u32>>> {
+    generate_with(lm, prompts, cfg, &mut |_, _| {})
 }
 
-/// [`generate`] calling `on_token(row, token)` for every sampled token (progress, streaming).
+/// [`generate`], calling `on_token(row, token)` as each token is drawn. With a `window`,
+/// generation slides: when the cache is full, the last window/2 tokens of every row are
+/// re-encoded from position 0 and generation continues, so a stream can be longer than the
+/// positions the model learned.
 pub fn generate_with(
-    model: &Llama,
+    lm: &mut Lm,
     prompts: &[Vec<u32>],
     cfg: &GenerateConfig,
     on_token: &mut dyn FnMut(usize, u32),
@@ -165,17 +233,15 @@ pub fn generate_with(
             "prompt {i} is empty; start every prompt with at least the BOS token"
         )));
     }
-    let vocab = model.config.vocab_size as u32;
+    let vocab = lm.config.vocab_size as u32;
     if let Some(bad) = prompts.iter().flatten().find(|&&t| t >= vocab) {
         return Err(Error::Config(format!(
             "prompt token {bad} is outside the model's vocabulary of {vocab}; use the vocabulary the model was trained with"
         )));
     }
-    let limit = model.config.max_position_embeddings;
-    // The positions the cache may hold: the window (at most the model's context), or the context.
+    let limit = lm.config.max_position_embeddings;
     let span = cfg.window.map_or(limit, |w| w.clamp(2, limit));
     let keep = span / 2;
-    // Every row's tokens so far (prompt + generated): what a window re-encodes.
     let mut hist: Vec<Vec<u32>> = prompts.to_vec();
     let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     let steps = if cfg.window.is_some() {
@@ -188,9 +254,8 @@ pub fn generate_with(
         }
         cfg.max_new_tokens.min(limit - longest)
     };
-    let dev = model.device().clone();
-    // Left-pads the last `n` tokens of each row into one [B, n'] input; returns it with the pads.
-    let window_input = |hist: &[Vec<u32>], n: usize| -> Result<(Tensor, Vec<usize>)> {
+    // The last `n` tokens of every row, left-padded to the longest: (ids [B, width], pads).
+    let window_input = |hist: &[Vec<u32>], n: usize| -> (Vec<u32>, Vec<usize>) {
         let width = hist.iter().map(|h| h.len().min(n)).max().unwrap_or(1);
         let mut ids = Vec::with_capacity(b * width);
         let mut pads = Vec::with_capacity(b);
@@ -200,7 +265,7 @@ pub fn generate_with(
             ids.extend(std::iter::repeat_n(cfg.pad_token_id, width - tail.len()));
             ids.extend_from_slice(tail);
         }
-        Ok((Tensor::from_vec(ids, (b, width), &dev)?, pads))
+        (ids, pads)
     };
     let mut procs: Vec<LogitsProcessor> = (0..b)
         .map(|i| {
@@ -208,45 +273,43 @@ pub fn generate_with(
             LogitsProcessor::new(seed, cfg.temperature, cfg.top_k, cfg.top_p)
         })
         .collect();
-    // A prompt longer than the window starts from its last `keep` tokens.
     let first = if longest >= span { keep } else { longest };
-    let (mut input, mut pads) = window_input(&hist, first)?;
-    let mut cache = KvCache::new(model.config.num_hidden_layers, span.min(longest + steps));
+    let (mut input, mut pads) = window_input(&hist, first);
+    let v = vocab as usize;
+    let model = lm.model(b, span.min(longest + steps).max(first))?;
+    let mut last = vec![0f32; b * v];
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut done = vec![false; b];
     let mut pos = 0;
     for _ in 0..steps {
-        let mut t = input.dim(1)?;
-        if pos + t > span {
-            // The window is full: re-encode the last `keep` tokens from position 0.
-            (input, pads) = window_input(&hist, keep)?;
-            cache.reset();
+        let mut t = input.len() / b;
+        if pos + t > model.cap.context.min(span) {
+            (input, pads) = window_input(&hist, keep);
             pos = 0;
-            t = input.dim(1)?;
+            t = input.len() / b;
         }
-        let logits = model.forward_padded(&input, pos, Some(&mut cache), Some(&pads))?;
+        model.forward_cached(&input, b, t, pos, &pads)?;
+        model.read_last_logits(&mut last);
         pos += t;
-        let last = logits.i((.., t - 1, ..))?.to_vec2::<f32>()?; // [B, V]
-        let mut next = Vec::with_capacity(b);
-        for (row, l) in last.iter().enumerate() {
+        input.clear();
+        for row in 0..b {
             if done[row] {
-                next.push(cfg.pad_token_id);
+                input.push(cfg.pad_token_id);
                 hist[row].push(cfg.pad_token_id);
                 continue;
             }
-            let tok = procs[row].sample(l);
+            let tok = procs[row].sample(&last[row * v..(row + 1) * v]);
             out[row].push(tok);
             hist[row].push(tok);
             on_token(row, tok);
             if cfg.eos_token_id == Some(tok) {
                 done[row] = true;
             }
-            next.push(tok);
+            input.push(tok);
         }
         if done.iter().all(|d| *d) {
             break;
         }
-        input = Tensor::from_vec(next, (b, 1), &dev)?;
     }
     Ok(out)
 }
@@ -254,6 +317,188 @@ pub fn generate_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A seeded model with grouped-query attention and 64 positions.
+    fn tiny() -> Lm {
+        let mut cfg = LlamaConfig::preset("tiny", 40).unwrap();
+        cfg.hidden_size = 32;
+        cfg.intermediate_size = 48;
+        cfg.num_hidden_layers = 2;
+        cfg.num_attention_heads = 4;
+        cfg.num_key_value_heads = Some(2);
+        cfg.max_position_embeddings = 64;
+        let cap = Capacity {
+            batch: 1,
+            context: 1,
+        };
+        let mut m = Model::new(Cpu::new(), cfg.clone(), cap, false, false).unwrap();
+        m.init(3);
+        let mut p = vec![0f32; m.num_parameters()];
+        m.read_params(&mut p);
+        // Larger weights than HF's init, so that attention is far from uniform.
+        for v in &mut p {
+            *v *= 4.0;
+        }
+        Lm::new(cfg, p).unwrap()
+    }
+
+    fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    fn argmax_of_uncached(lm: &mut Lm, seq: &[u32]) -> u32 {
+        let v = lm.config.vocab_size;
+        let l = lm.logits(seq).unwrap();
+        argmax(&l[(seq.len() - 1) * v..])
+    }
+
+    #[test]
+    fn cached_decoding_and_left_padding_match_the_full_forward() {
+        let mut lm = tiny();
+        let v = lm.config.vocab_size;
+        let ids: Vec<u32> = vec![0, 5, 9, 33, 2, 17, 8, 8, 30, 1];
+        let n = ids.len();
+        let full = lm.logits(&ids).unwrap(); // [n, V]
+                                             // A prompt of 4, then one token at a time through the cache.
+        let m = lm.model(2, 32).unwrap();
+        let mut last = vec![0f32; 2 * v];
+        m.forward_cached(&ids[..4], 1, 4, 0, &[0]).unwrap();
+        m.read_last_logits(&mut last);
+        let d = max_abs(&last[..v], &full[3 * v..4 * v]);
+        assert!(d < 1e-4, "prefill logits differ by {d}");
+        for p in 4..n {
+            m.forward_cached(&ids[p..p + 1], 1, 1, p, &[0]).unwrap();
+            m.read_last_logits(&mut last);
+            let d = max_abs(&last[..v], &full[p * v..(p + 1) * v]);
+            assert!(d < 1e-4, "cached logits at {p} differ by {d}");
+        }
+        // The same sequence left-padded by 3 in a batch with a longer one, then decoded on.
+        let other: Vec<u32> = (0..(n as u32 + 3)).map(|i| (i * 5) % 40).collect();
+        let mut batch = vec![2u32; 3];
+        batch.extend(&ids[..n - 2]);
+        batch.extend(&other[..n + 1]);
+        let m = lm.model(2, 32).unwrap();
+        m.forward_cached(&batch, 2, n + 1, 0, &[3, 0]).unwrap();
+        m.read_last_logits(&mut last);
+        let padded_row = last[..v].to_vec();
+        let want_other = lm.logits(&other[..n + 1]).unwrap();
+        let d = max_abs(&padded_row, &full[(n - 3) * v..(n - 2) * v]);
+        assert!(d < 1e-4, "left-padded row differs by {d}");
+        let d = max_abs(&last[v..], &want_other[n * v..]);
+        assert!(d < 1e-4, "unpadded row in a padded batch differs by {d}");
+        let m = lm.model(2, 32).unwrap();
+        m.forward_cached(&batch, 2, n + 1, 0, &[3, 0]).unwrap();
+        m.forward_cached(&[ids[n - 2], other[n + 1]], 2, 1, n + 1, &[3, 0])
+            .unwrap();
+        m.read_last_logits(&mut last);
+        let want_other = lm.logits(&other[..n + 2]).unwrap();
+        assert!(max_abs(&last[..v], &full[(n - 2) * v..(n - 1) * v]) < 1e-4);
+        assert!(max_abs(&last[v..], &want_other[(n + 1) * v..]) < 1e-4);
+    }
+
+    #[test]
+    fn batched_generation_is_seeded_and_batch_independent() {
+        let mut lm = tiny();
+        let prompts = vec![vec![0u32, 4, 9], vec![0u32, 7, 7, 7, 12, 3], vec![0u32]];
+        let cfg = GenerateConfig {
+            max_new_tokens: 12,
+            temperature: 0.9,
+            top_k: Some(20),
+            top_p: Some(0.95),
+            seed: 5,
+            eos_token_id: Some(1),
+            pad_token_id: 2,
+            window: None,
+        };
+        let a = generate(&mut lm, &prompts, &cfg).unwrap();
+        let b = generate(&mut lm, &prompts, &cfg).unwrap();
+        assert_eq!(a, b, "same seed, same output");
+        for (p, o) in prompts.iter().zip(&a) {
+            assert!(!o.is_empty() && o.len() <= 12);
+            assert!(
+                o.len() == 12 || o.last() == Some(&1),
+                "stops at EOS or the limit: {o:?} after {p:?}"
+            );
+        }
+        // A prompt alone gives the same completion as inside the batch.
+        let alone_cfg = GenerateConfig {
+            seed: 5 ^ 0xA076_1D64_78BD_642F,
+            ..cfg.clone()
+        };
+        let alone = generate(&mut lm, &prompts[1..2], &alone_cfg).unwrap();
+        assert_eq!(alone[0], a[1]);
+        // Greedy decoding equals argmax of the uncached forward, step by step.
+        let greedy = GenerateConfig {
+            temperature: 0.0,
+            eos_token_id: None,
+            max_new_tokens: 5,
+            ..cfg
+        };
+        let g = generate(&mut lm, &prompts[..1], &greedy).unwrap();
+        let mut seq = prompts[0].clone();
+        for &tok in &g[0] {
+            assert_eq!(tok, argmax_of_uncached(&mut lm, &seq));
+            seq.push(tok);
+        }
+    }
+
+    #[test]
+    fn sliding_window_generation_stays_within_learned_positions() {
+        let mut lm = tiny(); // max_position_embeddings 64
+        let prompts = vec![vec![0u32, 4, 9], vec![0u32, 7, 7, 7, 12, 3]];
+        let base = GenerateConfig {
+            max_new_tokens: 20,
+            temperature: 0.0,
+            eos_token_id: None,
+            pad_token_id: 2,
+            ..Default::default()
+        };
+        // A window the sequence never fills changes nothing.
+        let plain = generate(&mut lm, &prompts, &base).unwrap();
+        let wide = GenerateConfig {
+            window: Some(64),
+            ..base.clone()
+        };
+        assert_eq!(generate(&mut lm, &prompts, &wide).unwrap(), plain);
+        // Without a window generation stops at the context; with one it runs past it.
+        let long = GenerateConfig {
+            max_new_tokens: 150,
+            ..base.clone()
+        };
+        let capped = generate(&mut lm, &prompts, &long).unwrap();
+        assert_eq!(capped[1].len(), 64 - 6, "stops at the model's context");
+        let slid_cfg = GenerateConfig {
+            window: Some(16),
+            ..long.clone()
+        };
+        let slid = generate(&mut lm, &prompts, &slid_cfg).unwrap();
+        assert!(slid.iter().all(|o| o.len() == 150), "runs past the context");
+        // Each greedy token is the argmax of the uncached forward over the window the
+        // generator held: the last 8..16 tokens, re-encoded from position 0 when it filled.
+        // (Row 1: the longest prompt, so no left padding shifts when its window fills.)
+        let mut seq = prompts[1].clone();
+        let mut held = seq.len();
+        for &tok in &slid[1] {
+            if held > 16 {
+                held = 8;
+            }
+            let w = seq[seq.len() - held..].to_vec();
+            assert_eq!(tok, argmax_of_uncached(&mut lm, &w));
+            seq.push(tok);
+            held += 1;
+        }
+        // A prompt longer than the window starts from its last window/2 tokens.
+        let long_prompt = vec![(0..40).map(|i| (i * 7 % 40) as u32).collect::<Vec<u32>>()];
+        let short = GenerateConfig {
+            window: Some(16),
+            max_new_tokens: 3,
+            ..base
+        };
+        assert_eq!(generate(&mut lm, &long_prompt, &short).unwrap()[0].len(), 3);
+    }
 
     #[test]
     fn top_k_and_top_p_follow_hugging_face() {

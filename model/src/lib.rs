@@ -1,5 +1,6 @@
-//! Compact Llama language models over codec-byte tokens, on candle (CPU; CUDA behind the
-//! `cuda` feature): the model ([`llama`]), a KV cache and batched generation, a loader over a
+//! Compact Llama language models over codec-byte tokens: the configuration ([`llama`]), the
+//! training engine that runs them (explicit forward and backward over flat buffers, a CPU
+//! backend; [`engine`]), batched generation with a KV cache ([`generate`]), a loader over a
 //! dataset's token shards ([`data`]), the trainer ([`train`]) and checkpoints that
 //! `transformers.LlamaForCausalLM.from_pretrained` reads ([`checkpoint`]).
 //!
@@ -9,18 +10,13 @@ pub mod checkpoint;
 pub mod data;
 pub mod engine;
 pub mod generate;
-pub mod kv_cache;
 pub mod llama;
-pub mod ops;
 pub mod plot;
 pub mod rng;
 pub mod train;
 
-pub use candle_core;
-pub use candle_core::{DType, Device, Tensor};
-pub use generate::{generate, GenerateConfig, LogitsProcessor};
-pub use kv_cache::KvCache;
-pub use llama::{Llama, LlamaConfig, MemoryEstimate, PRESETS};
+pub use generate::{generate, GenerateConfig, Lm, LogitsProcessor};
+pub use llama::{LlamaConfig, MemoryEstimate, PRESETS};
 
 use std::path::PathBuf;
 
@@ -28,8 +24,6 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("tensor error: {0}")]
-    Candle(#[from] candle_core::Error),
     #[error(transparent)]
     Manifest(#[from] codeclm_formats::Error),
     #[error("I/O error on {path}: {source}")]
@@ -60,20 +54,4 @@ impl Error {
         let path = path.into();
         move |source| Error::Io { path, source }
     }
-}
-
-/// The device to run on: `None` is the CPU, `Some(n)` CUDA device `n` (a build with the `cuda`
-/// feature).
-pub fn device(cuda: Option<usize>) -> Result<Device> {
-    if let Some(ordinal) = cuda {
-        #[cfg(feature = "cuda")]
-        {
-            return Ok(Device::new_cuda(ordinal)?);
-        }
-        #[cfg(not(feature = "cuda"))]
-        return Err(Error::Config(format!(
-            "--device cuda:{ordinal}: this codeclm was built without CUDA; rebuild with `cargo build --release --features cuda` (see docs/cuda.md)"
-        )));
-    }
-    Ok(Device::Cpu)
 }

@@ -18,6 +18,7 @@ use std::time::Instant;
 use codeclm_codec::jpeg::splice_tables;
 use codeclm_etl::decode::{decode, ColorConvert, DecodeSettings};
 use codeclm_formats::{Modality, Split};
+use codeclm_model::Lm;
 use fid::{FidInception, RgbImage, Stats, FEATURE_DIM};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
@@ -293,6 +294,7 @@ pub fn fid_of_run(
     cfg: &FidRun,
     net: &FidInception,
     open: &TrainedRun,
+    lm: &mut Lm,
 ) -> Result<FidTable, SampleError> {
     let start = Instant::now();
     let run = open.dir.as_path();
@@ -400,7 +402,7 @@ pub fn fid_of_run(
             // A prompt that fills the model's context gets no new tokens: its completion is
             // the prompt alone (scored as decoded, a failure).
             let mut generator = ModelGenerator::new(
-                &open.model,
+                lm,
                 codeclm_model::GenerateConfig {
                     seed,
                     ..base.clone()

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use codeclm_formats::vocab::Vocab;
-use codeclm_model::{GenerateConfig, Llama};
+use codeclm_model::{GenerateConfig, Lm};
 use image::RgbImage;
 use serde::Serialize;
 
@@ -30,7 +30,7 @@ where
 /// A trained model as a [`Generator`]: every batch gets its own seed derived from the run's
 /// ([`batch_seed`]), so a seeded run is reproducible and no two batches repeat each other.
 pub struct ModelGenerator<'a> {
-    model: &'a Llama,
+    model: &'a mut Lm,
     cfg: GenerateConfig,
     batch_index: u64,
     /// Prompts at least this long get no new tokens (their generation is the prompt alone);
@@ -45,7 +45,7 @@ pub struct ModelGenerator<'a> {
 }
 
 impl<'a> ModelGenerator<'a> {
-    pub fn new(model: &'a Llama, cfg: GenerateConfig) -> Self {
+    pub fn new(model: &'a mut Lm, cfg: GenerateConfig) -> Self {
         let context = cfg
             .window
             .is_none()

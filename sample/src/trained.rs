@@ -7,7 +7,7 @@ use codeclm_formats::tokens::TokenSet;
 use codeclm_formats::vocab::Vocab;
 use codeclm_formats::Dataset;
 use codeclm_model::train::TrainerState;
-use codeclm_model::{Device, GenerateConfig, Llama};
+use codeclm_model::{GenerateConfig, Lm};
 
 use crate::SampleError;
 
@@ -19,17 +19,13 @@ pub struct TrainedRun {
     pub root: PathBuf,
     pub ds: Dataset,
     pub vocab: Vocab,
-    pub model: Llama,
 }
 
 impl TrainedRun {
     /// Opens `run` with its dataset (`dataset` overrides the one in its state), vocabulary and
-    /// model on `device`; checks that the model covers the vocabulary.
-    pub fn open(
-        run: &Path,
-        dataset: Option<&Path>,
-        device: &Device,
-    ) -> Result<TrainedRun, SampleError> {
+    /// model (returned beside it: generation borrows it mutably while the rest is read);
+    /// checks that the model covers the vocabulary.
+    pub fn open(run: &Path, dataset: Option<&Path>) -> Result<(TrainedRun, Lm), SampleError> {
         let state = TrainerState::read(run)?;
         let root = dataset.map_or_else(|| state.dataset.clone(), Path::to_path_buf);
         let ds = Dataset::open(&root).map_err(|e| {
@@ -47,7 +43,7 @@ impl TrainedRun {
                 ))
             })?
             .vocab;
-        let model = codeclm_model::checkpoint::load_model(run, device)?;
+        let model = Lm::load(run)?;
         if (model.config.vocab_size as u32) < vocab.size {
             return Err(SampleError::Run(format!(
                 "{}: the model's vocabulary ({}) is smaller than the tokenizer's ({}): wrong run or dataset",
@@ -56,14 +52,14 @@ impl TrainedRun {
                 vocab.size
             )));
         }
-        Ok(TrainedRun {
+        let open = TrainedRun {
             dir: run.to_path_buf(),
             state,
             root,
             ds,
             vocab,
-            model,
-        })
+        };
+        Ok((open, model))
     }
 
     /// The positions the model has learned: generation slides a window of this size, so that

@@ -100,7 +100,8 @@ pub fn load_net(weights: Option<&Path>, device: DeviceArg) -> Result<FidInceptio
 fn fid_run(args: &FidArgs, run: &Path) -> Result<()> {
     // The FID network first: a missing one fails before any sampling.
     let net = load_net(args.weights.as_deref(), args.device)?;
-    let open = TrainedRun::open(run, args.dataset.as_deref(), &args.device.model()?)?;
+    args.device.engine("eval fid --run")?;
+    let (open, mut lm) = TrainedRun::open(run, args.dataset.as_deref())?;
     let cfg = FidRun {
         split: args.split.into(),
         ratios: args.ratios.clone(),
@@ -117,7 +118,7 @@ fn fid_run(args: &FidArgs, run: &Path) -> Result<()> {
         batch: args.batch,
         progress: !args.no_progress,
     };
-    let t = eval::fid_of_run(&cfg, &net, &open)
+    let t = eval::fid_of_run(&cfg, &net, &open, &mut lm)
         .with_context(|| format!("evaluating {}", run.display()))?;
     print!("{}", t.markdown);
     println!(

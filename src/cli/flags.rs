@@ -50,7 +50,7 @@ impl std::fmt::Display for DeviceArg {
 }
 
 impl DeviceArg {
-    /// The CUDA ordinal, `None` for the CPU (what `codeclm_model::device` and `fid::device` take).
+    /// The CUDA ordinal, `None` for the CPU (what `fid::device` takes).
     pub fn cuda(self) -> Option<usize> {
         match self {
             DeviceArg::Cpu => None,
@@ -58,8 +58,15 @@ impl DeviceArg {
         }
     }
 
-    pub fn model(self) -> Result<codeclm_model::Device> {
-        Ok(codeclm_model::device(self.cuda())?)
+    /// The language model runs on the engine, whose CUDA backend is not built yet: `cuda`
+    /// stops `what` with that said.
+    pub fn engine(self, what: &str) -> Result<()> {
+        if let DeviceArg::Cuda(n) = self {
+            anyhow::bail!(
+                "--device cuda:{n}: `codeclm {what}` runs on the training engine, whose CUDA backend is not built yet (docs/cuda.md); use --device cpu"
+            );
+        }
+        Ok(())
     }
 }
 

@@ -7,9 +7,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use codeclm_model::checkpoint::load_model;
 use codeclm_model::train::{self, Start, TrainConfig};
-use codeclm_model::{GenerateConfig, LlamaConfig, MemoryEstimate, Tensor};
+use codeclm_model::{GenerateConfig, LlamaConfig, Lm, MemoryEstimate};
 
 use super::flags::{set_threads, DeviceArg};
 
@@ -172,7 +171,7 @@ fn parse_mix(s: &str) -> Result<BTreeMap<String, f64>> {
 
 pub fn train_cmd(a: TrainArgs) -> Result<()> {
     set_threads(a.threads);
-    cpu_only(&a.device, "train")?;
+    a.device.engine("train")?;
     let (start, out) = if let Some(run) = a.resume {
         if a.config.is_some()
             || a.context.is_some()
@@ -258,8 +257,8 @@ pub fn model_cmd(cmd: ModelCommand) -> Result<()> {
             tokens_file,
             out,
         } => {
-            let device = device.model()?;
-            let model = load_model(&run, &device)?;
+            device.engine("model logits")?;
+            let mut model = Lm::load(&run)?;
             let text = std::fs::read_to_string(&tokens_file)
                 .with_context(|| format!("reading {}", tokens_file.display()))?;
             let ids: Vec<u32> = text
@@ -281,12 +280,10 @@ pub fn model_cmd(cmd: ModelCommand) -> Result<()> {
                 );
             }
             let n = ids.len();
-            let x = Tensor::from_vec(ids, (1, n), &device)?;
-            let logits = model.forward(&x, 0, None)?.squeeze(0)?; // [T, V]
-            let bytes = codeclm_model::checkpoint::serialize_tensors(
-                &[("logits".to_string(), logits)],
-                &[],
-            )?;
+            let v = model.config.vocab_size;
+            let logits = model.logits(&ids)?; // [T, V]
+            let bytes =
+                codeclm_model::checkpoint::serialize_f32(&[("logits", &[n, v], &logits)], &[])?;
             codeclm_formats::write_atomic(&out, &bytes)?;
             println!(
                 "wrote {} (logits [{n}, {}])",
@@ -331,19 +328,9 @@ pub fn model_cmd(cmd: ModelCommand) -> Result<()> {
     }
 }
 
-/// Training runs on the engine's CPU backend until its CUDA backend lands.
-fn cpu_only(device: &DeviceArg, what: &str) -> Result<()> {
-    if let DeviceArg::Cuda(n) = device {
-        bail!(
-            "--device cuda:{n}: `codeclm {what}` runs on the training engine, whose CUDA backend is not built yet (docs/cuda.md); use --device cpu"
-        );
-    }
-    Ok(())
-}
-
 pub fn bench_train(a: BenchTrainArgs) -> Result<()> {
     set_threads(Some(a.threads));
-    cpu_only(&a.device, "bench train")?;
+    a.device.engine("bench train")?;
     let r = train::bench_train(
         &a.preset,
         a.vocab_size,
@@ -394,8 +381,8 @@ pub fn bench_train(a: BenchTrainArgs) -> Result<()> {
 
 pub fn bench_sample(a: BenchSampleArgs) -> Result<()> {
     set_threads(a.threads);
-    let device = a.device.model()?;
-    let model = load_model(&a.run, &device)?;
+    a.device.engine("bench sample")?;
+    let mut model = Lm::load(&a.run)?;
     let bos = model.config.bos_token_id.unwrap_or(0);
     let v = model.config.vocab_size;
     let mut rng = codeclm_model::rng::Rng::new(7);
@@ -420,13 +407,13 @@ pub fn bench_sample(a: BenchSampleArgs) -> Result<()> {
         window: None,
     };
     let t = Instant::now();
-    let out = codeclm_model::generate(&model, &prompts, &cfg)?;
+    let out = codeclm_model::generate(&mut model, &prompts, &cfg)?;
     let secs = t.elapsed().as_secs_f64();
     let n: usize = out.iter().map(|o| o.len()).sum();
     println!(
         "{}",
         serde_json::json!({
-            "impl": "candle", "batch": a.batch, "prompt_len": a.prompt_len, "max_tokens": a.max_tokens,
+            "impl": "codeclm", "batch": a.batch, "prompt_len": a.prompt_len, "max_tokens": a.max_tokens,
             "generated_tokens": n, "seconds": secs, "tokens_per_second": n as f64 / secs,
             "tokens_per_s": n as f64 / secs, "threads": a.threads, "config": model.config.to_hf_json("float32"),
         })

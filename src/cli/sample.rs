@@ -82,7 +82,8 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     if args.n == 0 {
         bail!("--n must be at least 1");
     }
-    let open = TrainedRun::open(&args.run, args.dataset.as_deref(), &args.device.model()?)?;
+    args.device.engine("sample")?;
+    let (open, mut lm) = TrainedRun::open(&args.run, args.dataset.as_deref())?;
     let modality = Modality::from(args.modality);
     let default_max = match modality {
         Modality::Image => DEFAULT_MAX_TOKENS,
@@ -111,7 +112,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         format!("{}\n", serde_json::to_string_pretty(&settings)?).as_bytes(),
     )?;
     let started = std::time::Instant::now();
-    let mut generator = ModelGenerator::new(&open.model, cfg);
+    let mut generator = ModelGenerator::new(&mut lm, cfg);
     let mean_bytes = open.ds.mean_codec_bytes(modality);
     let (count, sheet, report_path) = match modality {
         Modality::Video => {

@@ -214,6 +214,32 @@ pub trait Backend: Send + Sync {
         qkv: View<Self>,
         shape: Attention,
     );
+    /// Copies the k and v heads of `qkv`'s rows into the caches `k`, `v` ([B, cache_len, K * Dh]
+    /// each) at positions pos0..pos0 + T.
+    fn kv_store(
+        &self,
+        k: View<Self>,
+        v: View<Self>,
+        qkv: View<Self>,
+        shape: Attention,
+        cache_len: usize,
+        pos0: usize,
+    );
+    /// Causal attention of `qkv`'s query rows (positions pos0..pos0 + T) over the cached keys
+    /// and values 0..pos0 + T, the first `pads[b]` positions of batch row b being left padding
+    /// that no real query sees (generation; no backward).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_cached(
+        &self,
+        out: View<Self>,
+        qkv: View<Self>,
+        k: View<Self>,
+        v: View<Self>,
+        shape: Attention,
+        cache_len: usize,
+        pos0: usize,
+        pads: &[usize],
+    );
     /// Writes every element of dqkv (the gradient of q, k and v) from dout.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(

@@ -83,6 +83,8 @@ fn disjoint(out: View<Cpu>, inputs: &[View<Cpu>]) {
 
 #[derive(Clone, Copy)]
 struct Ptr(*mut f32);
+unsafe impl Send for Source {}
+unsafe impl Sync for Source {}
 unsafe impl Send for Ptr {}
 unsafe impl Sync for Ptr {}
 
@@ -195,6 +197,22 @@ impl Cpu {
             bq,
             bk,
         }
+    }
+
+    /// The attention forward over (batch row, key/value head) tasks.
+    fn attention_tasks(&self, s: Attention, src: Source, out: Ptr, lse: Ptr) {
+        let tasks = s.batch * s.kv_heads;
+        let (bq, bk) = (self.bq, self.bk);
+        let per = bq * bk + 2 * bq;
+        self.with_scratch(tasks * per, |scratch| {
+            scratch
+                .par_chunks_mut(per)
+                .enumerate()
+                .for_each(|(task, scr)| {
+                    // Safety: the task writes the out rows (and lse entries) of its own heads.
+                    unsafe { attention_forward_task(task, s, (bq, bk), src, out, lse, scr) }
+                });
+        });
     }
 
     /// Runs `f` on at least `len` floats of scratch (grown once, then reused: no allocation
@@ -469,20 +487,79 @@ impl Backend for Cpu {
         let (o, l, q) = (
             Ptr(write(out).as_mut_ptr()),
             Ptr(write(lse).as_mut_ptr()),
-            Ptr(read(qkv).as_ptr() as *mut f32),
+            read(qkv).as_ptr(),
         );
-        let tasks = s.batch * s.kv_heads;
-        let (bq, bk) = (self.bq, self.bk);
-        let per = bq * bk + 2 * bq;
-        self.with_scratch(tasks * per, |scratch| {
-            scratch
-                .par_chunks_mut(per)
-                .enumerate()
-                .for_each(|(task, scr)| {
-                    // Safety: the task writes the out rows and lse entries of its own heads.
-                    unsafe { attention_forward_task(task, s, (bq, bk), o, l, q, scr) }
-                });
-        });
+        let row = s.row();
+        let src = Source {
+            q: Ptr(q as *mut f32),
+            q_rs: row,
+            // Safety: the k and v columns of the same rows.
+            k: Ptr(unsafe { q.add(s.heads * s.head_dim) } as *mut f32),
+            v: Ptr(unsafe { q.add((s.heads + s.kv_heads) * s.head_dim) } as *mut f32),
+            kv_rs: row,
+            kv_rows: s.seq,
+            n_keys: s.seq,
+            pos0: 0,
+            pads: std::ptr::null(),
+        };
+        self.attention_tasks(s, src, o, l);
+    }
+
+    fn kv_store(
+        &self,
+        k: View<Self>,
+        v: View<Self>,
+        qkv: View<Self>,
+        s: Attention,
+        cache_len: usize,
+        pos0: usize,
+    ) {
+        disjoint(k, &[qkv]);
+        disjoint(v, &[qkv]);
+        let (kc, vc, q) = (write(k), write(v), read(qkv));
+        let (row, w) = (s.row(), s.kv_heads * s.head_dim);
+        let koff = s.heads * s.head_dim;
+        assert!(pos0 + s.seq <= cache_len && kc.len() >= s.batch * cache_len * w);
+        for b in 0..s.batch {
+            for t in 0..s.seq {
+                let src = &q[(b * s.seq + t) * row..];
+                let at = (b * cache_len + pos0 + t) * w;
+                kc[at..at + w].copy_from_slice(&src[koff..koff + w]);
+                vc[at..at + w].copy_from_slice(&src[koff + w..koff + 2 * w]);
+            }
+        }
+    }
+
+    fn attention_cached(
+        &self,
+        out: View<Self>,
+        qkv: View<Self>,
+        k: View<Self>,
+        v: View<Self>,
+        s: Attention,
+        cache_len: usize,
+        pos0: usize,
+        pads: &[usize],
+    ) {
+        disjoint(out, &[qkv, k, v]);
+        assert!(pads.len() >= s.batch && pos0 + s.seq <= cache_len);
+        let src = Source {
+            q: Ptr(read(qkv).as_ptr() as *mut f32),
+            q_rs: s.row(),
+            k: Ptr(read(k).as_ptr() as *mut f32),
+            v: Ptr(read(v).as_ptr() as *mut f32),
+            kv_rs: s.kv_heads * s.head_dim,
+            kv_rows: cache_len,
+            n_keys: pos0 + s.seq,
+            pos0,
+            pads: pads.as_ptr(),
+        };
+        self.attention_tasks(
+            s,
+            src,
+            Ptr(write(out).as_mut_ptr()),
+            Ptr(std::ptr::null_mut()),
+        );
     }
 
     fn attention_backward(
@@ -665,62 +742,90 @@ fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], s: Attention, pos0: usize, sign
         });
 }
 
+/// Where one attention call reads its queries, keys and values: row r of batch row b at
+/// `ptr + (b * batch_rows + r) * rs` (+ the head's offset); training reads all three from the
+/// packed qkv rows, cached decoding reads keys and values from the cache.
+#[derive(Clone, Copy)]
+struct Source {
+    q: Ptr,
+    q_rs: usize,
+    k: Ptr,
+    v: Ptr,
+    kv_rs: usize,
+    /// Rows per batch row in k and v (T in training, the cache's length when decoding).
+    kv_rows: usize,
+    /// Keys per batch row: pos0 + T.
+    n_keys: usize,
+    /// The absolute position of query row 0.
+    pos0: usize,
+    /// Leading padding positions per batch row (null: none); no real query attends to them.
+    pads: *const usize,
+}
+
 multiversion! {
 /// One (batch row, key/value head) of the attention forward: for each of its query heads and
 /// each block of BQ queries, the keys up to the block's end in blocks of BK with an online
-/// softmax (flash attention 2), accumulating straight into the output rows.
+/// softmax (flash attention 2), accumulating straight into the output rows. `lse` may be null
+/// (decoding keeps no log-sum-exp).
 unsafe fn attention_forward_task(
     task: usize,
     s: Attention,
     blocks: (usize, usize),
+    src: Source,
     out: Ptr,
     lse: Ptr,
-    qkv: Ptr,
     scr: &mut [f32],
 ) {
     let (bq, bk) = blocks;
     let (b, g) = (task / s.kv_heads, task % s.kv_heads);
-    let (t, dh, row) = (s.seq, s.head_dim, s.row());
+    let (t, dh) = (s.seq, s.head_dim);
     let d_out = s.heads * dh;
     let rep = s.heads / s.kv_heads;
     let scale = 1.0 / (dh as f32).sqrt();
     let (sc, rest) = scr.split_at_mut(bq * bk);
     let (mx, sm) = rest.split_at_mut(bq);
-    let koff = s.heads * dh + g * dh;
-    let voff = (s.heads + s.kv_heads) * dh + g * dh;
-    let base = b * t;
+    let pad = if src.pads.is_null() { 0 } else { *src.pads.add(b) };
+    let k0 = src.k.0.add(b * src.kv_rows * src.kv_rs + g * dh);
+    let v0 = src.v.0.add(b * src.kv_rows * src.kv_rs + g * dh);
     for h in g * rep..(g + 1) * rep {
-        let qoff = h * dh;
+        let q0 = src.q.0.add(b * t * src.q_rs + h * dh);
+        let o0 = out.0.add(b * t * d_out + h * dh);
         for i0 in (0..t).step_by(bq) {
             let i1 = (i0 + bq).min(t);
             let qb = i1 - i0;
             mx[..qb].fill(f32::NEG_INFINITY);
             sm[..qb].fill(0.0);
             for r in 0..qb {
-                std::ptr::write_bytes(out.0.add((base + i0 + r) * d_out + qoff), 0, dh);
+                std::ptr::write_bytes(o0.add((i0 + r) * d_out), 0, dh);
             }
-            for j0 in (0..i1).step_by(bk) {
-                let j1 = (j0 + bk).min(i1);
+            let kend = (src.pos0 + i1).min(src.n_keys);
+            // Real queries see no padding: keys before `pad` are skipped whole.
+            let kstart = if src.pos0 + i0 >= pad { pad / bk * bk } else { 0 };
+            for j0 in (kstart..kend).step_by(bk) {
+                let j1 = (j0 + bk).min(kend);
                 let kb = j1 - j0;
                 // S = Q_i K_j^T
                 gemm1(
-qb,
-kb,
-dh,
-Mat::new(sc.as_mut_ptr(), kb, 1),
-false,
-Mat::new(qkv.0.add((base + i0) * row + qoff), row, 1),
-Mat::new(qkv.0.add((base + j0) * row + koff), 1, row),
-);
+                    qb,
+                    kb,
+                    dh,
+                    Mat::new(sc.as_mut_ptr(), kb, 1),
+                    false,
+                    Mat::new(q0.add(i0 * src.q_rs), src.q_rs, 1),
+                    Mat::new(k0.add(j0 * src.kv_rs), 1, src.kv_rs),
+                );
                 for r in 0..qb {
-                    let qpos = i0 + r;
+                    let qpos = src.pos0 + i0 + r;
                     let srow = &mut sc[r * kb..(r + 1) * kb];
-                    let valid = if qpos >= j0 { (qpos - j0 + 1).min(kb) } else { 0 };
-                    srow[valid..].fill(0.0);
-                    if valid == 0 {
+                    let lo = if qpos >= pad { pad } else { 0 };
+                    let (start, end) = (lo.saturating_sub(j0).min(kb), (qpos + 1).saturating_sub(j0).min(kb));
+                    if end <= start {
+                        srow.fill(0.0);
                         continue;
                     }
-                    let live = &mut srow[..valid];
+                    srow[..start].fill(0.0);
+                    srow[end..].fill(0.0);
+                    let live = &mut srow[start..end];
                     for v in live.iter_mut() {
                         *v *= scale;
                     }
@@ -732,10 +837,7 @@ Mat::new(qkv.0.add((base + j0) * row + koff), 1, row),
                     if mx[r] != f32::NEG_INFINITY && m_new != mx[r] {
                         let alpha = simd::exp(mx[r] - m_new);
                         sm[r] *= alpha;
-                        let orow = std::slice::from_raw_parts_mut(
-                            out.0.add((base + i0 + r) * d_out + qoff),
-                            dh,
-                        );
+                        let orow = std::slice::from_raw_parts_mut(o0.add((i0 + r) * d_out), dh);
                         for o in orow {
                             *o *= alpha;
                         }
@@ -745,23 +847,24 @@ Mat::new(qkv.0.add((base + j0) * row + koff), 1, row),
                 }
                 // O_i += P V_j
                 gemm1(
-qb,
-dh,
-kb,
-Mat::new(out.0.add((base + i0) * d_out + qoff), d_out, 1),
-true,
-Mat::new(sc.as_ptr(), kb, 1),
-Mat::new(qkv.0.add((base + j0) * row + voff), row, 1),
-);
+                    qb,
+                    dh,
+                    kb,
+                    Mat::new(o0.add(i0 * d_out), d_out, 1),
+                    true,
+                    Mat::new(sc.as_ptr(), kb, 1),
+                    Mat::new(v0.add(j0 * src.kv_rs), src.kv_rs, 1),
+                );
             }
             for r in 0..qb {
-                let orow =
-                    std::slice::from_raw_parts_mut(out.0.add((base + i0 + r) * d_out + qoff), dh);
-                let inv = 1.0 / sm[r];
+                let orow = std::slice::from_raw_parts_mut(o0.add((i0 + r) * d_out), dh);
+                let inv = if sm[r] > 0.0 { 1.0 / sm[r] } else { 0.0 };
                 for o in orow {
                     *o *= inv;
                 }
-                *lse.0.add((b * s.heads + h) * t + i0 + r) = mx[r] + sm[r].ln();
+                if !lse.0.is_null() {
+                    *lse.0.add((b * s.heads + h) * t + i0 + r) = mx[r] + sm[r].ln();
+                }
             }
         }
     }

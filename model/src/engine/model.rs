@@ -209,6 +209,12 @@ impl Acts {
     }
 }
 
+/// Keys and values of every layer for generation: [L, B, S, K * Dh] each, S = the context.
+struct Cache<B: Backend> {
+    k: B::Buf,
+    v: B::Buf,
+}
+
 struct Training<B: Backend> {
     grads: B::Buf,
     m: B::Buf,
@@ -223,6 +229,7 @@ pub struct Model<B: Backend> {
     pub cap: Capacity,
     params: B::Buf,
     training: Option<Training<B>>,
+    cache: Option<Cache<B>>,
     acts: Acts,
     arena: B::Buf,
     ids: B::Ids,
@@ -317,6 +324,7 @@ impl<B: Backend> Model<B> {
             cap,
             params,
             training,
+            cache: None,
             acts,
             arena,
             ids,
@@ -466,7 +474,7 @@ impl<B: Backend> Model<B> {
         be.upload_ids(&self.ids, inputs);
         be.embedding_forward(act(a.layers[0].x), par(lay.embed), &self.ids, n, d);
         for l in 0..self.config.num_hidden_layers {
-            self.layer_forward(l, b, t, true);
+            self.layer_forward(l, b, t, true, None);
         }
         let eps = self.config.rms_norm_eps as f32;
         be.rmsnorm_forward(
@@ -497,6 +505,85 @@ impl<B: Backend> Model<B> {
         Ok(Some(host.iter().map(|&l| l as f64).sum()))
     }
 
+    /// Allocates the KV cache generation needs ([`Self::forward_cached`]): keys and values of
+    /// every layer for the capacity's batch x context positions.
+    pub fn enable_cache(&mut self) -> Result<()> {
+        if self.cache.is_none() {
+            let c = &self.config;
+            let len = c.num_hidden_layers
+                * self.cap.batch
+                * self.cap.context
+                * c.kv_heads()
+                * c.head_dim();
+            self.cache = Some(Cache {
+                k: self.backend.alloc(len)?,
+                v: self.backend.alloc(len)?,
+            });
+        }
+        Ok(())
+    }
+
+    /// The forward of `inputs` [B, T] at positions pos0..pos0 + T, attending to the cached
+    /// keys and values of the positions before (which it extends); `pads[b]` leading positions
+    /// of row b (counted from position 0) are left padding that no real token attends to. RoPE
+    /// scores depend only on position differences, so a left-padded row gives the logits of
+    /// the unpadded one. Read the logits with [`Self::read_last_logits`].
+    pub fn forward_cached(
+        &mut self,
+        inputs: &[u32],
+        b: usize,
+        t: usize,
+        pos0: usize,
+        pads: &[usize],
+    ) -> Result<()> {
+        self.check(inputs, b, t)?;
+        if self.cache.is_none() {
+            return Err(Error::Config(
+                "forward_cached needs enable_cache first".into(),
+            ));
+        }
+        if pos0 + t > self.cap.context || pads.len() != b {
+            return Err(Error::Config(format!(
+                "positions {pos0}..{} with {} pads do not fit the cache of {} positions x {b} rows",
+                pos0 + t,
+                pads.len(),
+                self.cap.context
+            )));
+        }
+        let (n, d, v) = (b * t, self.config.hidden_size, self.config.vocab_size);
+        self.last = (b, t);
+        let (be, a, lay) = (&self.backend, &self.acts, &self.layout);
+        let (act, par) = (|sp| self.act(sp), |sp| self.param(sp));
+        be.upload_ids(&self.ids, inputs);
+        be.embedding_forward(act(a.layers[0].x), par(lay.embed), &self.ids, n, d);
+        for l in 0..self.config.num_hidden_layers {
+            self.layer_forward(l, b, t, true, Some((pos0, pads)));
+        }
+        let eps = self.config.rms_norm_eps as f32;
+        be.rmsnorm_forward(
+            act(a.lnf),
+            act(a.rstdf),
+            act(a.xf),
+            par(lay.norm),
+            n,
+            d,
+            eps,
+        );
+        self.linear(a.logits, a.lnf, lay.lm_head, n, d, v);
+        Ok(())
+    }
+
+    /// The logits of the last position of every row of the last forward: [B, V].
+    pub fn read_last_logits(&self, out: &mut [f32]) {
+        let (b, t) = self.last;
+        let v = self.config.vocab_size;
+        for r in 0..b {
+            let span = self.acts.logits.sub((r * t + t - 1) * v, v);
+            self.backend
+                .download(View::new(&self.arena, span), &mut out[r * v..(r + 1) * v]);
+        }
+    }
+
     /// The losses of the last forward with targets, per position.
     pub fn losses(&self) -> &[f32] {
         &self.losses_host[..self.last.0 * self.last.1]
@@ -514,7 +601,14 @@ impl<B: Backend> Model<B> {
 
     /// One layer: x -> rmsnorm -> qkv -> rope -> attention -> o + x = mid -> rmsnorm -> gate|up
     /// -> swiglu -> down + mid = the next layer's x (skipped when recomputing for a backward).
-    fn layer_forward(&self, l: usize, b: usize, t: usize, write_out: bool) {
+    fn layer_forward(
+        &self,
+        l: usize,
+        b: usize,
+        t: usize,
+        write_out: bool,
+        cached: Option<(usize, &[usize])>,
+    ) {
         let cfg = &self.config;
         let (n, d, f) = (b * t, cfg.hidden_size, cfg.intermediate_size);
         let s = self.shape(b, t);
@@ -524,8 +618,28 @@ impl<B: Backend> Model<B> {
         let (act, par) = (|sp| self.act(sp), |sp| self.param(sp));
         be.rmsnorm_forward(act(a.ln1), act(a.rstd1), act(a.x), par(p.ln1), n, d, eps);
         self.linear(a.qkv, a.ln1, p.qkv, n, d, qkv);
-        be.rope_forward(act(a.qkv), self.rope(&self.cos), self.rope(&self.sin), s, 0);
-        be.attention_forward(act(a.att), act(a.lse), act(a.qkv), s);
+        let pos0 = cached.map_or(0, |c| c.0);
+        be.rope_forward(
+            act(a.qkv),
+            self.rope(&self.cos),
+            self.rope(&self.sin),
+            s,
+            pos0,
+        );
+        match (cached, &self.cache) {
+            (Some((pos0, pads)), Some(c)) => {
+                let len = self.cap.context;
+                let per = self.cap.batch * len * self.config.kv_heads() * self.config.head_dim();
+                let span = Span {
+                    off: l * per,
+                    len: per,
+                };
+                let (k, v) = (View::new(&c.k, span), View::new(&c.v, span));
+                be.kv_store(k, v, act(a.qkv), s, len, pos0);
+                be.attention_cached(act(a.att), act(a.qkv), k, v, s, len, pos0, pads);
+            }
+            _ => be.attention_forward(act(a.att), act(a.lse), act(a.qkv), s),
+        }
         self.linear(a.mid, a.att, p.o, n, d, d);
         be.add_assign(act(a.mid.prefix(n * d)), act(a.x.prefix(n * d)));
         be.rmsnorm_forward(act(a.ln2), act(a.rstd2), act(a.mid), par(p.ln2), n, d, eps);
@@ -626,7 +740,7 @@ impl<B: Backend> Model<B> {
         );
         for l in (0..cfg.num_hidden_layers).rev() {
             if self.recompute {
-                self.layer_forward(l, b, t, false);
+                self.layer_forward(l, b, t, false, None);
             }
             let (la, p) = (&a.layers[l], &lay.layers[l]);
             // MLP: x' = mid + down(swiglu(gate_up(rmsnorm(mid)))); dres holds dL/dx'.

@@ -210,6 +210,44 @@ impl<B: Backend> Backend for Profiled<B> {
             )
         })
     }
+    fn kv_store(
+        &self,
+        k: View<Self>,
+        v: View<Self>,
+        qkv: View<Self>,
+        shape: Attention,
+        cache_len: usize,
+        pos0: usize,
+    ) {
+        self.time("kv_store", || {
+            self.inner
+                .kv_store(inner(k), inner(v), inner(qkv), shape, cache_len, pos0)
+        })
+    }
+    fn attention_cached(
+        &self,
+        out: View<Self>,
+        qkv: View<Self>,
+        k: View<Self>,
+        v: View<Self>,
+        shape: Attention,
+        cache_len: usize,
+        pos0: usize,
+        pads: &[usize],
+    ) {
+        self.time("attention_cached", || {
+            self.inner.attention_cached(
+                inner(out),
+                inner(qkv),
+                inner(k),
+                inner(v),
+                shape,
+                cache_len,
+                pos0,
+                pads,
+            )
+        })
+    }
     fn swiglu_forward(&self, out: View<Self>, gate_up: View<Self>, rows: usize, ffn: usize) {
         self.time("swiglu_forward", || {
             self.inner
