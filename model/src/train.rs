@@ -304,16 +304,15 @@ pub struct Eval {
     pub codec_bytes: u64,
 }
 
-/// Scores every `val` document: total nats over each document's tokens after BOS (windows of
+/// Scores the validation subset (`TrainingSet::val_subset`): total nats over each document's tokens after BOS (windows of
 /// at most context + 1 tokens), per token and per codec byte (bits).
 pub fn evaluate(model: &Llama, set: &TrainingSet, context: usize, batch: usize) -> Result<Eval> {
     let dev = model.device().clone();
     let mut windows: Vec<Vec<u32>> = Vec::new();
     let mut codec_bytes = 0u64;
-    for i in set.split(Split::Val, None) {
-        let row = &set.rows[i];
-        codec_bytes += row.codec_bytes;
-        let doc: Vec<u32> = set.doc(row).iter().map(|&t| t as u32).collect();
+    for val in set.val_subset(crate::data::DEFAULT_VAL_DOCS)? {
+        codec_bytes += val.codec_bytes;
+        let doc: Vec<u32> = val.tokens.iter().map(|&t| t as u32).collect();
         let mut start = 0;
         while start + 1 < doc.len() {
             let end = (start + context + 1).min(doc.len());
@@ -558,7 +557,7 @@ pub fn train(start: Start, out: &Path, device: &Device) -> Result<TrainSummary> 
     if let Some(s) = loader_state {
         loader.state = s;
     }
-    let unigram = crate::data::unigram_baseline_bits_per_byte(&set)?;
+    let unigram = crate::data::unigram_baseline_bits_per_byte(&set, crate::data::DEFAULT_VAL_DOCS)?;
     let metrics_path = out.join("metrics.jsonl");
     let mut history = truncate_metrics(&metrics_path, opt.step)?;
     let mut metrics = std::fs::OpenOptions::new()
@@ -593,7 +592,7 @@ pub fn train(start: Start, out: &Path, device: &Device) -> Result<TrainSummary> 
         let ts = Instant::now();
         let micro: Vec<(Tensor, Tensor)> = (0..cfg.grad_accum)
             .map(|_| {
-                let (x, y) = loader.next_batch(&set, cfg.batch);
+                let (x, y) = loader.next_batch(&set, cfg.batch)?;
                 batch_tensors(x, y, cfg.batch, cfg.context, device)
             })
             .collect::<Result<_>>()?;
