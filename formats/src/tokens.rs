@@ -56,10 +56,11 @@ pub const TOKEN_FOOTER_MAGIC: [u8; 8] = *b"CLMTKEND";
 pub const TOKEN_FOOTER_LEN: usize = 48;
 /// Bytes per frame-index entry.
 pub const FRAME_ENTRY_LEN: usize = 32;
-/// Tokens per frame (128 KiB of u16). Small enough that reading one shuffled document (a
-/// 256x256 JPEG is ~4,200 tokens) decodes little around it, large enough that the index (32
-/// bytes a frame) and zstd's per-frame overhead are negligible; measured in docs/training.md.
-pub const FRAME_TOKENS: u32 = 1 << 16;
+/// Tokens per frame (32 KiB of u16). The training loader reads documents in shuffled order and
+/// decodes the frames each one touches, so frames are kept near a document's size (a 256x256
+/// JPEG is ~4,200 tokens): 3x the loader throughput of 64 Ki-token frames and 57x that of 1 Mi
+/// for 2.6% more bytes than 64 Ki (docs/tokens.md). The index costs 32 bytes a frame.
+pub const FRAME_TOKENS: u32 = 1 << 14;
 /// Largest vocabulary a u16 shard can hold.
 pub const MAX_VOCAB: u32 = 1 << 16;
 
@@ -815,12 +816,45 @@ pub fn read_token_rows(path: &Path) -> Result<Vec<TokenRow>> {
     Ok(rows)
 }
 
-/// Calls `f` on every row of a token manifest, in order; returns the row count.
+/// Rows read from a token manifest at a time by [`for_each_token_row`] (Parquet row groups are
+/// skipped, not decoded, outside each slice).
+const MANIFEST_ROWS_PER_READ: usize = 1 << 18;
+
+/// Calls `f` on every row of a token manifest, in order, reading [`MANIFEST_ROWS_PER_READ`] rows
+/// at a time (a manifest of millions of rows is never in memory whole); returns the row count.
 pub fn for_each_token_row(
     path: &Path,
     mut f: impl FnMut(TokenRowRef<'_>) -> Result<()>,
 ) -> Result<usize> {
-    let df = crate::samples::read_dataframe(path)?;
+    let bad = |e: PolarsError| Error::Corrupt {
+        path: path.to_path_buf(),
+        what: "token manifest",
+        problem: e.to_string(),
+        fix: "rerun `codeclm dataset tokenize`".into(),
+    };
+    let open = || File::open(path).map_err(Error::io(path));
+    let total = ParquetReader::new(open()?).num_rows().map_err(bad)?;
+    let mut start = 0;
+    while start < total {
+        let df = ParquetReader::new(open()?)
+            .with_slice(Some((start, MANIFEST_ROWS_PER_READ)))
+            .finish()
+            .map_err(bad)?;
+        if df.height() == 0 {
+            break;
+        }
+        visit_token_rows(&df, path, start, &mut f)?;
+        start += df.height();
+    }
+    Ok(start)
+}
+
+fn visit_token_rows(
+    df: &DataFrame,
+    path: &Path,
+    first_row: usize,
+    f: &mut impl FnMut(TokenRowRef<'_>) -> Result<()>,
+) -> Result<()> {
     let bad = |e: PolarsError| Error::Corrupt {
         path: path.to_path_buf(),
         what: "token manifest",
@@ -848,11 +882,11 @@ pub fn for_each_token_row(
         .zip(codec.iter())
         .enumerate()
     {
-        let (m, sp) = (m.unwrap_or_default(), sp.unwrap_or_default());
+        let (m, sp, row) = (m.unwrap_or_default(), sp.unwrap_or_default(), first_row + i);
         f(TokenRowRef {
             sample_id: id.unwrap_or_default(),
-            modality: parse_column(path, "token manifest", i, "modality", m, Modality::parse)?,
-            split: parse_column(path, "token manifest", i, "split", sp, Split::parse)?,
+            modality: parse_column(path, "token manifest", row, "modality", m, Modality::parse)?,
+            split: parse_column(path, "token manifest", row, "split", sp, Split::parse)?,
             part: part.unwrap_or_default(),
             shard: shard.unwrap_or_default(),
             offset: offset.unwrap_or_default(),
@@ -860,7 +894,7 @@ pub fn for_each_token_row(
             codec_bytes: codec.unwrap_or_default(),
         })?;
     }
-    Ok(df.height())
+    Ok(())
 }
 
 /// Concatenates per-part token manifests into `tokens-<hash>.parquet`.
@@ -1074,6 +1108,40 @@ mod tests {
             msg.contains("b.tok") && msg.contains("frame 2 ") && msg.contains("checksum"),
             "{msg}"
         );
+    }
+
+    /// A manifest longer than one read slice comes back whole and in order.
+    #[test]
+    fn manifests_are_read_in_slices() {
+        use crate::samples::{Modality, Split};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens-00.parquet");
+        let n = MANIFEST_ROWS_PER_READ + 1234;
+        let rows: Vec<TokenRow> = (0..n)
+            .map(|i| TokenRow {
+                sample_id: format!("s{i}"),
+                modality: if i % 3 == 0 {
+                    Modality::Video
+                } else {
+                    Modality::Image
+                },
+                split: if i % 7 == 0 { Split::Val } else { Split::Train },
+                part: (i / 1000) as u32,
+                shard: format!("tokens/00/part-{:06}.tok", i / 1000),
+                offset: i as u64 * 10,
+                n_tokens: 10,
+                codec_bytes: i as u64,
+            })
+            .collect();
+        write_token_rows(&rows, &path).unwrap();
+        let mut i = 0;
+        let count = for_each_token_row(&path, |r| {
+            assert_eq!(r.to_owned(), rows[i]);
+            i += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((count, i), (n, n));
     }
 
     /// A version-1 shard (one zstd stream after a 64-byte header) is refused with a typed
