@@ -533,6 +533,9 @@ impl TokenShard {
             )));
         }
         let (vocab_size, frame_tokens) = (le32(&header, 16), le32(&header, 20));
+        if frame_tokens == 0 {
+            return Err(corrupt("the header says frames of 0 tokens".into()));
+        }
         let hash = format!("{:016x}", le64(&header, 24));
         if let Some(want) = expect_hash {
             if want != hash {
@@ -716,9 +719,9 @@ impl TokenShard {
     /// tokens to `f` (which may check more, e.g. document boundaries).
     pub fn for_each_frame(&self, mut f: impl FnMut(u64, &[u16]) -> Result<()>) -> Result<()> {
         let (mut buf, mut frame) = (FrameBuffers::new()?, Vec::new());
-        for i in 0..self.frames.len() {
+        for (i, entry) in self.frames.iter().enumerate() {
             self.read_frame_into(i, &mut buf, &mut frame)?;
-            f(self.frames[i].first_token, &frame)?;
+            f(entry.first_token, &frame)?;
         }
         Ok(())
     }
