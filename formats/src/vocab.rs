@@ -276,6 +276,36 @@ impl Vocab {
         })
     }
 
+    /// The tokenizer.json of the smallest vocabulary: `<s>` `</s>` `<pad>` (ids 0, 1, 2) and
+    /// the 256 bytes (ids 3..259), no merges. For synthetic token sets (tests, benchmarks).
+    pub fn bytes_only_json() -> Vec<u8> {
+        let mut vocab = serde_json::Map::new();
+        for (i, s) in [BOS, EOS, PAD].iter().enumerate() {
+            vocab.insert(s.to_string(), i.into());
+        }
+        for b in 0..=255u8 {
+            vocab.insert(bytes_to_chars(&[b]), (3 + b as u32).into());
+        }
+        let special = |id: u32, content: &str| {
+            serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true})
+        };
+        let json = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": [special(0, BOS), special(1, EOS), special(2, PAD)],
+            "normalizer": null,
+            "pre_tokenizer": null,
+            "post_processor": null,
+            "decoder": null,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                "vocab": vocab, "merges": []}
+        });
+        json.to_string().into_bytes()
+    }
+
     pub fn merges(&self) -> usize {
         self.merges.len()
     }

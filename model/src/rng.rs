@@ -1,7 +1,7 @@
 //! A small seeded generator (SplitMix64): the same seed gives the same stream on every machine
 //! and in every build, which is what reproducible shuffling, initialisation and sampling need.
 
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rng {
     state: u64,
 }

@@ -60,6 +60,14 @@ pub struct TrainConfig {
     /// long contexts, about one more forward per step).
     #[serde(default)]
     pub recompute: bool,
+    /// Validation scores at most this many held-out documents, each in full (a fixed subset,
+    /// chosen by sample id); the byte-unigram baseline is evaluated on the same documents.
+    #[serde(default = "default_val_docs")]
+    pub val_docs: usize,
+}
+
+fn default_val_docs() -> usize {
+    crate::data::DEFAULT_VAL_DOCS
 }
 
 impl TrainConfig {
@@ -99,6 +107,7 @@ impl TrainConfig {
             peak_tflops: 989.0,
             stop_at: None,
             recompute: false,
+            val_docs: default_val_docs(),
         })
     }
 
@@ -274,15 +283,12 @@ pub fn evaluate<B: Backend>(
     })
 }
 
-/// Every validation document of the set and their codec bytes.
-fn validation_docs(set: &TrainingSet) -> (Vec<Vec<u16>>, u64) {
-    let rows = set.split(Split::Val, None);
-    let bytes = rows.iter().map(|&i| set.rows[i].codec_bytes).sum();
-    let docs = rows
-        .iter()
-        .map(|&i| set.doc(&set.rows[i]).to_vec())
-        .collect();
-    (docs, bytes)
+/// The fixed validation subset (`TrainingSet::val_subset`: at most `max_docs` held-out
+/// documents, chosen by sample id so that the subset is stable) and its codec bytes.
+fn validation_docs(set: &TrainingSet, max_docs: usize) -> Result<(Vec<Vec<u16>>, u64)> {
+    let subset = set.val_subset(max_docs)?;
+    let bytes = subset.iter().map(|d| d.codec_bytes).sum();
+    Ok((subset.into_iter().map(|d| d.tokens).collect(), bytes))
 }
 
 /// One optimizer step: gradient accumulation over `micro` batches of [B, T] inputs and
@@ -482,8 +488,8 @@ pub fn train(start: Start, out: &Path) -> Result<TrainSummary> {
     if let Some(st) = resume {
         loader.state = st.loader;
     }
-    let unigram = crate::data::unigram_baseline_bits_per_byte(&set)?;
-    let (val_docs, val_bytes) = validation_docs(&set);
+    let unigram = crate::data::unigram_baseline_bits_per_byte(&set, cfg.val_docs)?;
+    let (val_docs, val_bytes) = validation_docs(&set, cfg.val_docs)?;
     let metrics_path = out.join("metrics.jsonl");
     let mut history = truncate_metrics(&metrics_path, start_step)?;
     let mut metrics = std::fs::OpenOptions::new()
@@ -513,15 +519,18 @@ pub fn train(start: Start, out: &Path) -> Result<TrainSummary> {
     let write_line = |f: &mut std::fs::File, v: serde_json::Value| -> Result<()> {
         writeln!(f, "{v}").map_err(Error::io(&metrics_path))
     };
+    // The micro-batches' inputs and targets, filled in place every step.
+    let n = cfg.batch * cfg.context;
+    let (mut xs, mut ys) = (
+        vec![0u32; n * cfg.grad_accum],
+        vec![0u32; n * cfg.grad_accum],
+    );
     for step in start_step..end {
         let ts = Instant::now();
-        let micro: Vec<(Vec<u32>, Vec<u32>)> = (0..cfg.grad_accum)
-            .map(|_| loader.next_batch(&set, cfg.batch))
-            .collect();
-        let views: Vec<(&[u32], &[u32])> = micro
-            .iter()
-            .map(|(x, y)| (x.as_slice(), y.as_slice()))
-            .collect();
+        for (x, y) in xs.chunks_mut(n).zip(ys.chunks_mut(n)) {
+            loader.next_batch_into(&set, x, y)?;
+        }
+        let views: Vec<(&[u32], &[u32])> = xs.chunks(n).zip(ys.chunks(n)).collect();
         let lr = cfg.lr_at(step);
         let (loss, norm) = train_step(&mut model, &views, &cfg, step + 1, lr)?;
         let dt = ts.elapsed().as_secs_f64();

@@ -46,6 +46,47 @@ pub enum BenchCommand {
     Train(super::model::BenchTrainArgs),
     /// Generation tokens/s of a trained run (batched, KV cache); prints one JSON line.
     Sample(super::model::BenchSampleArgs),
+    /// The training loader over a token set: batches/s, tokens/s and peak RSS (which should
+    /// not grow with the dataset); or, with --write-synthetic, write a synthetic token set of
+    /// any size to measure it on. Prints one JSON line (tools/bench_loader.py runs both).
+    Loader(LoaderArgs),
+}
+
+#[derive(Args)]
+pub struct LoaderArgs {
+    /// The dataset whose token set is read.
+    #[arg(long, required_unless_present = "write_synthetic")]
+    dataset: Option<PathBuf>,
+    /// Which token set (default: the only one).
+    #[arg(long)]
+    vocab: Option<String>,
+    #[arg(long, default_value_t = 2048)]
+    context: usize,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Batches to time (after the trainer's startup: open, shard check, validation subset,
+    /// unigram baseline).
+    #[arg(long, default_value_t = 200)]
+    batches: usize,
+    /// Windows prepared ahead on a thread (default: the loader's own choice; 0: none).
+    #[arg(long)]
+    read_ahead: Option<usize>,
+    /// Instead: write a synthetic token set (pseudo-random image-sized documents) into this
+    /// directory, then exit.
+    #[arg(long, conflicts_with = "dataset")]
+    write_synthetic: Option<PathBuf>,
+    /// Tokens of the synthetic set.
+    #[arg(long, default_value_t = 2_000_000_000)]
+    tokens: u64,
+    /// Mean document length of the synthetic set (a 256x256 q25 JPEG is ~4,200 tokens).
+    #[arg(long, default_value_t = 4200)]
+    doc_tokens: usize,
+    /// Documents per shard of the synthetic set (`dataset build`'s default part size).
+    #[arg(long, default_value_t = 10_000)]
+    docs_per_shard: usize,
+    /// Tokens per zstd frame of the synthetic set.
+    #[arg(long, default_value_t = codeclm_formats::tokens::FRAME_TOKENS)]
+    frame_tokens: u32,
 }
 
 #[derive(Args)]
@@ -118,7 +159,81 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Fid(args) => fid_bench(args),
         BenchCommand::Train(args) => super::model::bench_train(args),
         BenchCommand::Sample(args) => super::model::bench_sample(args),
+        BenchCommand::Loader(args) => loader(args),
     }
+}
+
+fn loader(args: LoaderArgs) -> Result<()> {
+    use codeclm_model::data::{self, Loader, SyntheticSpec, TrainingSet};
+    use codeclm_model::train::process_cpu_seconds;
+    if let Some(dir) = &args.write_synthetic {
+        let t0 = Instant::now();
+        let spec = SyntheticSpec {
+            docs: (args.tokens / args.doc_tokens.max(6) as u64).max(1) as usize,
+            mean_tokens: args.doc_tokens,
+            val_every: 100,
+            video_every: 0,
+            docs_per_shard: args.docs_per_shard,
+            frame_tokens: args.frame_tokens,
+            seed: 1,
+        };
+        let hash = data::write_synthetic_token_set(dir, &spec)
+            .with_context(|| format!("writing a synthetic token set in {}", dir.display()))?;
+        println!(
+            "{}",
+            serde_json::json!({"wrote": dir, "hash": hash, "docs": spec.docs, "seconds": t0.elapsed().as_secs_f64()})
+        );
+        return Ok(());
+    }
+    let dataset = args.dataset.context("--dataset is required")?;
+    let t0 = Instant::now();
+    let set = TrainingSet::open(&dataset, args.vocab.as_deref())?;
+    let shards = set.check_shards()?;
+    let val = set.val_subset(data::DEFAULT_VAL_DOCS)?;
+    let unigram = data::unigram_baseline_bits_per_byte(&set, data::DEFAULT_VAL_DOCS)?;
+    let startup = t0.elapsed().as_secs_f64();
+    let rss_startup = peak_rss_mb();
+    let mut loader = Loader::new(&set, args.context, 0, &Default::default())?;
+    if let Some(n) = args.read_ahead {
+        loader.set_read_ahead(n);
+    }
+    let n = args.batch * args.context;
+    let (mut x, mut y) = (vec![0u32; n], vec![0u32; n]);
+    loader.next_batch_into(&set, &mut x, &mut y)?; // starts the read-ahead thread
+    let (t, cpu) = (Instant::now(), process_cpu_seconds());
+    let mut check = 0u64;
+    for _ in 0..args.batches {
+        loader.next_batch_into(&set, &mut x, &mut y)?;
+        check = check.wrapping_add(x[n / 2] as u64);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = process_cpu_seconds() - cpu;
+    let tokens = (args.batches * n) as f64;
+    let set_tokens: u64 = (0..set.len()).map(|r| set.row(r).n_tokens as u64).sum();
+    println!(
+        "{}",
+        serde_json::json!({
+            "dataset": dataset,
+            "docs": set.len(),
+            "shards": shards,
+            "set_tokens": set_tokens,
+            "set_token_gb": set_tokens as f64 * 2.0 / 1e9,
+            "context": args.context,
+            "batch": args.batch,
+            "batches": args.batches,
+            "startup_seconds": startup,
+            "val_docs": val.len(),
+            "unigram_bits_per_byte": unigram,
+            "tokens_per_second": tokens / secs,
+            "tokens_per_cpu_second": tokens / cpu.max(1e-9),
+            "windows_read": loader.state.windows,
+            "epochs": loader.state.cursors.values().map(|c| c.0).max(),
+            "peak_rss_mb_after_startup": (rss_startup * 10.0).round() / 10.0,
+            "peak_rss_mb": (peak_rss_mb() * 10.0).round() / 10.0,
+            "checksum": check,
+        })
+    );
+    Ok(())
 }
 
 fn images(args: ImagesArgs) -> Result<()> {

@@ -1,11 +1,13 @@
 //! `codeclm dataset ...`: build, inspect, verify, export and merge datasets (tokenize and decode
 //! are in [`super::tokens`]).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use codeclm_etl::{BuildOptions, BuildSettings};
+use codeclm_formats::tokens::{read_token_rows, TokenLayout, TokenShard};
 use codeclm_formats::{Dataset, Modality};
 
 use super::flags::{self, AlphaArg, PreprocessArg, ResamplerArg, ResizeArg, SourceKindArg};
@@ -31,7 +33,8 @@ pub enum DatasetCommand {
         out: PathBuf,
         inputs: Vec<PathBuf>,
     },
-    /// Read every record of every shard and check it against the manifest.
+    /// Read every record of every codec shard and check it against the manifest; read every
+    /// frame of every token shard (checksums) and check each document's BOS..EOS span.
     Verify {
         #[arg(long)]
         dataset: PathBuf,
@@ -335,5 +338,70 @@ fn verify(dir: &std::path::Path) -> Result<()> {
         bytes += b.len() as u64;
     }
     println!("verified {checked} samples, {:.2} MB of codec bytes: every record matches its manifest row", bytes as f64 / 1e6);
+    for hash in TokenLayout::list(dir) {
+        let layout = TokenLayout::new(dir, &hash);
+        if !layout.manifest_path().exists() {
+            println!(
+                "token set {hash}: not finished (no {}), skipped",
+                layout.manifest_path().display()
+            );
+            continue;
+        }
+        let (shards, frames, tokens) = verify_token_set(dir, &layout)?;
+        println!("verified token set {hash}: {shards} shards, {frames} frames, {tokens} tokens: every frame matches its checksum, every document is a BOS..EOS span");
+    }
     Ok(())
+}
+
+/// Every frame of every shard of a token set (checksums, ids in the vocabulary), and every
+/// manifest row's span: inside its shard, BOS first, EOS last. Returns (shards, frames, tokens).
+fn verify_token_set(dir: &std::path::Path, layout: &TokenLayout) -> Result<(u64, u64, u64)> {
+    let vocab = codeclm_formats::vocab::Vocab::load(&layout.vocab_path())?;
+    let rows = read_token_rows(&layout.manifest_path())?;
+    // Per shard: (token position, expected id, sample), in position order.
+    let mut marks: BTreeMap<&str, Vec<(u64, u32, &str)>> = BTreeMap::new();
+    for r in &rows {
+        let m = marks.entry(r.shard.as_str()).or_default();
+        if r.n_tokens < 2 {
+            bail!(
+                "token set {}: sample {} has {} tokens, not a BOS..EOS document; retokenize",
+                layout.hash,
+                r.sample_id,
+                r.n_tokens
+            );
+        }
+        m.push((r.offset, vocab.bos, &r.sample_id));
+        m.push((r.offset + r.n_tokens - 1, vocab.eos, &r.sample_id));
+    }
+    let (mut frames, mut tokens) = (0u64, 0u64);
+    for (shard, marks) in &mut marks {
+        marks.sort_unstable();
+        let path = dir.join(shard);
+        let s = TokenShard::open(&path, Some(&layout.hash))?;
+        if let Some(&(pos, _, id)) = marks.last().filter(|m| m.0 >= s.token_count) {
+            bail!("{}: sample {id} ends at token {pos}, past the shard's {} tokens. Fix: rerun `codeclm dataset tokenize`", path.display(), s.token_count);
+        }
+        let mut next = marks.iter().peekable();
+        s.for_each_frame(|first, t| {
+            while let Some(&&(pos, want, id)) = next.peek() {
+                if pos >= first + t.len() as u64 {
+                    break;
+                }
+                let got = t[(pos - first) as usize] as u32;
+                if got != want {
+                    return Err(codeclm_formats::Error::Invalid(format!(
+                        "{}: sample {id} has token {got} at {pos}, not {} ({}). Fix: rerun `codeclm dataset tokenize`",
+                        path.display(),
+                        want,
+                        if want == vocab.bos { "BOS" } else { "EOS" }
+                    )));
+                }
+                next.next();
+            }
+            Ok(())
+        })?;
+        frames += s.frames().len() as u64;
+        tokens += s.token_count;
+    }
+    Ok((marks.len() as u64, frames, tokens))
 }

@@ -54,6 +54,9 @@ pub struct TrainArgs {
     /// memory for long contexts, about a third more compute; the same results bit for bit.
     #[arg(long)]
     recompute: bool,
+    /// Held-out documents validation scores, each in full (a fixed subset chosen by sample id).
+    #[arg(long)]
+    val_docs: Option<usize>,
     /// Run directory (checkpoints, metrics.jsonl, loss.png).
     #[arg(long, default_value = "runs/tiny")]
     out: PathBuf,
@@ -202,7 +205,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = a.$f { cfg.$f = v; } )* };
         }
-        set!(context, batch, grad_accum, lr, seed, eval_every, save_every);
+        set!(context, batch, grad_accum, lr, seed, eval_every, save_every, val_docs);
         if let Some(s) = a.steps {
             cfg.steps = s;
             if a.config.is_none() {

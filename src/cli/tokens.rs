@@ -66,6 +66,10 @@ pub struct TokenizeArgs {
     /// one token set per vocabulary: JPEG for images, H.264 for videos.
     #[arg(long, value_enum)]
     modality: Option<ModalityArg>,
+    /// Tokens per zstd frame of the shards (tests use small frames to put documents across
+    /// frame boundaries).
+    #[arg(long, hide = true, default_value_t = tokens::FRAME_TOKENS)]
+    frame_tokens: u32,
 }
 
 #[derive(Args)]
@@ -123,6 +127,7 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
         &args.vocab,
         workers,
         args.modality.map(Into::into),
+        args.frame_tokens,
     )
     .with_context(|| {
         format!(
@@ -193,8 +198,7 @@ pub fn decode(args: DecodeArgs) -> Result<()> {
                     TokenShard::open(&args.dataset.join(&row.shard), Some(&vocab.hash))?,
                 );
             }
-            let shard = &shards[&row.shard];
-            let doc = &shard.tokens[row.offset as usize..(row.offset + row.n_tokens) as usize];
+            let doc = shards[&row.shard].read_range(row.offset, row.n_tokens)?;
             sequences.push((id.clone(), doc.iter().map(|&t| t as u32).collect()));
         }
     } else {

@@ -164,7 +164,7 @@ fn token_sets_round_trip_coexist_and_need_no_media() {
         assert_eq!(rows.len(), ok.len(), "every ok sample has a token document");
         for row in &rows {
             let shard = TokenShard::open(&ds.join(&row.shard), Some(&vocab.hash)).unwrap();
-            let doc = &shard.tokens[row.offset as usize..(row.offset + row.n_tokens) as usize];
+            let doc = shard.read_range(row.offset, row.n_tokens).unwrap();
             assert_eq!(doc[0] as u32, vocab.bos);
             assert_eq!(*doc.last().unwrap() as u32, vocab.eos);
             let ids: Vec<u32> = doc.iter().map(|&t| t as u32).collect();
@@ -229,9 +229,10 @@ fn python_tokenizers_and_the_reader_snippet_agree_with_rust() {
             .args(["--size", "320", "--out"])
             .arg(&vocab_path),
     );
+    // Frames of 1,000 tokens: most documents (~4,000 tokens) span several.
     run_ok(
         codeclm()
-            .args(["dataset", "tokenize", "--dataset"])
+            .args(["dataset", "tokenize", "--frame-tokens", "1000", "--dataset"])
             .arg(&ds)
             .arg("--vocab")
             .arg(&vocab_path),
@@ -264,4 +265,82 @@ fn python_tokenizers_and_the_reader_snippet_agree_with_rust() {
         text.contains(&format!("checked {} samples", rows.len())),
         "{text}"
     );
+    assert!(
+        !text.contains("frame checksums: none"),
+        "Python checked no frame checksum (install the `xxhash` package or libxxhash):\n{text}"
+    );
+}
+
+/// `dataset verify` reads every frame of every token shard: a damaged frame is named, a
+/// version-1 shard asks for `dataset tokenize`, and tokenize rewrites it.
+#[test]
+fn verify_finds_damaged_and_old_token_shards_and_tokenize_rewrites_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = tmp.path().join("ds");
+    build(&fixtures("images"), &ds, &["--part-size", "5"]);
+    let vocab_path = tmp.path().join("v.json");
+    run_ok(
+        codeclm()
+            .args(["vocab", "train", "--dataset"])
+            .arg(&ds)
+            .args(["--size", "300", "--out"])
+            .arg(&vocab_path),
+    );
+    let tokenize = || {
+        run_ok(
+            codeclm()
+                .args(["dataset", "tokenize", "--frame-tokens", "2000", "--dataset"])
+                .arg(&ds)
+                .arg("--vocab")
+                .arg(&vocab_path),
+        )
+    };
+    tokenize();
+    let verify = || {
+        let mut c = codeclm();
+        c.args(["dataset", "verify", "--dataset"]).arg(&ds);
+        c
+    };
+    let out = run_ok(&mut verify());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("every frame matches its checksum"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let hash = Vocab::load(&vocab_path).unwrap().hash;
+    let layout = TokenLayout::new(&ds, &hash);
+    let shard = ds.join(layout.shard_rel(0));
+    let clean = std::fs::read(&shard).unwrap();
+    let s = TokenShard::open(&shard, None).unwrap();
+    assert!(s.frames().len() > 2);
+    let f = s.frames()[2];
+    let mut bytes = clean.clone();
+    bytes[(f.offset + 40) as usize] ^= 0x08;
+    std::fs::write(&shard, &bytes).unwrap();
+    let err = run_err(&mut verify());
+    assert!(
+        err.contains("part-000000.tok")
+            && err.contains("frame 2 ")
+            && err.contains("dataset tokenize"),
+        "{err}"
+    );
+    // A version-1 shard in its place: refused with the command that rewrites it.
+    let mut v1 = clean[..64].to_vec();
+    v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+    std::fs::write(&shard, &v1).unwrap();
+    let err = run_err(&mut verify());
+    assert!(
+        err.contains("part-000000.tok")
+            && err.contains("version-1 token shard")
+            && err.contains("codeclm dataset tokenize"),
+        "{err}"
+    );
+    let out = tokenize();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("parts 1 built"),
+        "only the old part is rewritten: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(std::fs::read(&shard).unwrap(), clean, "rewritten as before");
+    run_ok(&mut verify());
 }
