@@ -217,7 +217,7 @@ fn device_flag_is_parsed_and_cuda_says_what_is_missing() {
     for cmd in [
         &["train", "--dataset", "."][..],
         &["bench", "train", "--steps", "1"][..],
-        &["sample", "--run", "."][..],
+        &["sample", "--run", ".", "--out", "o"][..],
         &[
             "model",
             "logits",
