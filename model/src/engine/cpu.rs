@@ -1,11 +1,13 @@
 //! The CPU backend: matmuls through the `gemm` crate (its AVX-512 kernels where the CPU has
 //! them), every other kernel a plain function over slices run on rayon.
 //!
-//! Results do not depend on the thread count: work is cut into chunks whose size follows from
-//! the shapes only, a matmul chunk is one single-threaded `gemm` call (its sums over k run in
-//! one order), and every reduction across rows adds per-chunk partials in chunk order.
+//! Results do not depend on the thread count: a matmul is one `gemm` call, parallel inside,
+//! whose sums over k run in one order whatever the threads; other work is cut into chunks whose
+//! size follows from the shapes only, and every reduction across rows adds per-chunk partials in
+//! chunk order.
 
 use std::cell::{Cell, UnsafeCell};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use gemm::Parallelism;
@@ -92,10 +94,14 @@ thread_local! {
     static IN_GEMM: Cell<bool> = const { Cell::new(false) };
 }
 
-/// True while this thread is inside a `gemm` call (which allocates its packing buffers per call):
-/// lets a counting allocator tell the engine's own allocations from gemm's.
+/// Parallel matmuls in flight (nothing else of the engine runs while one does).
+static GEMM_PARALLEL: AtomicUsize = AtomicUsize::new(0);
+
+/// True while this thread is inside a single-threaded `gemm` call or a parallel one is running
+/// (gemm allocates its packing buffers per call, on its worker threads too): lets a counting
+/// allocator tell the engine's own allocations from gemm's.
 pub fn in_gemm() -> bool {
-    IN_GEMM.with(|c| c.get())
+    IN_GEMM.with(|c| c.get()) || GEMM_PARALLEL.load(Ordering::SeqCst) > 0
 }
 
 /// A strided matrix: element (i, j) at `ptr + i * rs + j * cs`.
@@ -118,6 +124,20 @@ impl Mat {
 
 /// dst[m, n] (+)= lhs[m, k] . rhs[k, n], single-threaded (dst's columns must be contiguous).
 unsafe fn gemm1(m: usize, n: usize, k: usize, dst: Mat, acc: bool, lhs: Mat, rhs: Mat) {
+    gemm_par(m, n, k, dst, acc, lhs, rhs, Parallelism::None)
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_par(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: Mat,
+    acc: bool,
+    lhs: Mat,
+    rhs: Mat,
+    par: Parallelism,
+) {
     let (dst, dst_rs) = (dst.ptr, dst.rs);
     let (lhs, lhs_rs, lhs_cs) = (lhs.ptr as *const f32, lhs.rs, lhs.cs);
     let (rhs, rhs_rs, rhs_cs) = (rhs.ptr as *const f32, rhs.rs, rhs.cs);
@@ -152,7 +172,7 @@ unsafe fn gemm1(m: usize, n: usize, k: usize, dst: Mat, acc: bool, lhs: Mat, rhs
         false,
         false,
         false,
-        Parallelism::None,
+        par,
     );
     IN_GEMM.with(|c| c.set(false));
 }
@@ -305,40 +325,24 @@ impl Backend for Cpu {
         let (a_rs, a_cs) = if trans_a { (1, m) } else { (k, 1) };
         let (b_rs, b_cs) = if trans_b { (1, k) } else { (n, 1) };
         // Split the larger output dimension into chunks sized from the shape alone.
-        let flops = m * n * k;
-        let tasks = (flops / (1 << 21)).clamp(1, 64);
-        let split_rows = m >= n;
-        let dim = if split_rows { m } else { n };
-        let per = dim.div_ceil(tasks).next_multiple_of(16).min(dim.max(1));
-        let chunks = dim.div_ceil(per.max(1));
-        (0..chunks).into_par_iter().for_each(|i| {
-            let (lo, hi) = (i * per, ((i + 1) * per).min(dim));
-            let (cp, ap, bp) = (cp, ap, bp);
-            // Safety: each chunk writes its own rows (or columns) of C.
-            unsafe {
-                if split_rows {
-                    gemm1(
-                        hi - lo,
-                        n,
-                        k,
-                        Mat::new(cp.0.add(lo * n), n, 1),
-                        accumulate,
-                        Mat::new(ap.0.add(lo * a_rs), a_rs, a_cs),
-                        Mat::new(bp.0, b_rs, b_cs),
-                    )
-                } else {
-                    gemm1(
-                        m,
-                        hi - lo,
-                        k,
-                        Mat::new(cp.0.add(lo), n, 1),
-                        accumulate,
-                        Mat::new(ap.0, a_rs, a_cs),
-                        Mat::new(bp.0.add(lo * b_cs), b_rs, b_cs),
-                    )
-                }
-            }
-        });
+        // One call, parallel inside gemm: it splits the output into blocks per thread but
+        // runs every element's sum over k in one order, so the result does not depend on the
+        // thread count (tested at the presets' sizes); one call also packs each operand once.
+        GEMM_PARALLEL.fetch_add(1, Ordering::SeqCst);
+        // Safety: the views hold at least m*k, k*n and m*n elements (asserted above).
+        unsafe {
+            gemm_par(
+                m,
+                n,
+                k,
+                Mat::new(cp.0, n, 1),
+                accumulate,
+                Mat::new(ap.0, a_rs, a_cs),
+                Mat::new(bp.0, b_rs, b_cs),
+                Parallelism::Rayon(rayon::current_num_threads()),
+            );
+        }
+        GEMM_PARALLEL.fetch_sub(1, Ordering::SeqCst);
     }
 
     fn embedding_forward(

@@ -286,6 +286,44 @@ fn train_steps(threads: usize, recompute: bool, steps: usize) -> Vec<f32> {
     })
 }
 
+/// The same at the `tiny` preset's real sizes, where gemm splits its work across threads.
+#[test]
+fn preset_sized_steps_do_not_depend_on_threads() {
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let cfg = LlamaConfig::preset("tiny", 320).unwrap();
+            let (b, t) = (4, 256);
+            let cap = Capacity {
+                batch: b,
+                context: t,
+            };
+            let mut m = Model::new(Cpu::new(), cfg, cap, true, false).unwrap();
+            m.init(7);
+            for step in 1..=2 {
+                let (x, y) = batch(b, t, 320, step as u32);
+                gradients(&mut m, &x, &y, b, t);
+                m.adamw(hp(step, 1.0)).unwrap();
+            }
+            let mut p = vec![0f32; m.num_parameters()];
+            m.read_params(&mut p);
+            p
+        })
+    };
+    let one = run(1);
+    assert!(
+        one == run(2),
+        "1 thread vs 2 threads at the tiny preset's sizes"
+    );
+    assert!(
+        one == run(4),
+        "1 thread vs 4 threads at the tiny preset's sizes"
+    );
+}
+
 #[test]
 fn results_do_not_depend_on_threads_or_recomputation() {
     let one = train_steps(1, false, 3);
