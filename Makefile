@@ -180,7 +180,7 @@ $(TORCH_VENV)/.ok: tools/requirements-torch.txt
 compat: build compat-env
 	$(TORCH_PY) tools/compat_hf.py $(RUN) --bin $(BIN)
 
-## bench-train: training tokens/s per core, candle vs PyTorch, same model and batch, 1 and 2 threads
+## bench-train: training tokens/s per core, codeclm's engine vs PyTorch, same model and batch, 1 and 2 threads
 bench-train: build compat-env
 	$(TORCH_PY) tools/bench_train.py --bin $(BIN) --presets $(PRESETS)
 

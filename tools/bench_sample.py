@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Sampling speed, codeclm (candle, KV cache) vs transformers `generate`, same weights, same run.
+"""Sampling speed, codeclm (the engine, KV cache) vs transformers `generate`, same weights, same run.
 
     python3 tools/bench_sample.py [--presets tiny small] [--run tiny=runs/tiny ...]
                                   [--batch 1 16] [--threads 1 2] [--max-tokens 256]
