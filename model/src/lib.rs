@@ -26,6 +26,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     #[error(transparent)]
     Manifest(#[from] codeclm_formats::Error),
+    #[error(transparent)]
+    Engine(#[from] codeclm_engine::Error),
     #[error("I/O error on {path}: {source}")]
     Io {
         path: PathBuf,

@@ -261,7 +261,7 @@ impl Backend for Cpu {
     fn alloc(&self, len: usize) -> Result<CpuBuf> {
         let bytes = len.checked_mul(4).filter(|&b| b <= isize::MAX as usize);
         if bytes.is_none() {
-            return Err(Error::Config(format!(
+            return Err(Error::OutOfMemory(format!(
                 "a buffer of {len} floats does not fit in memory; use a smaller batch or context"
             )));
         }

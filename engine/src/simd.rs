@@ -59,7 +59,7 @@ macro_rules! multiversion {
                 unsafe fn v4($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn v3($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
-                match $crate::engine::simd::level() {
+                match $crate::simd::level() {
                     // Safety: the CPU has the features (checked at run time).
                     4 => return unsafe { v4($($arg),*) },
                     3 => return unsafe { v3($($arg),*) },
@@ -80,7 +80,7 @@ macro_rules! multiversion {
                 unsafe fn v4($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn v3($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
-                match $crate::engine::simd::level() {
+                match $crate::simd::level() {
                     4 => return v4($($arg),*),
                     3 => return v3($($arg),*),
                     _ => {}

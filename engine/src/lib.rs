@@ -1,0 +1,22 @@
+//! The devices of the training engine (llm.c's approach): what a device provides
+//! ([`backend::Backend`]: f32 and token-id buffers, views into them, and the kernels of the
+//! paper's Llama, each forward beside its backward) and the CPU backend ([`cpu`]: `gemm`
+//! matmuls, tiled flash attention, SIMD row kernels). The models written against the trait live
+//! with their users (`codeclm-model`'s Llama). No heap allocation per call after the first.
+
+pub mod backend;
+pub mod cpu;
+pub mod profile;
+pub mod simd;
+
+pub use backend::{Backend, Span, View, IGNORE};
+pub use cpu::Cpu;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A buffer that cannot be allocated (names the size and the fix).
+    #[error("{0}")]
+    OutOfMemory(String),
+}
