@@ -821,7 +821,7 @@ pub fn read_token_rows(path: &Path) -> Result<Vec<TokenRow>> {
 
 /// Rows read from a token manifest at a time by [`for_each_token_row`] (Parquet row groups are
 /// skipped, not decoded, outside each slice).
-const MANIFEST_ROWS_PER_READ: usize = 1 << 18;
+const MANIFEST_ROWS_PER_READ: usize = 1 << 15;
 
 /// Calls `f` on every row of a token manifest, in order, reading [`MANIFEST_ROWS_PER_READ`] rows
 /// at a time (a manifest of millions of rows is never in memory whole); returns the row count.
