@@ -30,6 +30,14 @@ unsafe impl Send for CpuBuf {}
 unsafe impl Sync for CpuBuf {}
 
 impl CpuBuf {
+    /// Its length in floats.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     fn zeroed(len: usize) -> CpuBuf {
         let b: Box<[f32]> = vec![0f32; len].into_boxed_slice();
         CpuBuf {

@@ -2,8 +2,9 @@
 //! ([`backend::Backend`]: f32 and token-id buffers, views into them, and the kernels of the
 //! paper's Llama, each forward beside its backward) and the CPU backend ([`cpu`]: `gemm`
 //! matmuls, tiled flash attention, SIMD row kernels), plus the forward kernels of convolutional
-//! inference over NHWC tensors (im2col, pooling, concat: the FID network). The models written against the trait live
-//! with their users (`codeclm-model`'s Llama). No heap allocation per call after the first.
+//! inference over NHWC tensors (im2col, pooling, concat: the FID network). The models written
+//! against the trait live with their users (`codeclm-model`'s Llama, `fid`'s Inception-v3). No
+//! heap allocation per call after the first.
 
 pub mod backend;
 mod conv;
