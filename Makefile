@@ -160,14 +160,14 @@ clippy:
 clean:
 	rm -rf data bench-out
 
-## ---- model: Hugging Face compatibility, benchmarks against PyTorch, CUDA build ----------------
+## ---- model: Hugging Face compatibility, benchmarks against PyTorch, the GPU check ---------------
 ## These run outside CI: PyTorch from PyPI is a multi-GB venv (.venv-torch/, `make compat-env`).
 TORCH_VENV ?= .venv-torch
 TORCH_PY := $(TORCH_VENV)/bin/python
 RUN ?= runs/tiny
 PRESETS ?= tiny small
 
-.PHONY: compat-env compat bench-train bench-sample cuda-toolchain build-cuda gpu-check
+.PHONY: compat-env compat bench-train bench-sample gpu-check
 
 ## compat-env: the PyTorch + transformers venv the compat and bench targets use (~5 GB)
 compat-env: $(TORCH_VENV)/.ok
@@ -187,17 +187,6 @@ bench-train: build compat-env
 ## bench-sample: sampling tokens/s (batch 1 and 16), codeclm vs transformers generate, same weights
 bench-sample: build compat-env
 	$(TORCH_PY) tools/bench_sample.py --bin $(BIN) --presets $(PRESETS)
-
-## build-cuda: the CUDA binary (target-cuda/release/codeclm), no GPU needed: nvcc and CUDA 13.0
-## libraries from PyPI wheels into .cuda/ (~650 MB download once), CUDA_COMPUTE_CAP=90 (H100/H200)
-CUDA_DIR ?= .cuda
-cuda-toolchain:
-	tools/cuda_toolchain.sh $(CUDA_DIR) >/dev/null
-
-build-cuda: deps cuda-toolchain
-	eval "$$(tools/cuda_toolchain.sh --env $(CUDA_DIR))" && \
-	  CARGO_TARGET_DIR=target-cuda $(CARGO) build --release --features cuda
-	ls -l target-cuda/release/codeclm
 
 ## gpu-check: on a GPU machine (no Rust needed): a short training run, tokens/s and MFU
 gpu-check:

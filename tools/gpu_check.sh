@@ -1,19 +1,17 @@
 #!/usr/bin/env bash
-# One short, prepared check of the CUDA build on a GPU machine that has the NVIDIA driver and the
-# CUDA 13 libraries (e.g. in PyTorch's wheels) but no Rust toolchain and no network.
+# One short, prepared check of codeclm on a GPU machine that has the NVIDIA driver and the CUDA 13
+# libraries (e.g. in PyTorch's wheels) but no Rust toolchain and no network.
 #
-# On the build machine (CPU only; README "CUDA build"):
-#   make build-cuda && make dataset       # target-cuda/release/codeclm, data/
-#   tools/gpu_check.sh --bundle            # .gpu-bundle/: stripped CUDA binary + data/ (< 64 MiB)
+# On the build machine (CPU only):
+#   make build && make dataset             # target/release/codeclm, data/
+#   tools/gpu_check.sh --bundle            # .gpu-bundle/: stripped binary + data/ (< 64 MiB)
 # On the GPU machine, from the repository root, with .gpu-bundle/ carried over:
 #   OUT=/some/dir tools/gpu_check.sh       # everything lands in $OUT (default gpu-check-out/)
-# Dry run on a CPU machine: the CUDA binary cannot start without libcuda.so.1, so the script stops
-# at "no CUDA device" (exit 0); GPU_CHECK_CPU=1 GPU_CHECK_BIN=target/release/codeclm runs every
-# step on the CPU with the tiny preset instead.
+# Dry run on a CPU machine: GPU_CHECK_CPU=1 GPU_CHECK_BIN=target/release/codeclm runs every step
+# on the CPU with the tiny preset.
 #
-# Until the training engine has its CUDA backend (docs/cuda.md), a GPU run stops after listing
-# the GPU: training and sampling no longer run on candle's CUDA. The CPU dry run still runs every
-# step.
+# Nothing runs on CUDA until the training engine has its CUDA backend (docs/cuda.md): a GPU run
+# stops after listing the GPU. The CPU dry run still runs every step.
 # Steps (~3 min on an H200; at most ~6 min with every time limit hit):
 #   1. `codeclm bench train --device cuda`: synthetic batches, no data loading: model tokens/s and MFU;
 #   2. `codeclm train --device cuda` on the bundled dataset for as many steps as step 1's speed fits in
@@ -27,23 +25,16 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BUNDLE=${GPU_BUNDLE:-$ROOT/.gpu-bundle}
 
 if [ "${1:-}" = "--bundle" ]; then
-  # xz-compressed (the carry limit is 64 MiB): the stripped binary (87 MB -> 13 MB) and, because
-  # PyTorch's wheels no longer ship cuRAND and candle needs it to create a device, the
-  # libcurand.so.10 of our toolchain (132 MB -> 41 MB), used only where the machine lacks one.
+  # xz-compressed (the carry limit is 64 MiB): the stripped binary and the dataset.
   set -e
-  BIN=${2:-$ROOT/target-cuda/release/codeclm}
+  BIN=${2:-$ROOT/target/release/codeclm}
   DATA=${DATA:-$ROOT/data}
-  CUDA_LIB=${CUDA_DIR:-$ROOT/.cuda}/nvidia/cu13/lib
-  [ -x "$BIN" ] || { echo "gpu_check: no CUDA binary at $BIN; run 'make build-cuda' first" >&2; exit 1; }
+  [ -x "$BIN" ] || { echo "gpu_check: no binary at $BIN; run 'make build' first" >&2; exit 1; }
   [ -f "$DATA/dataset.json" ] || { echo "gpu_check: no dataset at $DATA; run 'make dataset' first" >&2; exit 1; }
-  [ -f "$CUDA_LIB/libcurand.so.10" ] || { echo "gpu_check: no $CUDA_LIB/libcurand.so.10; run tools/cuda_toolchain.sh" >&2; exit 1; }
   rm -rf "$BUNDLE.tmp"
   mkdir -p "$BUNDLE.tmp"
   strip -o "$BUNDLE.tmp/codeclm" "$BIN"
   xz -9 -T2 "$BUNDLE.tmp/codeclm"
-  CURAND_XZ=${CUDA_DIR:-$ROOT/.cuda}/libcurand.so.10.xz
-  [ -f "$CURAND_XZ" ] || xz -9 -T2 -c "$CUDA_LIB/libcurand.so.10" >"$CURAND_XZ"
-  cp "$CURAND_XZ" "$BUNDLE.tmp/"
   cp -r "$DATA" "$BUNDLE.tmp/data"
   rm -rf "$BUNDLE.tmp/data/runs" "$BUNDLE"
   mv "$BUNDLE.tmp" "$BUNDLE"

@@ -113,6 +113,42 @@ pub struct AdamW {
     pub grad_scale: f32,
 }
 
+/// The geometry of one convolution or pooling window over an NHWC tensor
+/// [batch, h, w, c] (channels contiguous): a `kh x kw` window moved by `stride` over the input
+/// padded by `pad_h` rows and `pad_w` columns each side (the 1x7 / 7x1 convs pad one axis only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub batch: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad_h: usize,
+    pub pad_w: usize,
+}
+
+impl Window {
+    pub fn out_h(&self) -> usize {
+        (self.h + 2 * self.pad_h - self.kh) / self.stride + 1
+    }
+    pub fn out_w(&self) -> usize {
+        (self.w + 2 * self.pad_w - self.kw) / self.stride + 1
+    }
+    /// Output pixels: the rows of im2col's matrix and of the conv's output.
+    pub fn out_rows(&self) -> usize {
+        self.batch * self.out_h() * self.out_w()
+    }
+    /// Columns of im2col's matrix: `kh * kw * c`, in (kh, kw, c) order.
+    pub fn col_width(&self) -> usize {
+        self.kh * self.kw * self.c
+    }
+    pub fn in_len(&self) -> usize {
+        self.batch * self.h * self.w * self.c
+    }
+}
+
 /// A device: memory and the kernels. Every call may be asynchronous on a GPU; `download` and
 /// the reductions that return a host value synchronise.
 pub trait Backend: Send + Sync {
@@ -278,6 +314,37 @@ pub trait Backend: Send + Sync {
 
     /// sum(x^2) in f64, the same value for any thread count.
     fn sum_squares(&self, x: View<Self>) -> f64;
+    // -- convolutional inference (NHWC, forward only: the FID network) ----------------------
+    /// The patches of `x` [batch, h, w, c] under each window position, as rows
+    /// `col` [out_rows, kh * kw * c] in (kh, kw, c) order, zero where the window is over the
+    /// padding; a conv is then `matmul(out, col, weight[c_out, kh * kw * c], trans_b)`.
+    fn im2col(&self, col: View<Self>, x: View<Self>, g: Window);
+    /// x[r, c] = max(x[r, c] + bias[c], 0) in place for `rows` rows of `channels`.
+    fn bias_relu(&self, x: View<Self>, bias: View<Self>, rows: usize, channels: usize);
+    /// Max over the window's real pixels (padding never wins, as torch's -inf padding).
+    fn max_pool(&self, out: View<Self>, x: View<Self>, g: Window);
+    /// Mean over the window's real pixels (torch's `count_include_pad=False`).
+    fn avg_pool(&self, out: View<Self>, x: View<Self>, g: Window);
+    /// Copies `src` [rows, c] into columns c0..c0 + c of `dst` [rows, dst_c] (a channel concat).
+    fn copy_columns(
+        &self,
+        dst: View<Self>,
+        src: View<Self>,
+        rows: usize,
+        c: usize,
+        dst_c: usize,
+        c0: usize,
+    );
+    /// out[b, c] = mean over the `pixels` rows of image b of x [batch, pixels, c].
+    fn global_avg_pool(
+        &self,
+        out: View<Self>,
+        x: View<Self>,
+        batch: usize,
+        pixels: usize,
+        c: usize,
+    );
+
     /// One AdamW update over `spans` of the flat buffers, weight decay where the flag is set.
     fn adamw(
         &self,

@@ -13,7 +13,8 @@ use std::sync::Mutex;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::backend::{AdamW, Attention, Backend, Matmul, Span, View, IGNORE};
+use super::backend::{AdamW, Attention, Backend, Matmul, Span, View, Window, IGNORE};
+use super::conv;
 use super::simd::{self, multiversion};
 use crate::{Error, Result};
 
@@ -29,6 +30,14 @@ unsafe impl Send for CpuBuf {}
 unsafe impl Sync for CpuBuf {}
 
 impl CpuBuf {
+    /// Its length in floats.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     fn zeroed(len: usize) -> CpuBuf {
         let b: Box<[f32]> = vec![0f32; len].into_boxed_slice();
         CpuBuf {
@@ -671,6 +680,51 @@ impl Backend for Cpu {
             .zip(x.par_chunks(PER))
             .for_each(|(s, c)| *s = sum_squares_chunk(c));
         p[..chunks].iter().sum()
+    }
+
+    fn im2col(&self, col: View<Self>, x: View<Self>, g: Window) {
+        disjoint(col, &[x]);
+        conv::im2col(write(col), read(x), g);
+    }
+
+    fn bias_relu(&self, x: View<Self>, bias: View<Self>, rows: usize, channels: usize) {
+        disjoint(x, &[bias]);
+        conv::bias_relu(write(x), read(bias), rows, channels);
+    }
+
+    fn max_pool(&self, out: View<Self>, x: View<Self>, g: Window) {
+        disjoint(out, &[x]);
+        conv::pool(write(out), read(x), g, true);
+    }
+
+    fn avg_pool(&self, out: View<Self>, x: View<Self>, g: Window) {
+        disjoint(out, &[x]);
+        conv::pool(write(out), read(x), g, false);
+    }
+
+    fn copy_columns(
+        &self,
+        dst: View<Self>,
+        src: View<Self>,
+        rows: usize,
+        c: usize,
+        dst_c: usize,
+        c0: usize,
+    ) {
+        disjoint(dst, &[src]);
+        conv::copy_columns(write(dst), read(src), rows, c, dst_c, c0);
+    }
+
+    fn global_avg_pool(
+        &self,
+        out: View<Self>,
+        x: View<Self>,
+        batch: usize,
+        pixels: usize,
+        c: usize,
+    ) {
+        disjoint(out, &[x]);
+        conv::global_avg_pool(write(out), read(x), batch, pixels, c);
     }
 
     fn adamw(

@@ -1,15 +1,18 @@
 //! The devices of the training engine (llm.c's approach): what a device provides
 //! ([`backend::Backend`]: f32 and token-id buffers, views into them, and the kernels of the
 //! paper's Llama, each forward beside its backward) and the CPU backend ([`cpu`]: `gemm`
-//! matmuls, tiled flash attention, SIMD row kernels). The models written against the trait live
-//! with their users (`codeclm-model`'s Llama). No heap allocation per call after the first.
+//! matmuls, tiled flash attention, SIMD row kernels), plus the forward kernels of convolutional
+//! inference over NHWC tensors (im2col, pooling, concat: the FID network). The models written
+//! against the trait live with their users (`codeclm-model`'s Llama, `fid`'s Inception-v3). No
+//! heap allocation per call after the first.
 
 pub mod backend;
+mod conv;
 pub mod cpu;
 pub mod profile;
 pub mod simd;
 
-pub use backend::{Backend, Span, View, IGNORE};
+pub use backend::{Backend, Matmul, Span, View, Window, IGNORE};
 pub use cpu::Cpu;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use super::backend::{AdamW, Attention, Backend, Matmul, Span, View};
+use super::backend::{AdamW, Attention, Backend, Matmul, Span, View, Window};
 use crate::Result;
 
 pub struct Profiled<B: Backend> {
@@ -289,6 +289,47 @@ impl<B: Backend> Backend for Profiled<B> {
     }
     fn sum_squares(&self, x: View<Self>) -> f64 {
         self.time("sum_squares", || self.inner.sum_squares(inner(x)))
+    }
+    fn im2col(&self, col: View<Self>, x: View<Self>, g: Window) {
+        self.time("im2col", || self.inner.im2col(inner(col), inner(x), g))
+    }
+    fn bias_relu(&self, x: View<Self>, bias: View<Self>, rows: usize, channels: usize) {
+        self.time("bias_relu", || {
+            self.inner.bias_relu(inner(x), inner(bias), rows, channels)
+        })
+    }
+    fn max_pool(&self, out: View<Self>, x: View<Self>, g: Window) {
+        self.time("max_pool", || self.inner.max_pool(inner(out), inner(x), g))
+    }
+    fn avg_pool(&self, out: View<Self>, x: View<Self>, g: Window) {
+        self.time("avg_pool", || self.inner.avg_pool(inner(out), inner(x), g))
+    }
+    fn copy_columns(
+        &self,
+        dst: View<Self>,
+        src: View<Self>,
+        rows: usize,
+        c: usize,
+        dst_c: usize,
+        c0: usize,
+    ) {
+        self.time("copy_columns", || {
+            self.inner
+                .copy_columns(inner(dst), inner(src), rows, c, dst_c, c0)
+        })
+    }
+    fn global_avg_pool(
+        &self,
+        out: View<Self>,
+        x: View<Self>,
+        batch: usize,
+        pixels: usize,
+        c: usize,
+    ) {
+        self.time("global_avg_pool", || {
+            self.inner
+                .global_avg_pool(inner(out), inner(x), batch, pixels, c)
+        })
     }
     fn adamw(
         &self,

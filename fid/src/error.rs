@@ -17,5 +17,5 @@ pub enum FidError {
     #[error("{0}")]
     Device(String),
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Engine(#[from] codeclm_engine::Error),
 }

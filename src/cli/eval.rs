@@ -88,8 +88,10 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     }
 }
 
-/// The FID network from `--weights` (default: where `make fid-weights` puts it) on `device`.
-pub fn load_net(weights: Option<&Path>, device: DeviceArg) -> Result<FidInception> {
+/// The FID network from `--weights` (default: where `make fid-weights` puts it) on `device`
+/// (the engine's CPU backend: `cuda` stops `codeclm {what}` saying so).
+pub fn load_net(weights: Option<&Path>, device: DeviceArg, what: &str) -> Result<FidInception> {
+    device.engine(what)?;
     let device = fid::device(device.cuda())?;
     let path = weights
         .map(Path::to_path_buf)
@@ -99,8 +101,7 @@ pub fn load_net(weights: Option<&Path>, device: DeviceArg) -> Result<FidInceptio
 
 fn fid_run(args: &FidArgs, run: &Path) -> Result<()> {
     // The FID network first: a missing one fails before any sampling.
-    let net = load_net(args.weights.as_deref(), args.device)?;
-    args.device.engine("eval fid --run")?;
+    let net = load_net(args.weights.as_deref(), args.device, "eval fid --run")?;
     let (open, mut lm) = TrainedRun::open(run, args.dataset.as_deref())?;
     let cfg = FidRun {
         split: args.split.into(),
@@ -141,7 +142,7 @@ fn fid_dirs(args: FidArgs) -> Result<()> {
     let (Some(real_dir), Some(fake_dir)) = (&args.real, &args.fake) else {
         bail!("give --real DIR and --fake DIR, or --run RUN");
     };
-    let net = load_net(args.weights.as_deref(), args.device)?;
+    let net = load_net(args.weights.as_deref(), args.device, "eval fid")?;
     let real_files = image_files(real_dir)?;
     let fake_files = image_files(fake_dir)?;
     let show = !args.no_progress;

@@ -58,8 +58,8 @@ impl DeviceArg {
         }
     }
 
-    /// The language model runs on the engine, whose CUDA backend is not built yet: `cuda`
-    /// stops `what` with that said.
+    /// The language model and the FID network run on the engine, whose CUDA backend is not
+    /// built yet: `cuda` stops `what` with that said.
     pub fn engine(self, what: &str) -> Result<()> {
         if let DeviceArg::Cuda(n) = self {
             anyhow::bail!(

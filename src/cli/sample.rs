@@ -71,7 +71,7 @@ pub struct SampleArgs {
     dataset: Option<PathBuf>,
     #[arg(long)]
     out: PathBuf,
-    /// cpu, cuda or cuda:N (CUDA needs a `--features cuda` build).
+    /// cpu, cuda or cuda:N (`cuda` stops: the engine's CUDA backend is not built yet).
     #[arg(long, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
     #[arg(long)]

@@ -202,7 +202,7 @@ fn resumed_training_equals_uninterrupted_and_errors_are_clean() {
 }
 
 /// `--device` is one flag on every command that runs a model: `cpu`, `cuda` or `cuda:N`; other
-/// values are refused by the parser. Training and sampling run on the engine, whose CUDA
+/// values are refused by the parser. Training, sampling and FID run on the engine, whose CUDA
 /// backend is not built yet: they say so.
 #[test]
 fn device_flag_is_parsed_and_cuda_says_what_is_missing() {
@@ -228,6 +228,8 @@ fn device_flag_is_parsed_and_cuda_says_what_is_missing() {
             "--out",
             "o",
         ][..],
+        &["eval", "fid", "--real", ".", "--fake", "."][..],
+        &["bench", "fid", "x.png"][..],
     ] {
         let err = run_err(codeclm().args(cmd).args(["--device", "cuda:1"]));
         assert!(
