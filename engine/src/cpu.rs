@@ -76,7 +76,7 @@ fn write<'a>(v: View<'a, Cpu>) -> &'a mut [f32] {
     unsafe { std::slice::from_raw_parts_mut(v.buf.ptr.add(v.span.off), v.span.len) }
 }
 
-fn ids<'a>(i: &'a CpuIds, n: usize) -> &'a [u32] {
+fn ids(i: &CpuIds, n: usize) -> &[u32] {
     // Safety: ids are written only by `upload_ids`, between kernel calls.
     let v = unsafe { &*i.0.get() };
     &v[..n]
@@ -386,7 +386,7 @@ impl Backend for Cpu {
         // Each task owns a band of columns and walks every row in order: deterministic.
         const COLS: usize = 16;
         (0..dim.div_ceil(COLS)).into_par_iter().for_each(|band| {
-            let dt = dt;
+            let dt = &dt; // the whole (Sync) wrapper, not its raw pointer field
             let (c0, c1) = (band * COLS, ((band + 1) * COLS).min(dim));
             for (r, &id) in ids.iter().enumerate() {
                 let src = &g[r * dim + c0..r * dim + c1];
@@ -964,13 +964,13 @@ unsafe fn attention_backward_task(
         for i0 in (0..t).step_by(bq) {
             let i1 = (i0 + bq).min(t);
             let qb = i1 - i0;
-            for r in 0..qb {
+            for (r, dv) in dvec[..qb].iter_mut().enumerate() {
                 let at = (base + i0 + r) * d_out + qoff;
                 let (go, oo) = (
                     std::slice::from_raw_parts(dout.0.add(at), dh),
                     std::slice::from_raw_parts(out.0.add(at), dh),
                 );
-                dvec[r] = simd::dot(go, oo);
+                *dv = simd::dot(go, oo);
                 std::ptr::write_bytes(dqkv.0.add((base + i0 + r) * row + qoff), 0, dh);
             }
             let lrow = lse.0.add((b * s.heads + h) * t + i0);

@@ -92,8 +92,8 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
-/// e^x to about 2 ulp, as straight-line arithmetic that vectorises (Cephes' `expf`: x = n ln2
-/// + r with |r| <= ln2 / 2, a degree-6 polynomial for e^r, 2^n from the exponent bits); 0 below
+/// e^x to about 2 ulp, as straight-line arithmetic that vectorises (Cephes' `expf`: x = n ln2 +
+/// r with |r| <= ln2 / 2, a degree-6 polynomial for e^r, 2^n from the exponent bits); 0 below
 /// -87 (where e^x leaves the normal range).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
@@ -108,7 +108,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     // Safety: n is an integer in [-126, 128] (x was clamped), so the conversion is exact.
     let n: i32 = unsafe { n.to_int_unchecked() };

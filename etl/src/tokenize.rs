@@ -46,7 +46,7 @@ pub struct VocabTrainSummary {
 
 /// The samples a vocabulary is trained on: ok rows of the modality in the train split, ordered
 /// by a hash of their id (a fixed pseudo-random sample), the first `n`.
-pub fn training_sample<'a>(ds: &'a Dataset, modality: Modality, n: usize) -> Vec<&'a SampleRow> {
+pub fn training_sample(ds: &Dataset, modality: Modality, n: usize) -> Vec<&SampleRow> {
     let mut rows: Vec<&SampleRow> = ds
         .rows()
         .iter()
@@ -268,7 +268,7 @@ pub fn tokenize_dataset(
             token_rows.push(TokenRow {
                 sample_id: row.sample_id.clone(),
                 modality: row.modality,
-                split: row.split.clone(),
+                split: row.split,
                 part,
                 shard: layout.shard_rel(part),
                 offset,

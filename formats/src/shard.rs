@@ -386,7 +386,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = vec![0xFFu8; 5000];
         let b: Vec<u8> = (0..70_000u32)
-            .map(|i| (i * 2654435761u32 >> 24) as u8)
+            .map(|i| ((i * 2654435761u32) >> 24) as u8)
             .collect();
         let path = write(dir.path(), &[&a, b"", &b]);
         assert!(!crate::tmp_path(&path).exists());

@@ -380,9 +380,12 @@ mod tests {
     fn video_prompts_are_the_first_frames_as_a_token_prefix() {
         use codeclm_formats::vocab::PreTokenize;
         let h = clip();
-        let json =
-            codeclm_etl::tokenize::train_on_streams(&[h.clone()], 600, PreTokenize::StartCodes)
-                .unwrap();
+        let json = codeclm_etl::tokenize::train_on_streams(
+            std::slice::from_ref(&h),
+            600,
+            PreTokenize::StartCodes,
+        )
+        .unwrap();
         let v = Vocab::from_json(&json, Path::new("v.json")).unwrap();
         let p = crate::prompt::video_prompt("clip", h.clone(), &v, 10).unwrap();
         assert_eq!((p.frames_kept, p.frames_total), (10, 15));
@@ -399,9 +402,12 @@ mod tests {
     fn prompted_video_run_with_the_true_continuation() {
         use codeclm_formats::vocab::PreTokenize;
         let h = clip();
-        let json =
-            codeclm_etl::tokenize::train_on_streams(&[h.clone()], 600, PreTokenize::StartCodes)
-                .unwrap();
+        let json = codeclm_etl::tokenize::train_on_streams(
+            std::slice::from_ref(&h),
+            600,
+            PreTokenize::StartCodes,
+        )
+        .unwrap();
         let v = Vocab::from_json(&json, Path::new("v.json")).unwrap();
         let prompts = vec![crate::prompt::video_prompt("clip", h.clone(), &v, 10).unwrap()];
         let tmp = tempfile::tempdir().unwrap();

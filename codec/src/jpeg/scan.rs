@@ -6,6 +6,9 @@
 
 use super::markers::{header_segments, is_sof};
 
+/// A frame component as SOF lists it: (id, sampling factors, quantisation table).
+type SofComponent = (u8, u8, u8);
+
 /// Why a stream's structure could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScanError {
@@ -52,7 +55,8 @@ impl FrameLayout {
     pub fn parse(stream: &[u8]) -> Result<FrameLayout, ScanError> {
         let (segs, scan_start) =
             header_segments(stream).map_err(|e| ScanError::Header(e.to_string()))?;
-        let mut frame: Option<(u32, u32, Vec<(u8, u8, u8)>)> = None;
+        // (height, width, components as (id, sampling, table))
+        let mut frame: Option<(u32, u32, Vec<SofComponent>)> = None;
         let mut restart_interval = 0u32;
         let mut scan: Option<Vec<(u8, u8, u8)>> = None;
         for seg in &segs {
