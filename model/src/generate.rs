@@ -320,12 +320,7 @@ mod tests {
 
     /// A seeded model with grouped-query attention and 64 positions.
     fn tiny() -> Lm {
-        let mut cfg = LlamaConfig::preset("tiny", 40).unwrap();
-        cfg.hidden_size = 32;
-        cfg.intermediate_size = 48;
-        cfg.num_hidden_layers = 2;
-        cfg.num_attention_heads = 4;
-        cfg.num_key_value_heads = Some(2);
+        let mut cfg = crate::engine::tests::tiny_config();
         cfg.max_position_embeddings = 64;
         let cap = Capacity {
             batch: 1,

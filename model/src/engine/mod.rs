@@ -11,4 +11,4 @@ pub use codeclm_engine::{Backend, Cpu, Span, View, IGNORE};
 pub use model::{Capacity, Model, ParamLayout};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

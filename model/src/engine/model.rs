@@ -459,7 +459,7 @@ impl<B: Backend> Model<B> {
         if grad_scale.is_some() {
             self.training()?;
         }
-        let (n, d, v) = (b * t, self.config.hidden_size, self.config.vocab_size);
+        let (n, v) = (b * t, self.config.vocab_size);
         if let Some(y) = targets {
             if y.len() != n || y.iter().any(|&y| y != IGNORE && y >= v as u32) {
                 return Err(Error::Data(format!(
@@ -469,24 +469,9 @@ impl<B: Backend> Model<B> {
             }
         }
         self.last = (b, t);
-        let (be, a, lay) = (&self.backend, &self.acts, &self.layout);
-        let (act, par) = (|sp| self.act(sp), |sp| self.param(sp));
-        be.upload_ids(&self.ids, inputs);
-        be.embedding_forward(act(a.layers[0].x), par(lay.embed), &self.ids, n, d);
-        for l in 0..self.config.num_hidden_layers {
-            self.layer_forward(l, b, t, true, None);
-        }
-        let eps = self.config.rms_norm_eps as f32;
-        be.rmsnorm_forward(
-            act(a.lnf),
-            act(a.rstdf),
-            act(a.xf),
-            par(lay.norm),
-            n,
-            d,
-            eps,
-        );
-        self.linear(a.logits, a.lnf, lay.lm_head, n, d, v);
+        self.logits_forward(inputs, b, t, None);
+        let (be, a) = (&self.backend, &self.acts);
+        let act = |sp| self.act(sp);
         let Some(targets) = targets else {
             return Ok(None);
         };
@@ -550,14 +535,26 @@ impl<B: Backend> Model<B> {
                 self.cap.context
             )));
         }
-        let (n, d, v) = (b * t, self.config.hidden_size, self.config.vocab_size);
         self.last = (b, t);
+        self.logits_forward(inputs, b, t, Some((pos0, pads)));
+        Ok(())
+    }
+
+    /// ids -> embedding -> layers -> rmsnorm -> lm_head: the logits [B, T, V] in the arena.
+    fn logits_forward(
+        &self,
+        inputs: &[u32],
+        b: usize,
+        t: usize,
+        cached: Option<(usize, &[usize])>,
+    ) {
+        let (n, d, v) = (b * t, self.config.hidden_size, self.config.vocab_size);
         let (be, a, lay) = (&self.backend, &self.acts, &self.layout);
         let (act, par) = (|sp| self.act(sp), |sp| self.param(sp));
         be.upload_ids(&self.ids, inputs);
         be.embedding_forward(act(a.layers[0].x), par(lay.embed), &self.ids, n, d);
         for l in 0..self.config.num_hidden_layers {
-            self.layer_forward(l, b, t, true, Some((pos0, pads)));
+            self.layer_forward(l, b, t, true, cached);
         }
         let eps = self.config.rms_norm_eps as f32;
         be.rmsnorm_forward(
@@ -570,7 +567,6 @@ impl<B: Backend> Model<B> {
             eps,
         );
         self.linear(a.logits, a.lnf, lay.lm_head, n, d, v);
-        Ok(())
     }
 
     /// The logits of the last position of every row of the last forward: [B, V].
