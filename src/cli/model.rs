@@ -183,6 +183,8 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
             || a.lr.is_some()
             || a.seed.is_some()
             || a.mix.is_some()
+            || a.val_docs.is_some()
+            || a.recompute
         {
             bail!("--resume continues the run with its saved settings; only --steps, --stop-at and --dataset may be given with it");
         }

@@ -185,6 +185,15 @@ fn resumed_training_equals_uninterrupted_and_errors_are_clean() {
             .arg(tmp.path().join("nothing")),
     );
     assert!(e.contains("trainer_state.json") && e.contains("Fix"), "{e}");
+    // A resume keeps the run's settings: changing one is refused, not silently ignored.
+    for flag in [
+        &["--val-docs", "5"][..],
+        &["--recompute"][..],
+        &["--lr", "1e-3"][..],
+    ] {
+        let e = run_err(codeclm().args(["train", "--resume"]).arg(&half).args(flag));
+        assert!(e.contains("saved settings"), "{flag:?}: {e}");
+    }
     let shard = std::fs::read_dir(ds.join("tokens"))
         .unwrap()
         .flatten()
