@@ -188,6 +188,6 @@ bench-train: build compat-env
 bench-sample: build compat-env
 	$(TORCH_PY) tools/bench_sample.py --bin $(BIN) --presets $(PRESETS)
 
-## gpu-check: on a GPU machine (no Rust needed): a short training run, tokens/s and MFU
+## gpu-check: on a GPU machine (no Rust needed); stops after listing the GPU until the engine has a CUDA backend
 gpu-check:
 	tools/gpu_check.sh

@@ -225,11 +225,6 @@ impl TrainingSet {
         Ok(d.shards.len())
     }
 
-    /// The old name of [`TrainingSet::check_shards`] (shards are no longer held in memory).
-    pub fn load_shards(&mut self) -> Result<()> {
-        self.check_shards().map(|_| ())
-    }
-
     /// Rows in the token manifest.
     pub fn len(&self) -> usize {
         self.data.docs.len()

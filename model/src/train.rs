@@ -414,7 +414,7 @@ fn restore(out: &Path, model: &mut Model<Cpu>) -> Result<()> {
 /// the summary.
 pub fn train(start: Start, out: &Path) -> Result<TrainSummary> {
     checkpoint::recover(out)?;
-    let (mut set, cfg, model_cfg, resume) = match start {
+    let (set, cfg, model_cfg, resume) = match start {
         Start::New {
             dataset,
             vocab,
@@ -467,7 +467,7 @@ pub fn train(start: Start, out: &Path) -> Result<TrainSummary> {
             (set, cfg, st.model.clone(), Some(st))
         }
     };
-    set.load_shards()?;
+    set.check_shards()?;
     std::fs::create_dir_all(out).map_err(Error::io(out))?;
     let cap = Capacity {
         batch: cfg.batch,
