@@ -6,7 +6,10 @@
 //!   (MCU grid, restart intervals, row cuts, a Huffman-level check).
 //! - [`h264`]: the ffmpeg-CLI-identical encoder through FFmpeg 5.1, bounded decoding and MP4
 //!   remuxing, and the Annex B structure (one NAL splitter, x264's SEI, slice headers, frame cuts).
+//! - [`grammar`]: byte grammars of valid streams and the vocabulary trie constrained sampling
+//!   walks through them.
 
+pub mod grammar;
 pub mod h264;
 pub mod jpeg;
 

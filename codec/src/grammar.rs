@@ -1,0 +1,169 @@
+//! Byte grammars, and which tokens of a vocabulary can continue a stream under one.
+//!
+//! A [`ByteGrammar`] is an automaton over bytes whose every reachable state can still be
+//! completed into a valid stream (no dead ends). [`TokenTrie`] holds a vocabulary's tokens as
+//! byte strings; [`TokenTrie::allowed`] walks them from a state depth-first, so the bytes that
+//! tokens share as a prefix are stepped once and a byte the grammar rejects prunes every token
+//! that starts with it. Constrained sampling masks every token the walk does not reach.
+
+/// An automaton over the bytes of a codec stream.
+///
+/// Implementations keep the invariant that makes constrained sampling total: from every state
+/// [`step`](ByteGrammar::step) accepted, some continuation of bytes reaches a state where
+/// [`complete`](ByteGrammar::complete) holds.
+pub trait ByteGrammar {
+    type State: Copy;
+
+    /// The state before the first byte of a stream.
+    fn start(&self) -> Self::State;
+
+    /// Consumes one byte. False when no valid stream continues with it; `state` is then
+    /// unspecified and must not be used again.
+    fn step(&self, state: &mut Self::State, byte: u8) -> bool;
+
+    /// True when the stream is complete here: the sampler may (and then must) end it.
+    fn complete(&self, state: &Self::State) -> bool;
+
+    /// Consumes `bytes` from `state`; the state after them, or `None` at the first rejected byte.
+    fn walk(&self, mut state: Self::State, bytes: &[u8]) -> Option<Self::State> {
+        for &b in bytes {
+            if !self.step(&mut state, b) {
+                return None;
+            }
+        }
+        Some(state)
+    }
+}
+
+/// A vocabulary's tokens as a trie of their bytes. Tokens with no bytes (special tokens) are
+/// not in it.
+#[derive(Clone, Debug)]
+pub struct TokenTrie {
+    /// Node 0 is the root. Children sorted by byte.
+    children: Vec<Vec<(u8, u32)>>,
+    /// Tokens whose bytes end at each node.
+    ends: Vec<Vec<u32>>,
+    tokens: usize,
+}
+
+impl TokenTrie {
+    /// `tokens[id]` is token `id`'s bytes (empty for a special token).
+    pub fn new<T: AsRef<[u8]>>(tokens: &[T]) -> TokenTrie {
+        let mut trie = TokenTrie {
+            children: vec![Vec::new()],
+            ends: vec![Vec::new()],
+            tokens: 0,
+        };
+        for (id, bytes) in tokens.iter().enumerate() {
+            let bytes = bytes.as_ref();
+            if bytes.is_empty() {
+                continue;
+            }
+            let mut node = 0usize;
+            for &b in bytes {
+                node = match trie.children[node].binary_search_by_key(&b, |c| c.0) {
+                    Ok(i) => trie.children[node][i].1 as usize,
+                    Err(i) => {
+                        let new = trie.children.len();
+                        trie.children[node].insert(i, (b, new as u32));
+                        trie.children.push(Vec::new());
+                        trie.ends.push(Vec::new());
+                        new
+                    }
+                };
+            }
+            trie.ends[node].push(id as u32);
+            trie.tokens += 1;
+        }
+        trie
+    }
+
+    /// Tokens in the trie (those with at least one byte).
+    pub fn len(&self) -> usize {
+        self.tokens
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens == 0
+    }
+
+    /// Nodes of the trie, root included: the most byte steps one [`allowed`](Self::allowed)
+    /// walk takes.
+    pub fn nodes(&self) -> usize {
+        self.children.len()
+    }
+
+    /// Calls `visit(token, state after its bytes)` for every token the grammar accepts from
+    /// `state`, in no particular order. Bytes shared by tokens are stepped once.
+    pub fn allowed<G: ByteGrammar>(
+        &self,
+        grammar: &G,
+        state: &G::State,
+        visit: &mut dyn FnMut(u32, &G::State),
+    ) {
+        let mut stack: Vec<(u32, G::State)> = Vec::with_capacity(64);
+        stack.push((0, *state));
+        while let Some((node, st)) = stack.pop() {
+            for &(byte, child) in &self.children[node as usize] {
+                let mut next = st;
+                if grammar.step(&mut next, byte) {
+                    for &t in &self.ends[child as usize] {
+                        visit(t, &next);
+                    }
+                    if !self.children[child as usize].is_empty() {
+                        stack.push((child, next));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Streams of the form `a+ b` (then complete).
+    struct AsThenB;
+
+    impl ByteGrammar for AsThenB {
+        /// 0: nothing yet, 1: at least one `a`, 2: done.
+        type State = u8;
+        fn start(&self) -> u8 {
+            0
+        }
+        fn step(&self, s: &mut u8, b: u8) -> bool {
+            match (*s, b) {
+                (0 | 1, b'a') => *s = 1,
+                (1, b'b') => *s = 2,
+                _ => return false,
+            }
+            true
+        }
+        fn complete(&self, s: &u8) -> bool {
+            *s == 2
+        }
+    }
+
+    fn allowed(trie: &TokenTrie, s: u8) -> Vec<(u32, u8)> {
+        let mut out = Vec::new();
+        trie.allowed(&AsThenB, &s, &mut |t, st| out.push((t, *st)));
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn walks_tokens_through_the_grammar() {
+        let tokens: Vec<&[u8]> = vec![b"a", b"b", b"", b"aa", b"ab", b"ba", b"aab", b"c"];
+        let trie = TokenTrie::new(&tokens);
+        assert_eq!(trie.len(), 7);
+        // Start: only tokens of a's, possibly ending in b.
+        assert_eq!(allowed(&trie, 0), vec![(0, 1), (3, 1), (4, 2), (6, 2)]);
+        // After an a: b alone is fine too.
+        assert_eq!(allowed(&trie, 1), vec![(0, 1), (1, 2), (3, 1), (4, 2), (6, 2)]);
+        // Done: nothing continues.
+        assert!(allowed(&trie, 2).is_empty());
+        assert_eq!(AsThenB.walk(0, b"aab"), Some(2));
+        assert_eq!(AsThenB.walk(0, b"ba"), None);
+    }
+}
