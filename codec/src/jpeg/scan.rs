@@ -183,7 +183,7 @@ impl FrameLayout {
     }
 
     /// Blocks (8x8 data units) per MCU in the scan.
-    fn blocks_per_mcu(&self) -> u32 {
+    pub(crate) fn blocks_per_mcu(&self) -> u32 {
         if self.components.len() == 1 {
             1
         } else {
@@ -327,6 +327,20 @@ impl Huffman {
         }
     }
 
+    /// Every code of the table: (code, length in bits, symbol), in symbol order.
+    pub(crate) fn codes(&self) -> Vec<(u32, u32, u8)> {
+        let mut out = Vec::with_capacity(self.symbols.len());
+        for len in 1..=16u32 {
+            let (first, n, index) = self.lengths[len as usize];
+            for i in 0..n {
+                if let Some(&s) = self.symbols.get((index + i) as usize) {
+                    out.push((first + i, len, s));
+                }
+            }
+        }
+        out
+    }
+
     fn decode(&self, bits: &mut Bits) -> Option<u8> {
         let mut code = 0u32;
         for len in 1..=16 {
@@ -371,6 +385,12 @@ impl HuffmanTables {
             }
         }
         Ok(t)
+    }
+
+    /// The codes of DC (`ac == false`) or AC table `id`, when defined.
+    pub(crate) fn codes(&self, ac: bool, id: u8) -> Option<Vec<(u32, u32, u8)>> {
+        let t = if ac { &self.ac } else { &self.dc };
+        t.get(id as usize)?.as_ref().map(Huffman::codes)
     }
 
     fn is_empty(&self) -> bool {
