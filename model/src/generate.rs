@@ -209,12 +209,29 @@ fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
-/// Completes every prompt; returns the new tokens of each (EOS included when produced).
-pub fn generate(lm: &mut Lm, prompts: &[Vec<u32>], cfg: &GenerateConfig) -> Result<Vec<Vec<u32>>> {
-    generate_with(lm, prompts, cfg, &mut |_, _| {})
+/// Restricts which tokens each row of a generation may draw next: grammar-constrained
+/// decoding. The generation loop calls [`begin`](Constraint::begin) once with the prompts,
+/// then, at every step and for every row still running, [`mask`](Constraint::mask) on the
+/// row's logits before drawing and [`advance`](Constraint::advance) with the token drawn.
+pub trait Constraint {
+    /// A new batch: `prompts[row]` is each row's prompt (BOS included). An error when a prompt
+    /// already breaks the constraint.
+    fn begin(&mut self, prompts: &[Vec<u32>]) -> std::result::Result<(), String>;
+
+    /// Sets to `-inf` the logits of every token `row` may not draw next. An error when no
+    /// token may be drawn at all.
+    fn mask(&mut self, row: usize, logits: &mut [f32]) -> std::result::Result<(), String>;
+
+    /// `row` drew `token` (one of those [`mask`](Constraint::mask) left).
+    fn advance(&mut self, row: usize, token: u32);
 }
 
-/// [`generate`], calling `on_token(row, token)` as each token is drawn. With a `window`,
+/// Completes every prompt; returns the new tokens of each (EOS included when produced).
+pub fn generate(lm: &mut Lm, prompts: &[Vec<u32>], cfg: &GenerateConfig) -> Result<Vec<Vec<u32>>> {
+    generate_with(lm, prompts, cfg, None)
+}
+
+/// [`generate`], drawing every token under `constraint` when one is given. With a `window`,
 /// generation slides: when the cache is full, the last window/2 tokens of every row are
 /// re-encoded from position 0 and generation continues, so a stream can be longer than the
 /// positions the model learned.
@@ -222,7 +239,7 @@ pub fn generate_with(
     lm: &mut Lm,
     prompts: &[Vec<u32>],
     cfg: &GenerateConfig,
-    on_token: &mut dyn FnMut(usize, u32),
+    mut constraint: Option<&mut dyn Constraint>,
 ) -> Result<Vec<Vec<u32>>> {
     let b = prompts.len();
     if b == 0 {
@@ -273,6 +290,9 @@ pub fn generate_with(
             LogitsProcessor::new(seed, cfg.temperature, cfg.top_k, cfg.top_p)
         })
         .collect();
+    if let Some(c) = constraint.as_deref_mut() {
+        c.begin(prompts).map_err(Error::Config)?;
+    }
     let first = if longest >= span { keep } else { longest };
     let (mut input, mut pads) = window_input(&hist, first);
     let v = vocab as usize;
@@ -298,10 +318,16 @@ pub fn generate_with(
                 hist[row].push(cfg.pad_token_id);
                 continue;
             }
-            let tok = procs[row].sample(&last[row * v..(row + 1) * v]);
+            let logits = &mut last[row * v..(row + 1) * v];
+            if let Some(c) = constraint.as_deref_mut() {
+                c.mask(row, logits).map_err(Error::Config)?;
+            }
+            let tok = procs[row].sample(logits);
+            if let Some(c) = constraint.as_deref_mut() {
+                c.advance(row, tok);
+            }
             out[row].push(tok);
             hist[row].push(tok);
-            on_token(row, tok);
             if cfg.eos_token_id == Some(tok) {
                 done[row] = true;
             }
@@ -438,6 +464,77 @@ mod tests {
             assert_eq!(tok, argmax_of_uncached(&mut lm, &seq));
             seq.push(tok);
         }
+    }
+
+    /// Counts up from the last prompt token: each row may only draw `last + 1` (mod 5), and EOS
+    /// once it has drawn 4 tokens.
+    struct CountUp {
+        last: Vec<u32>,
+        drawn: Vec<usize>,
+        eos: u32,
+    }
+
+    impl Constraint for CountUp {
+        fn begin(&mut self, prompts: &[Vec<u32>]) -> std::result::Result<(), String> {
+            self.last = prompts.iter().map(|p| *p.last().unwrap()).collect();
+            self.drawn = vec![0; prompts.len()];
+            if self.last.iter().any(|&t| t >= 5) {
+                return Err("prompts must end in a token below 5".into());
+            }
+            Ok(())
+        }
+        fn mask(&mut self, row: usize, logits: &mut [f32]) -> std::result::Result<(), String> {
+            let ok = if self.drawn[row] == 4 {
+                self.eos
+            } else {
+                (self.last[row] + 1) % 5
+            };
+            for (t, l) in logits.iter_mut().enumerate() {
+                if t as u32 != ok {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+            Ok(())
+        }
+        fn advance(&mut self, row: usize, token: u32) {
+            self.last[row] = token;
+            self.drawn[row] += 1;
+        }
+    }
+
+    #[test]
+    fn a_constraint_decides_every_token_drawn() {
+        let mut lm = tiny();
+        let prompts = vec![vec![0u32, 4], vec![0u32, 7, 2], vec![0u32]];
+        let mut c = CountUp {
+            last: Vec::new(),
+            drawn: Vec::new(),
+            eos: 9,
+        };
+        for (temperature, top_k) in [(1.0, None), (0.0, None), (0.7, Some(3))] {
+            let cfg = GenerateConfig {
+                max_new_tokens: 10,
+                temperature,
+                top_k,
+                seed: 1,
+                eos_token_id: Some(9),
+                ..GenerateConfig::default()
+            };
+            let out = generate_with(&mut lm, &prompts, &cfg, Some(&mut c)).unwrap();
+            assert_eq!(
+                out,
+                vec![vec![0, 1, 2, 3, 9], vec![3, 4, 0, 1, 9], vec![1, 2, 3, 4, 9]]
+            );
+        }
+        // A prompt the constraint refuses is an error naming why.
+        let err = generate_with(
+            &mut lm,
+            &[vec![0u32, 6]],
+            &GenerateConfig::default(),
+            Some(&mut c),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("below 5"), "{err}");
     }
 
     #[test]

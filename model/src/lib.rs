@@ -15,7 +15,7 @@ pub mod plot;
 pub mod rng;
 pub mod train;
 
-pub use generate::{generate, GenerateConfig, Lm, LogitsProcessor};
+pub use generate::{generate, generate_with, Constraint, GenerateConfig, Lm, LogitsProcessor};
 pub use llama::{LlamaConfig, MemoryEstimate, PRESETS};
 
 use std::path::PathBuf;
