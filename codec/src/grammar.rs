@@ -160,7 +160,10 @@ mod tests {
         // Start: only tokens of a's, possibly ending in b.
         assert_eq!(allowed(&trie, 0), vec![(0, 1), (3, 1), (4, 2), (6, 2)]);
         // After an a: b alone is fine too.
-        assert_eq!(allowed(&trie, 1), vec![(0, 1), (1, 2), (3, 1), (4, 2), (6, 2)]);
+        assert_eq!(
+            allowed(&trie, 1),
+            vec![(0, 1), (1, 2), (3, 1), (4, 2), (6, 2)]
+        );
         // Done: nothing continues.
         assert!(allowed(&trie, 2).is_empty());
         assert_eq!(AsThenB.walk(0, b"aab"), Some(2));
