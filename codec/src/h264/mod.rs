@@ -1,10 +1,13 @@
 //! H.264: the encoder that reproduces the paper's ffmpeg command byte for byte ([`encode`]),
-//! bounded decoding and MP4 remuxing of Annex B streams ([`decode`]), and their structure from
-//! the bytes alone ([`nal`]).
+//! bounded decoding and MP4 remuxing of Annex B streams ([`decode`]), their structure from
+//! the bytes alone ([`nal`]), and the byte grammar constrained sampling keeps generated streams
+//! in ([`grammar`]).
 
 pub mod decode;
 pub mod encode;
+pub mod grammar;
 pub mod nal;
 
 pub use decode::{annexb_to_mp4, decode_h264, DecodedVideo};
 pub use encode::{encode_bytes, encode_file, EncodedVideo, VideoConfig, VideoError};
+pub use grammar::{H264Grammar, H264GrammarError, H264State};

@@ -1,5 +1,6 @@
-//! H.264 Annex B structure from the bytes alone: NAL units (one splitter), x264's SEI, slice
-//! headers (`first_mb_in_slice`) and where each frame starts. Video prompts are the first N
+//! H.264 Annex B structure from the bytes alone: NAL units (one splitter), x264's SEI, the
+//! parameter-set fields slice headers depend on, slice headers (`first_mb_in_slice`) and where
+//! each frame starts. Video prompts are the first N
 //! frames cut at such a NAL boundary (Avc-LM: 10 of 15 frames). Pure byte work, bounded by the
 //! input's length.
 
@@ -78,19 +79,42 @@ pub fn strip_x264_sei(h264: &[u8]) -> Vec<u8> {
 /// Exp-Golomb `ue(v)` from the start of an RBSP (emulation prevention `00 00 03` removed on
 /// the fly). `None` when the bytes run out or the code is longer than 32 bits.
 pub fn read_ue(payload: &[u8]) -> Option<u32> {
-    let mut bits = payload_bits(payload);
-    let mut zeros = 0;
-    while bits.next()? == 0 {
-        zeros += 1;
-        if zeros > 31 {
-            return None;
+    rbsp(payload).ue()
+}
+
+/// The bits of a NAL payload, MSB first, with emulation prevention removed.
+struct Rbsp<I>(I);
+
+fn rbsp(payload: &[u8]) -> Rbsp<impl Iterator<Item = u8> + '_> {
+    Rbsp(payload_bits(payload))
+}
+
+impl<I: Iterator<Item = u8>> Rbsp<I> {
+    /// `u(n)`, n <= 32.
+    fn u(&mut self, n: u32) -> Option<u32> {
+        let mut v = 0u64;
+        for _ in 0..n {
+            v = (v << 1) | self.0.next()? as u64;
         }
+        Some(v as u32)
     }
-    let mut v = 1u64;
-    for _ in 0..zeros {
-        v = (v << 1) | bits.next()? as u64;
+
+    fn ue(&mut self) -> Option<u32> {
+        let mut zeros = 0;
+        while self.0.next()? == 0 {
+            zeros += 1;
+            if zeros > 31 {
+                return None;
+            }
+        }
+        let v = (1u64 << zeros) | self.u(zeros)? as u64;
+        Some((v - 1) as u32)
     }
-    Some((v - 1) as u32)
+
+    fn se(&mut self) -> Option<i64> {
+        let k = self.ue()? as i64;
+        Some(if k % 2 == 1 { (k + 1) / 2 } else { -(k / 2) })
+    }
 }
 
 fn payload_bits(payload: &[u8]) -> impl Iterator<Item = u8> + '_ {
@@ -106,6 +130,81 @@ fn payload_bits(payload: &[u8]) -> impl Iterator<Item = u8> + '_ {
             !skip
         })
         .flat_map(|&b| (0..8).rev().map(move |k| (b >> k) & 1))
+}
+
+/// What a slice header's first fields depend on, from a sequence parameter set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sps {
+    pub profile_idc: u8,
+    pub sps_id: u32,
+    /// `frame_num` is `u(log2_max_frame_num)` in every slice header.
+    pub log2_max_frame_num: u32,
+    pub pic_order_cnt_type: u32,
+    pub width_mbs: u32,
+    /// In frame macroblocks (`frame_mbs_only_flag` is 1: no field coding).
+    pub height_mbs: u32,
+}
+
+impl Sps {
+    pub fn mbs_per_frame(&self) -> u32 {
+        self.width_mbs * self.height_mbs
+    }
+}
+
+/// Parses an SPS NAL (`data[nal.header..nal.end]`, header byte included). `None` for other
+/// units, unreadable bits, and what this crate's streams never use: the High profiles' extra
+/// fields and field coding (`frame_mbs_only_flag` 0).
+pub fn parse_sps(nal: &[u8]) -> Option<Sps> {
+    if nal.first()? & 0x1F != 7 {
+        return None;
+    }
+    let mut r = rbsp(&nal[1..]);
+    let profile_idc = r.u(8)? as u8;
+    if !matches!(profile_idc, 66 | 77 | 88) {
+        return None;
+    }
+    r.u(16)?; // constraint flags, reserved bits, level_idc
+    let sps_id = r.ue()?;
+    let log2_max_frame_num = r.ue()? + 4;
+    let pic_order_cnt_type = r.ue()?;
+    match pic_order_cnt_type {
+        0 => {
+            r.ue()?; // log2_max_pic_order_cnt_lsb_minus4
+        }
+        1 => {
+            r.u(1)?;
+            r.se()?;
+            r.se()?;
+            for _ in 0..r.ue()?.min(255) {
+                r.se()?;
+            }
+        }
+        _ => {}
+    }
+    r.ue()?; // max_num_ref_frames
+    r.u(1)?; // gaps_in_frame_num_value_allowed_flag
+    let width_mbs = r.ue()?.checked_add(1)?;
+    let height_mbs = r.ue()?.checked_add(1)?;
+    if r.u(1)? != 1 || log2_max_frame_num > 16 {
+        return None;
+    }
+    Some(Sps {
+        profile_idc,
+        sps_id,
+        log2_max_frame_num,
+        pic_order_cnt_type,
+        width_mbs,
+        height_mbs,
+    })
+}
+
+/// `(pic_parameter_set_id, seq_parameter_set_id)` of a PPS NAL (header byte included).
+pub fn parse_pps_ids(nal: &[u8]) -> Option<(u32, u32)> {
+    if nal.first()? & 0x1F != 8 {
+        return None;
+    }
+    let mut r = rbsp(&nal[1..]);
+    Some((r.ue()?, r.ue()?))
 }
 
 /// `first_mb_in_slice` of a slice NAL (`None` for other units or unreadable headers).
@@ -155,6 +254,34 @@ mod tests {
         // 00 00 03 80: the 03 is emulation prevention, so 16 zeros and a 1, then the bits run out.
         assert_eq!(read_ue(&[0, 0, 3, 0x80]), None);
         assert_eq!(read_ue(&[]), None);
+    }
+
+    #[test]
+    fn parameter_sets() {
+        // bikes.mp4's SPS and PPS at 256x144 (x264 baseline, SAR 545:544 in the VUI).
+        let sps = [
+            0x67, 0x42, 0xc0, 0x0b, 0xd9, 0x01, 0x01, 0x3b, 0xff, 0x02, 0x21, 0x02, 0x20, 0x10,
+            0x00, 0x00, 0x03, 0x00, 0x10, 0x00, 0x00, 0x03, 0x00, 0x60, 0xf1, 0x42, 0xa4, 0x80,
+        ];
+        let got = parse_sps(&sps).unwrap();
+        assert_eq!(
+            got,
+            Sps {
+                profile_idc: 66,
+                sps_id: 0,
+                log2_max_frame_num: 4,
+                pic_order_cnt_type: 2,
+                width_mbs: 16,
+                height_mbs: 9,
+            }
+        );
+        assert_eq!(got.mbs_per_frame(), 144);
+        assert_eq!(parse_pps_ids(&[0x68, 0xcb, 0x80, 0xb7, 0x20]), Some((0, 0)));
+        assert_eq!(parse_sps(&[0x68, 0xcb]), None, "not an SPS");
+        assert_eq!(parse_sps(&sps[..6]), None, "cut short");
+        let mut high = sps;
+        high[1] = 100;
+        assert_eq!(parse_sps(&high), None, "High profile fields are not read");
     }
 
     #[test]
