@@ -235,11 +235,11 @@ pub fn generate(lm: &mut Lm, prompts: &[Vec<u32>], cfg: &GenerateConfig) -> Resu
 /// generation slides: when the cache is full, the last window/2 tokens of every row are
 /// re-encoded from position 0 and generation continues, so a stream can be longer than the
 /// positions the model learned.
-pub fn generate_with(
+pub fn generate_with<'c>(
     lm: &mut Lm,
     prompts: &[Vec<u32>],
     cfg: &GenerateConfig,
-    mut constraint: Option<&mut dyn Constraint>,
+    mut constraint: Option<&mut (dyn Constraint + 'c)>,
 ) -> Result<Vec<Vec<u32>>> {
     let b = prompts.len();
     if b == 0 {
@@ -523,7 +523,11 @@ mod tests {
             let out = generate_with(&mut lm, &prompts, &cfg, Some(&mut c)).unwrap();
             assert_eq!(
                 out,
-                vec![vec![0, 1, 2, 3, 9], vec![3, 4, 0, 1, 9], vec![1, 2, 3, 4, 9]]
+                vec![
+                    vec![0, 1, 2, 3, 9],
+                    vec![3, 4, 0, 1, 9],
+                    vec![1, 2, 3, 4, 9]
+                ]
             );
         }
         // A prompt the constraint refuses is an error naming why.

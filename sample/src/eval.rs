@@ -375,7 +375,10 @@ pub fn fid_of_run(
     );
     let out_root = run.join("eval-fid");
     let mean_bytes = open.ds.mean_codec_bytes(Modality::Image);
-    let medium = Images { tables: &tables };
+    let medium = Images {
+        tables: &tables,
+        header: None,
+    };
     let mut context = usize::MAX;
     let mut generated_tokens = 0usize;
     let mut gen_secs = 0.0;
@@ -419,6 +422,7 @@ pub fn fid_of_run(
                 out: &dir,
                 dataset_mean_bytes: mean_bytes,
                 progress: false,
+                constrain: crate::constrain::Constrain::None,
             };
             let done = run::sample(&job, &mut generator)?;
             let context_full = generator.context_full;

@@ -30,6 +30,10 @@ pub struct ImageDecodability {
     pub n_bytes: usize,
     /// The model ended the sequence with EOS (rather than hitting the token limit).
     pub ended_with_eos: bool,
+    /// The stream starts with the dataset's own header (SOI through SOS: its size, sampling
+    /// and restart interval), byte for byte.
+    #[serde(default)]
+    pub header_ok: bool,
     /// libjpeg decoded it with no error and no warning, and every MCU passed the scan check.
     pub decodes_clean: bool,
     /// libjpeg produced pixels at all (possibly with grey or garbled regions).
@@ -77,13 +81,15 @@ pub fn generated_to_jpeg(bytes: &[u8], tables: &[u8]) -> Result<Vec<u8>, String>
 }
 
 /// Turns one generated sequence (`ids`: the whole sequence, prompt included, as the model sees
-/// it) into an [`ImageGeneration`]. `n_generated` is how many of the ids the model produced.
+/// it) into an [`ImageGeneration`]. `n_generated` is how many of the ids the model produced;
+/// `header` is the dataset's fixed stream header, when known.
 pub fn render_image(
     name: &str,
     vocab: &Vocab,
     ids: &[u32],
     n_generated: usize,
     tables: &[u8],
+    header: Option<&[u8]>,
 ) -> ImageGeneration {
     let raw = ids_to_bytes(vocab, ids);
     let mut report = ImageDecodability {
@@ -91,6 +97,7 @@ pub fn render_image(
         n_tokens: n_generated,
         n_bytes: raw.len(),
         ended_with_eos: ids.last() == Some(&vocab.eos),
+        header_ok: header.is_some_and(|h| raw.starts_with(h)),
         ..ImageDecodability::default()
     };
     let jpeg = match generated_to_jpeg(&raw, tables) {
@@ -110,6 +117,7 @@ pub fn render_image(
         n_tokens: report.n_tokens,
         n_bytes: report.n_bytes,
         ended_with_eos: report.ended_with_eos,
+        header_ok: report.header_ok,
         ..r
     };
     ImageGeneration {
@@ -195,6 +203,9 @@ pub struct ImageReport {
     pub summary: Summary,
     /// Mean over generations of the fraction of MCUs in well-formed restart intervals.
     pub mcu_fraction: f64,
+    /// Fraction of generations that start with the dataset's header.
+    #[serde(default)]
+    pub header_fraction: f64,
     pub per_generation: Vec<ImageDecodability>,
 }
 
@@ -204,6 +215,7 @@ impl ImageReport {
         ImageReport {
             summary: Summary::of(&per_generation, dataset_mean_bytes),
             mcu_fraction: run::mean(&per_generation, |s| s.mcu_fraction),
+            header_fraction: run::mean(&per_generation, |s| s.header_ok as u8 as f64),
             per_generation,
         }
     }
@@ -212,8 +224,9 @@ impl ImageReport {
 impl std::fmt::Display for ImageReport {
     /// The one printed line.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let header = format!("header {:.1}%", 100.0 * self.header_fraction);
         let mcus = format!("MCUs {:.1}%", 100.0 * self.mcu_fraction);
-        f.write_str(&self.summary.line("images", &[mcus]))
+        f.write_str(&self.summary.line("images", &[header, mcus]))
     }
 }
 
@@ -222,6 +235,9 @@ impl std::fmt::Display for ImageReport {
 pub struct Images<'a> {
     /// The dataset's tables-only JPEG stream (spliced into every generation).
     pub tables: &'a [u8],
+    /// The dataset's fixed stream header ([`JpegGrammar::header`](codeclm_codec::jpeg::JpegGrammar::header)),
+    /// for the header figure.
+    pub header: Option<&'a [u8]>,
 }
 
 fn tile_of(g: &ImageGeneration) -> Option<RgbImage> {
@@ -247,7 +263,7 @@ impl Medium for Images<'_> {
     }
 
     fn render(&self, name: &str, vocab: &Vocab, ids: &[u32], n_new: usize) -> ImageGeneration {
-        render_image(name, vocab, ids, n_new, self.tables)
+        render_image(name, vocab, ids, n_new, self.tables, self.header)
     }
 
     fn figures(g: &ImageGeneration) -> &ImageDecodability {
@@ -347,7 +363,7 @@ mod tests {
         let v = vocab(&streams);
         for s in &streams {
             let ids = framed(&v, s);
-            let out = render_image("x", &v, &ids, ids.len(), &tables);
+            let out = render_image("x", &v, &ids, ids.len(), &tables, None);
             let full = jpeg::splice_tables(s, &tables).unwrap();
             assert_eq!(out.jpeg.as_deref(), Some(&full[..]));
             let r = &out.report;
@@ -367,16 +383,16 @@ mod tests {
             let start = FrameLayout::parse(s).unwrap().scan_start;
             // Half the scan: about half the MCUs (MCU sizes vary along the image).
             let half = &s[..start + (s.len() - start) / 2];
-            let r = render_image("x", &v, &framed(&v, half), 0, &tables).report;
+            let r = render_image("x", &v, &framed(&v, half), 0, &tables, None).report;
             assert!(r.decodes && !r.decodes_clean, "{r:?}");
             assert!((0.3..0.7).contains(&r.mcu_fraction), "{r:?}");
             // Header only: nothing decodes, yet libjpeg returns a grey image.
-            let r = render_image("x", &v, &framed(&v, &s[..start]), 0, &tables).report;
+            let r = render_image("x", &v, &framed(&v, &s[..start]), 0, &tables, None).report;
             assert_eq!(r.mcu_fraction, 0.0);
             assert!(!r.decodes_clean);
         }
         // Not a JPEG header at all: no file, no panic, the reason recorded.
-        let r = render_image("x", &v, &framed(&v, b"\x01\x02\x03"), 3, &tables).report;
+        let r = render_image("x", &v, &framed(&v, b"\x01\x02\x03"), 3, &tables, None).report;
         assert!(!r.decodes && r.decoder_message.is_some());
     }
 
@@ -440,7 +456,7 @@ mod tests {
         fn random_token_ids_never_panic(ids in proptest::collection::vec(0u32..400, 0..2000)) {
             let (streams, tables) = codeclm_etl::test_media::photo_streams(1);
             let v = vocab(&streams);
-            let out = render_image("fuzz", &v, &ids, ids.len(), &tables);
+            let out = render_image("fuzz", &v, &ids, ids.len(), &tables, None);
             prop_assert!((0.0..=1.0).contains(&out.report.mcu_fraction));
             if let Some(rgb) = &out.rgb {
                 prop_assert_eq!(rgb.len() as u64, out.report.width as u64 * out.report.height as u64 * 3);
@@ -503,7 +519,10 @@ mod tests {
             })
             .collect();
         let tmp = tempfile::tempdir().unwrap();
-        let medium = Images { tables: &tables };
+        let medium = Images {
+            tables: &tables,
+            header: None,
+        };
         let job = run::Sampling {
             medium: &medium,
             vocab: &v,
@@ -513,6 +532,7 @@ mod tests {
             out: tmp.path(),
             dataset_mean_bytes: Some(streams[0].len() as f64),
             progress: false,
+            constrain: crate::constrain::Constrain::None,
         };
         let mut calls = 0;
         let mut truth = |batch: &[Vec<u32>]| -> Result<Vec<Vec<u32>>, SampleError> {
@@ -565,7 +585,10 @@ mod tests {
         let (streams, tables) = codeclm_etl::test_media::photo_streams(1);
         let v = run_vocab(&streams);
         let tmp = tempfile::tempdir().unwrap();
-        let medium = Images { tables: &tables };
+        let medium = Images {
+            tables: &tables,
+            header: None,
+        };
         let job = run::Sampling {
             medium: &medium,
             vocab: &v,
@@ -575,6 +598,7 @@ mod tests {
             out: tmp.path(),
             dataset_mean_bytes: None,
             progress: false,
+            constrain: crate::constrain::Constrain::None,
         };
         let mut state = 7u64;
         let mut noise = |batch: &[Vec<u32>]| -> Result<Vec<Vec<u32>>, SampleError> {

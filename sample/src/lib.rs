@@ -1,9 +1,10 @@
 //! Model in, files and figures out: prompts cut from dataset samples or any file
 //! ([`prompt`]), one sampling run for images and videos ([`run`], with the JPEG and H.264
 //! [`image`] and [`video`] media), decodability reports, contact sheets ([`contact_sheet`]),
-//! a trained run opened for generation ([`trained`]) and the FID evaluation of a run the
-//! paper's way ([`eval`]).
+//! a trained run opened for generation ([`trained`]), grammar-constrained sampling
+//! ([`constrain`]) and the FID evaluation of a run the paper's way ([`eval`]).
 
+pub mod constrain;
 pub mod contact_sheet;
 pub mod eval;
 pub mod image;

@@ -6,10 +6,11 @@
 use std::path::{Path, PathBuf};
 
 use codeclm_formats::vocab::Vocab;
-use codeclm_model::{GenerateConfig, Lm};
+use codeclm_model::{Constraint, GenerateConfig, Lm};
 use image::RgbImage;
 use serde::Serialize;
 
+use crate::constrain::Constrain;
 use crate::SampleError;
 
 /// Completes batches of prompts (each BOS + tokens), returning only the new tokens of each,
@@ -42,6 +43,10 @@ pub struct ModelGenerator<'a> {
     pub context_full: usize,
     /// Ticked once per sequence completed.
     pub progress: Option<indicatif::ProgressBar>,
+    /// Every token drawn under this constraint, when set.
+    pub constraint: Option<Box<dyn Constraint>>,
+    /// Seconds spent generating (model and constraint).
+    pub seconds: f64,
 }
 
 impl<'a> ModelGenerator<'a> {
@@ -58,7 +63,15 @@ impl<'a> ModelGenerator<'a> {
             tokens: 0,
             context_full: 0,
             progress: None,
+            constraint: None,
+            seconds: 0.0,
         }
+    }
+
+    /// Draws every token under `constraint`.
+    pub fn constrained(mut self, constraint: Option<Box<dyn Constraint>>) -> Self {
+        self.constraint = constraint;
+        self
     }
 
     /// The longest prompt that still gets new tokens (`usize::MAX` with a sliding window).
@@ -79,19 +92,22 @@ impl Generator for ModelGenerator<'_> {
             .filter(|&i| batch[i].len() < limit)
             .collect();
         self.context_full += batch.len() - fits.len();
+        let started = std::time::Instant::now();
+        let constraint = self.constraint.as_deref_mut();
         let out = if fits.len() == batch.len() {
-            codeclm_model::generate(self.model, batch, &cfg)?
+            codeclm_model::generate_with(self.model, batch, &cfg, constraint)?
         } else {
             let mut out = vec![Vec::new(); batch.len()];
             if !fits.is_empty() {
                 let prompts: Vec<Vec<u32>> = fits.iter().map(|&i| batch[i].clone()).collect();
-                let new = codeclm_model::generate(self.model, &prompts, &cfg)?;
+                let new = codeclm_model::generate_with(self.model, &prompts, &cfg, constraint)?;
                 for (&i, ids) in fits.iter().zip(new) {
                     out[i] = ids;
                 }
             }
             out
         };
+        self.seconds += started.elapsed().as_secs_f64();
         self.tokens += out.iter().map(Vec::len).sum::<usize>();
         if let Some(bar) = &self.progress {
             bar.inc(batch.len() as u64);
@@ -274,6 +290,16 @@ pub struct Sampling<'a, M: Medium> {
     /// The dataset's mean codec bytes per sample of this medium, for the length ratio.
     pub dataset_mean_bytes: Option<f64>,
     pub progress: bool,
+    /// The grammar the generator draws under (recorded in the report).
+    pub constrain: Constrain,
+}
+
+/// A report as `decodability.json` holds it: the grammar sampling followed, then the figures.
+#[derive(Serialize)]
+struct Written<'a, R: Serialize> {
+    constrain: Constrain,
+    #[serde(flatten)]
+    report: &'a R,
 }
 
 /// What a run produced.
@@ -353,7 +379,13 @@ pub fn sample<M: Medium>(
         .collect();
     let report = M::report(per, job.dataset_mean_bytes);
     let report_path = job.out.join("decodability.json");
-    write_json(&report, &report_path)?;
+    write_json(
+        &Written {
+            constrain: job.constrain,
+            report: &report,
+        },
+        &report_path,
+    )?;
     Ok(Sampled {
         generated,
         report,

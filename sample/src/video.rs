@@ -422,6 +422,7 @@ mod tests {
             out: tmp.path(),
             dataset_mean_bytes: Some(h.len() as f64),
             progress: false,
+            constrain: crate::constrain::Constrain::None,
         };
         let mut truth = |batch: &[Vec<u32>]| -> Result<Vec<Vec<u32>>, SampleError> {
             Ok(batch

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use codeclm_etl::BuildSettings;
 use codeclm_formats::Modality;
+use codeclm_sample::constrain::{self, Constrain, GrammarConstraint};
 use codeclm_sample::image::Images;
 use codeclm_sample::prompt::{self, CutAt, ImagePrompt, VideoPrompt};
 use codeclm_sample::run::Medium;
@@ -22,6 +23,33 @@ pub enum CutArg {
     BeforeMarker,
     /// After the marker, as the paper's code cuts.
     AfterMarker,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConstrainArg {
+    /// Only tokens that continue a valid JPEG stream of the dataset (images).
+    Jpeg,
+    /// Only tokens that continue a valid H.264 stream at the NAL level (videos).
+    H264,
+    /// Every token at every step, as the paper sampled.
+    None,
+}
+
+impl ConstrainArg {
+    /// The grammar for `modality`: `arg` when given and right for it, else the modality's own.
+    pub fn resolve(arg: Option<ConstrainArg>, modality: Modality) -> Result<Constrain> {
+        Ok(match (arg, modality) {
+            (Some(ConstrainArg::None), _) => Constrain::None,
+            (None | Some(ConstrainArg::Jpeg), Modality::Image) => Constrain::Jpeg,
+            (None | Some(ConstrainArg::H264), Modality::Video) => Constrain::H264,
+            (Some(ConstrainArg::Jpeg), Modality::Video) => {
+                bail!("--constrain jpeg is for images; videos follow --constrain h264 (or none)")
+            }
+            (Some(ConstrainArg::H264), Modality::Image) => {
+                bail!("--constrain h264 is for videos; images follow --constrain jpeg (or none)")
+            }
+        })
+    }
 }
 
 #[derive(Args)]
@@ -66,6 +94,11 @@ pub struct SampleArgs {
     /// Sequences generated together.
     #[arg(long, default_value_t = 16)]
     batch: usize,
+    /// Grammar-constrained decoding: at every step only the tokens that continue a valid
+    /// stream of the dataset's format (default: `jpeg` for images, `h264` for videos), or
+    /// `none` for the paper's unconstrained sampling.
+    #[arg(long, value_enum)]
+    constrain: Option<ConstrainArg>,
     /// The dataset (default: the one the run was trained on).
     #[arg(long)]
     dataset: Option<PathBuf>,
@@ -97,6 +130,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         max_tokens: args.max_tokens.unwrap_or(default_max),
     };
     let cfg = drawing.config(&open.vocab, open.context())?;
+    let constrain = ConstrainArg::resolve(args.constrain, modality)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let settings = serde_json::json!({
@@ -106,6 +140,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         "cut": match args.cut { CutArg::BeforeMarker => "before-marker", CutArg::AfterMarker => "after-marker" },
         "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
         "seed": args.seed, "max_tokens": args.max_tokens, "batch": args.batch,
+        "constrain": constrain,
     });
     codeclm_formats::write_atomic(
         &args.out.join("sample.json"),
@@ -113,6 +148,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     )?;
     let started = std::time::Instant::now();
     let mut generator = ModelGenerator::new(&mut lm, cfg);
+    let mut clock = None;
     let mean_bytes = open.ds.mean_codec_bytes(modality);
     let (count, sheet, report_path) = match modality {
         Modality::Video => {
@@ -126,8 +162,24 @@ pub fn sample(args: SampleArgs) -> Result<()> {
                         .with_context(|| format!("cutting the video prompt {p}"))?,
                 );
             }
+            if constrain == Constrain::H264 {
+                let streams: Vec<&[u8]> = prompts.iter().map(|p| p.stream.as_slice()).collect();
+                let frames = codeclm_sample::video::frames_expected(vcfg) as u32;
+                let grammar = constrain::h264_grammar(&open.ds, &streams, frames)?;
+                let c = GrammarConstraint::new(grammar, &open.vocab);
+                clock = Some(c.clock());
+                generator = generator.constrained(Some(Box::new(c)));
+            }
             let medium = Videos { cfg: vcfg };
-            run_medium(&args, &open, &medium, &prompts, mean_bytes, &mut generator)?
+            run_medium(
+                &args,
+                &open,
+                &medium,
+                &prompts,
+                mean_bytes,
+                constrain,
+                &mut generator,
+            )?
         }
         Modality::Image => {
             let tables = open
@@ -147,11 +199,38 @@ pub fn sample(args: SampleArgs) -> Result<()> {
                         .with_context(|| format!("cutting the prompt {p}"))?,
                 );
             }
-            let medium = Images { tables: &tables };
-            run_medium(&args, &open, &medium, &prompts, mean_bytes, &mut generator)?
+            let grammar = constrain::jpeg_grammar(&open.ds)?;
+            let header = grammar.header().to_vec();
+            if constrain == Constrain::Jpeg {
+                let c = GrammarConstraint::new(grammar, &open.vocab);
+                clock = Some(c.clock());
+                generator = generator.constrained(Some(Box::new(c)));
+            }
+            let medium = Images {
+                tables: &tables,
+                header: Some(&header),
+            };
+            run_medium(
+                &args,
+                &open,
+                &medium,
+                &prompts,
+                mean_bytes,
+                constrain,
+                &mut generator,
+            )?
         }
     };
     let secs = started.elapsed().as_secs_f64();
+    if let Some(clock) = clock {
+        let (mask_secs, masks) = clock.read();
+        println!(
+            "constraint {}: {:.1} us per token drawn ({masks} masks), {:.1}% of the generation time",
+            constrain.as_str(),
+            1e6 * mask_secs / masks.max(1) as f64,
+            100.0 * mask_secs / generator.seconds.max(1e-9)
+        );
+    }
     println!(
         "sampled {count} generations in {secs:.1} s: {} new tokens, {:.1} tokens/s -> {} (contact sheet {}, report {})",
         generator.tokens,
@@ -170,6 +249,7 @@ fn run_medium<M: Medium>(
     medium: &M,
     prompts: &[M::Prompt],
     dataset_mean_bytes: Option<f64>,
+    constrain: Constrain,
     generator: &mut ModelGenerator,
 ) -> Result<(usize, PathBuf, PathBuf)> {
     let job = Sampling {
@@ -181,6 +261,7 @@ fn run_medium<M: Medium>(
         out: &args.out,
         dataset_mean_bytes,
         progress: !args.no_progress,
+        constrain,
     };
     let r = codeclm_sample::sample(&job, generator)?;
     println!("{}", r.report);

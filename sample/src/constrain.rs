@@ -1,0 +1,252 @@
+//! Grammar-constrained sampling: at every step, only the tokens whose bytes can continue a
+//! valid stream of the dataset's format may be drawn, and EOS only once the stream is
+//! complete. The grammars are the codec's ([`JpegGrammar`]; H.264's NAL-level one); this
+//! module turns one into a [`Constraint`] over a vocabulary, and builds the dataset's grammar
+//! from its build settings.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use codeclm_codec::grammar::{ByteGrammar, TokenTrie};
+use codeclm_codec::jpeg::scan::HuffmanTables;
+use codeclm_codec::jpeg::{self, JpegGrammar};
+use codeclm_formats::vocab::Vocab;
+use codeclm_formats::Dataset;
+use codeclm_model::Constraint;
+use serde::{Deserialize, Serialize};
+
+use crate::SampleError;
+
+/// Which grammar sampling follows (`--constrain`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Constrain {
+    /// The dataset's JPEG streams: fixed header, Huffman-level scan, restart cycle, EOI.
+    Jpeg,
+    /// The dataset's H.264 streams at the NAL level.
+    H264,
+    /// No constraint: every token may be drawn at every step (the paper's sampling).
+    None,
+}
+
+impl Constrain {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Constrain::Jpeg => "jpeg",
+            Constrain::H264 => "h264",
+            Constrain::None => "none",
+        }
+    }
+}
+
+/// Time spent masking, shared between a constraint and whoever reports it.
+#[derive(Debug, Default)]
+pub struct MaskClock {
+    nanos: AtomicU64,
+    masks: AtomicU64,
+}
+
+impl MaskClock {
+    /// (seconds spent in masks, masks computed: one per row and step).
+    pub fn read(&self) -> (f64, u64) {
+        (
+            self.nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+            self.masks.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A [`ByteGrammar`] over a vocabulary's tokens, as a [`Constraint`] for generation.
+pub struct GrammarConstraint<G: ByteGrammar> {
+    grammar: G,
+    trie: TokenTrie,
+    /// Token id -> bytes (empty for special tokens).
+    tokens: Vec<Vec<u8>>,
+    eos: u32,
+    /// The grammar state of each row of the current batch.
+    states: Vec<G::State>,
+    allowed: Vec<bool>,
+    clock: Arc<MaskClock>,
+}
+
+impl<G: ByteGrammar> GrammarConstraint<G> {
+    pub fn new(grammar: G, vocab: &Vocab) -> GrammarConstraint<G> {
+        let tokens: Vec<Vec<u8>> = (0..vocab.size)
+            .map(|id| vocab.token_bytes(id).to_vec())
+            .collect();
+        GrammarConstraint {
+            trie: TokenTrie::new(&tokens),
+            grammar,
+            tokens,
+            eos: vocab.eos,
+            states: Vec::new(),
+            allowed: Vec::new(),
+            clock: Arc::default(),
+        }
+    }
+
+    /// The clock its masks are timed on.
+    pub fn clock(&self) -> Arc<MaskClock> {
+        self.clock.clone()
+    }
+
+    pub fn grammar(&self) -> &G {
+        &self.grammar
+    }
+
+    /// The tokens (ids) `state` allows next, EOS included when the stream is complete.
+    pub fn allowed_after(&self, state: &G::State) -> Vec<u32> {
+        if self.grammar.complete(state) {
+            return vec![self.eos];
+        }
+        let mut out = Vec::new();
+        self.trie
+            .allowed(&self.grammar, state, &mut |t, _| out.push(t));
+        out.sort_unstable();
+        out
+    }
+
+    /// The state after `ids` (special tokens have no bytes), or the byte where they break the
+    /// grammar.
+    pub fn walk(&self, ids: &[u32]) -> Result<G::State, usize> {
+        let mut st = self.grammar.start();
+        let mut at = 0;
+        for &id in ids {
+            for &b in self.tokens.get(id as usize).map_or(&[][..], Vec::as_slice) {
+                if !self.grammar.step(&mut st, b) {
+                    return Err(at);
+                }
+                at += 1;
+            }
+        }
+        Ok(st)
+    }
+}
+
+impl<G: ByteGrammar> Constraint for GrammarConstraint<G> {
+    fn begin(&mut self, prompts: &[Vec<u32>]) -> Result<(), String> {
+        self.states.clear();
+        for (row, p) in prompts.iter().enumerate() {
+            let st = self.walk(p).map_err(|at| {
+                format!(
+                    "prompt {row} breaks the dataset's stream grammar at byte {at}: it is not a prefix of a stream this dataset writes (sample with --constrain none, or prompt with the dataset's own samples)"
+                )
+            })?;
+            self.states.push(st);
+        }
+        Ok(())
+    }
+
+    fn mask(&mut self, row: usize, logits: &mut [f32]) -> Result<(), String> {
+        let started = Instant::now();
+        let st = self.states[row];
+        self.allowed.clear();
+        self.allowed.resize(logits.len(), false);
+        let mut any = false;
+        if self.grammar.complete(&st) {
+            if let Some(a) = self.allowed.get_mut(self.eos as usize) {
+                *a = true;
+                any = true;
+            }
+        } else {
+            let allowed = &mut self.allowed;
+            self.trie.allowed(&self.grammar, &st, &mut |t, _| {
+                if let Some(a) = allowed.get_mut(t as usize) {
+                    *a = true;
+                    any = true;
+                }
+            });
+        }
+        for (l, &ok) in logits.iter_mut().zip(&self.allowed) {
+            if !ok {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        self.clock
+            .nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.clock.masks.fetch_add(1, Ordering::Relaxed);
+        if any {
+            Ok(())
+        } else {
+            Err(format!(
+                "row {row}: no token of the vocabulary continues the stream (the vocabulary lacks a byte the grammar needs)"
+            ))
+        }
+    }
+
+    fn advance(&mut self, row: usize, token: u32) {
+        if token == self.eos {
+            return;
+        }
+        let st = &mut self.states[row];
+        for &b in self
+            .tokens
+            .get(token as usize)
+            .map_or(&[][..], Vec::as_slice)
+        {
+            let ok = self.grammar.step(st, b);
+            debug_assert!(ok, "token {token} was not allowed");
+        }
+    }
+}
+
+/// The JPEG grammar of a dataset's images: the header its encoder writes for its size and
+/// JPEG settings (a blank image encoded the dataset's way; every stream of the dataset starts
+/// with it), and its shared Huffman tables.
+pub fn jpeg_grammar(ds: &Dataset) -> Result<JpegGrammar, SampleError> {
+    let build = codeclm_etl::BuildSettings::of(ds).map_err(|e| SampleError::Run(e.to_string()))?;
+    let cfg = &build.image;
+    let tables = ds.jpeg_tables().ok_or_else(|| {
+        SampleError::Run(format!(
+            "{}: the dataset has no JPEG tables file, so its JPEG grammar is unknown",
+            ds.layout.root.display()
+        ))
+    })?;
+    let grey = vec![128u8; cfg.size as usize * cfg.size as usize * 3];
+    let blank = jpeg::encode(&grey, cfg.size, cfg.size, &cfg.jpeg, true)
+        .map_err(|e| SampleError::Run(format!("encoding the dataset's JPEG header: {e}")))?;
+    let tables = HuffmanTables::from_stream(tables)
+        .map_err(|e| SampleError::Run(format!("the dataset's JPEG tables: {e}")))?;
+    JpegGrammar::new(&blank, &tables)
+        .map_err(|e| SampleError::Run(format!("the dataset's JPEG grammar: {e}")))
+}
+
+/// Videos whose parameter sets the H.264 grammar learns at most (the first ones of the
+/// dataset; a parameter set none of them has is still allowed through a prompt's stream).
+pub const GRAMMAR_VIDEOS: usize = 256;
+
+/// The NAL-level H.264 grammar of a dataset's videos: the parameter sets its first
+/// [`GRAMMAR_VIDEOS`] videos (and `prompts`) start with (the SPS carries the source's aspect
+/// and colour tags, so they differ between sources), slices in order, at most `max_frames`
+/// frames.
+pub fn h264_grammar(
+    ds: &Dataset,
+    prompts: &[&[u8]],
+    max_frames: u32,
+) -> Result<codeclm_codec::h264::H264Grammar, SampleError> {
+    let mut streams: Vec<Vec<u8>> = Vec::new();
+    for row in ds.rows().iter().filter(|r| {
+        r.modality == codeclm_formats::Modality::Video && r.status == codeclm_formats::Status::Ok
+    }) {
+        if streams.len() == GRAMMAR_VIDEOS {
+            break;
+        }
+        streams.push(ds.codec_bytes(row)?);
+    }
+    if streams.is_empty() && prompts.is_empty() {
+        return Err(SampleError::Run(format!(
+            "{}: the dataset has no videos to learn the H.264 grammar from",
+            ds.layout.root.display()
+        )));
+    }
+    codeclm_codec::h264::H264Grammar::from_streams(
+        streams
+            .iter()
+            .map(Vec::as_slice)
+            .chain(prompts.iter().copied()),
+        max_frames,
+    )
+    .map_err(|e| SampleError::Run(format!("the dataset's H.264 grammar: {e}")))
+}
