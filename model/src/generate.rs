@@ -53,6 +53,20 @@ impl Lm {
         })
     }
 
+    /// Untrained weights, initialised as training starts from `seed` (for tests and for
+    /// checks that must hold whatever the model, such as constrained sampling).
+    pub fn random(config: LlamaConfig, seed: u64) -> Result<Lm> {
+        let cap = Capacity {
+            batch: 1,
+            context: 1,
+        };
+        let mut m = Model::new(Cpu::new(), config.clone(), cap, false, false)?;
+        m.init(seed);
+        let mut params = vec![0f32; m.num_parameters()];
+        m.read_params(&mut params);
+        Lm::new(config, params)
+    }
+
     /// The inference model, rebuilt when a larger batch or window is needed.
     pub fn model(&mut self, batch: usize, context: usize) -> Result<&mut Model<Cpu>> {
         let fits = self

@@ -250,3 +250,164 @@ pub fn h264_grammar(
     )
     .map_err(|e| SampleError::Run(format!("the dataset's H.264 grammar: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use codeclm_codec::jpeg::{JpegSettings, Subsampling};
+    use codeclm_etl::process::process_image;
+    use codeclm_etl::ImageConfig;
+    use codeclm_formats::vocab::PreTokenize;
+    use codeclm_model::{generate_with, GenerateConfig, LlamaConfig, Lm};
+
+    use crate::image::render_image;
+
+    /// The bundled photos encoded at `size` with `jpeg`, and the tables-only stream.
+    fn photos(size: u32, jpeg: JpegSettings) -> (Vec<Vec<u8>>, Vec<u8>) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/images");
+        let mut paths: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "png" || x == "jpg"))
+            .collect();
+        paths.sort();
+        let cfg = ImageConfig {
+            size,
+            jpeg,
+            ..ImageConfig::default()
+        };
+        let streams = paths
+            .iter()
+            .map(|p| {
+                let ext = p.extension().and_then(|e| e.to_str());
+                process_image(&std::fs::read(p).unwrap(), ext, &cfg)
+                    .codec
+                    .unwrap()
+            })
+            .collect();
+        (streams, codeclm_codec::jpeg::tables_only(&jpeg).unwrap())
+    }
+
+    /// The proof that cannot be faked: a model with untrained weights, sampling as
+    /// `codeclm sample` does (top-k 50, top-p 0.9), writes only images that libjpeg decodes
+    /// with no warning, at the dataset's size, for every layout and vocabulary size.
+    #[test]
+    fn untrained_models_sample_only_clean_images_under_the_grammar() {
+        for sub in [Subsampling::S420, Subsampling::S444] {
+            for ri in [1u16, 4] {
+                for size in [64u32, 256] {
+                    let jpeg = JpegSettings {
+                        subsampling: sub,
+                        restart_interval: ri,
+                        ..JpegSettings::default()
+                    };
+                    let (streams, tables) = photos(size, jpeg);
+                    let ht = HuffmanTables::from_stream(&tables).unwrap();
+                    let grammar = JpegGrammar::new(&streams[0], &ht).unwrap();
+                    // The dataset's header is the same in every stream.
+                    for s in &streams {
+                        assert!(s.starts_with(grammar.header()));
+                    }
+                    for vocab_size in [320, 1024] {
+                        let json = codeclm_etl::tokenize::train_on_streams(
+                            &streams,
+                            vocab_size,
+                            PreTokenize::RestartMarkers,
+                        )
+                        .unwrap();
+                        let vocab =
+                            Vocab::from_json(&json, std::path::Path::new("v.json")).unwrap();
+                        assert!(vocab.size as usize > vocab_size - 40, "{}", vocab.size);
+                        let mut cfg = LlamaConfig::preset("tiny", vocab.size as usize).unwrap();
+                        cfg.hidden_size = 32;
+                        cfg.intermediate_size = 64;
+                        cfg.num_hidden_layers = 1;
+                        cfg.num_attention_heads = 2;
+                        cfg.num_key_value_heads = Some(1);
+                        cfg.max_position_embeddings = 64;
+                        let mut lm = Lm::random(cfg, size as u64 + ri as u64).unwrap();
+                        let mut c = GrammarConstraint::new(grammar.clone(), &vocab);
+                        let n = if size == 256 { 2 } else { 4 };
+                        let gen = GenerateConfig {
+                            max_new_tokens: 1 << 20,
+                            temperature: 1.0,
+                            top_k: Some(50),
+                            top_p: Some(0.9),
+                            seed: vocab_size as u64,
+                            eos_token_id: Some(vocab.eos),
+                            pad_token_id: vocab.bos,
+                            window: Some(64),
+                        };
+                        let prompts = vec![vec![vocab.bos]; n];
+                        let out = generate_with(&mut lm, &prompts, &gen, Some(&mut c)).unwrap();
+                        for (i, new) in out.iter().enumerate() {
+                            let mut ids = vec![vocab.bos];
+                            ids.extend_from_slice(new);
+                            let what = format!("{size} {sub:?} ri {ri} vocab {} #{i}", vocab.size);
+                            let g = render_image(
+                                &what,
+                                &vocab,
+                                &ids,
+                                new.len(),
+                                &tables,
+                                Some(grammar.header()),
+                            );
+                            let r = &g.report;
+                            assert!(r.ended_with_eos, "{what}: {r:?}");
+                            assert!(r.header_ok && r.decodes_clean, "{what}: {r:?}");
+                            assert_eq!(r.decoder_warnings, 0, "{what}");
+                            assert_eq!((r.width, r.height), (size, size), "{what}");
+                            assert_eq!(r.mcu_fraction, 1.0, "{what}");
+                        }
+                        let (secs, masks) = c.clock().read();
+                        eprintln!(
+                            "{size} {sub:?} ri {ri} vocab {}: {:.0} tokens per image, {:.1} us per mask",
+                            vocab.size,
+                            out.iter().map(Vec::len).sum::<usize>() as f64 / n as f64,
+                            1e6 * secs / masks as f64
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn prompts_are_walked_and_bad_prompts_refused() {
+        let (streams, tables) = photos(64, JpegSettings::default());
+        let ht = HuffmanTables::from_stream(&tables).unwrap();
+        let grammar = JpegGrammar::new(&streams[0], &ht).unwrap();
+        let json =
+            codeclm_etl::tokenize::train_on_streams(&streams, 320, PreTokenize::RestartMarkers)
+                .unwrap();
+        let vocab = Vocab::from_json(&json, std::path::Path::new("v.json")).unwrap();
+        let mut c = GrammarConstraint::new(grammar, &vocab);
+        let mut ids = vec![vocab.bos];
+        vocab.encode(&streams[1], &mut ids);
+        // A whole real stream: complete, so only EOS may follow.
+        let st = c.walk(&ids).unwrap();
+        assert_eq!(c.allowed_after(&st), vec![vocab.eos]);
+        // Half of it: a prefix; the next real token is among those allowed.
+        let half = ids.len() / 2;
+        let st = c.walk(&ids[..half]).unwrap();
+        assert!(c.allowed_after(&st).contains(&ids[half]));
+        c.begin(&[ids[..half].to_vec()]).unwrap();
+        let mut logits = vec![0f32; vocab.size as usize + 7];
+        c.mask(0, &mut logits).unwrap();
+        assert!(logits[ids[half] as usize].is_finite());
+        assert!(logits[vocab.size as usize..]
+            .iter()
+            .all(|l| *l == f32::NEG_INFINITY));
+        assert_eq!(logits[vocab.eos as usize], f32::NEG_INFINITY);
+        // Another dataset's stream (another size) breaks the grammar in its header.
+        let (other, _) = photos(256, JpegSettings::default());
+        let mut bad = vec![vocab.bos];
+        vocab.encode(&other[0][..40], &mut bad);
+        let err = c.begin(&[bad]).unwrap_err();
+        assert!(
+            err.contains("prompt 0 breaks the dataset's stream grammar"),
+            "{err}"
+        );
+    }
+}

@@ -24,7 +24,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::image::{measure_jpeg, Images};
+use crate::constrain::{jpeg_grammar, Constrain, GrammarConstraint};
+use crate::image::{measure_jpeg, ImageGeneration, Images};
 use crate::prompt::{self, CutAt, ImagePrompt};
 use crate::run::{self, ModelGenerator, Sampling};
 use crate::trained::{Drawing, TrainedRun};
@@ -163,6 +164,12 @@ pub struct FidRun {
     /// Images per forward pass and sequences generated together.
     pub batch: usize,
     pub progress: bool,
+    /// Sampling modes scored side by side: `None` is the paper's unconstrained sampling,
+    /// `Jpeg` the dataset's grammar.
+    pub constrain: Vec<Constrain>,
+    /// Also score, per ratio, the prompt alone with the rest of the image grey (what the
+    /// decoder shows for a stream cut there): the baseline a completion must beat.
+    pub grey_baseline: bool,
 }
 
 /// The table `eval fid --run` wrote.
@@ -196,11 +203,15 @@ struct SeedResult {
     dir: String,
 }
 
-/// One row of the table: a prompt ratio, or unconditional (`ratio: None`).
+/// One row of the table: a prompt ratio, or unconditional (`ratio: None`), sampled one way
+/// (or the grey baseline).
 #[derive(Serialize)]
 struct Row {
     prompt: String,
     ratio: Option<f64>,
+    /// `none` (the paper's sampling), `jpeg` (grammar-constrained), or `grey` (the prompt
+    /// alone, the rest grey: no model).
+    sampling: String,
     fid_mean: Option<f64>,
     /// Sample standard deviation over the seeds (`None` with fewer than 2 finite FIDs).
     fid_std: Option<f64>,
@@ -214,6 +225,24 @@ struct Row {
 }
 
 impl Row {
+    fn of(ratio: Option<f64>, sampling: &str, n: usize, seeds: Vec<SeedResult>) -> Row {
+        let fids: Vec<f64> = seeds.iter().filter_map(|s| s.fid).collect();
+        let (fid_mean, fid_std) = mean_std(&fids);
+        Row {
+            prompt: prompt_label(ratio),
+            ratio,
+            sampling: sampling.to_string(),
+            fid_mean,
+            fid_std,
+            failures: seeds.iter().map(|s| s.failures).sum(),
+            undecodable: seeds.iter().map(|s| s.undecodable).sum(),
+            context_full: seeds.iter().map(|s| s.context_full).sum(),
+            completions: seeds.iter().map(|s| s.completions).sum(),
+            n,
+            seeds,
+        }
+    }
+
     fn fid_cell(&self) -> String {
         match (self.fid_mean, self.fid_std) {
             (Some(m), Some(s)) => format!("{m:.2} ± {s:.2}"),
@@ -263,6 +292,57 @@ fn features(
     Ok(out)
 }
 
+/// What scoring one set of generated images found.
+struct Scored {
+    fid: Option<f64>,
+    scored: usize,
+    failures: usize,
+    undecodable: usize,
+}
+
+/// FID of `images` (those with pixels) against `real`; the ones not clean count as failures.
+fn score(
+    net: &FidInception,
+    real: &Stats,
+    images: Vec<ImageGeneration>,
+    batch: usize,
+    dir: &Path,
+) -> Result<Scored, SampleError> {
+    let total = images.len();
+    let mut fakes = Vec::with_capacity(total);
+    let (mut failures, mut undecodable) = (0, 0);
+    for s in images {
+        if !s.report.decodes_clean {
+            failures += 1;
+        }
+        match s.rgb {
+            Some(rgb) => fakes.push(RgbImage::new(
+                s.report.width as usize,
+                s.report.height as usize,
+                rgb,
+            )),
+            None => undecodable += 1,
+        }
+    }
+    let fid = if fakes.len() >= 2 {
+        let fake = Stats::from_features(&features(net, &fakes, batch)?, FEATURE_DIM)?;
+        Some(fid::frechet_distance(real, &fake)?).filter(|f| f.is_finite())
+    } else {
+        tracing::warn!(
+            "{}: {} of {total} images gave pixels; FID needs 2",
+            dir.display(),
+            fakes.len(),
+        );
+        None
+    };
+    Ok(Scored {
+        fid,
+        scored: fakes.len(),
+        failures,
+        undecodable,
+    })
+}
+
 fn prompt_label(ratio: Option<f64>) -> String {
     match ratio {
         Some(r) => format!("{r}"),
@@ -273,12 +353,18 @@ fn prompt_label(ratio: Option<f64>) -> String {
 /// The Markdown table (printed and written as `eval-fid.md`).
 fn markdown(rows: &[Row], seeds: u64) -> String {
     let mut s = format!(
-        "| prompt | FID (mean ± std over {seeds} seed{}) | failures | n |\n|---|---|---|---|\n",
+        "| prompt | sampling | FID (mean ± std over {seeds} seed{}) | failures | n |\n|---|---|---|---|---|\n",
         if seeds == 1 { "" } else { "s" }
     );
     for r in rows {
+        let sampling = match r.sampling.as_str() {
+            "none" => "unconstrained (paper)",
+            "jpeg" => "JPEG grammar",
+            "grey" => "prompt + grey (baseline)",
+            other => other,
+        };
         s.push_str(&format!(
-            "| {} | {} | {} | {} |\n",
+            "| {} | {sampling} | {} | {} | {} |\n",
             r.prompt,
             r.fid_cell(),
             r.failures_cell(),
@@ -375,14 +461,27 @@ pub fn fid_of_run(
     );
     let out_root = run.join("eval-fid");
     let mean_bytes = open.ds.mean_codec_bytes(Modality::Image);
+    let grammar = jpeg_grammar(&open.ds)?;
+    let header = grammar.header().to_vec();
     let medium = Images {
         tables: &tables,
-        header: None,
+        header: Some(&header),
     };
+    if cfg.constrain.is_empty() {
+        return Err(SampleError::Invalid(
+            "--constrain: give at least one of none, jpeg".into(),
+        ));
+    }
+    if let Some(c) = cfg.constrain.iter().find(|c| **c == Constrain::H264) {
+        return Err(SampleError::Invalid(format!(
+            "--constrain {}: FID scores images; use none or jpeg",
+            c.as_str()
+        )));
+    }
     let mut context = usize::MAX;
     let mut generated_tokens = 0usize;
     let mut gen_secs = 0.0;
-    let mut rows = Vec::with_capacity(conditions.len());
+    let mut rows = Vec::with_capacity(conditions.len() * (cfg.constrain.len() + 1));
     for &ratio in &conditions {
         let prompts: Vec<ImagePrompt> = match ratio {
             Some(r) => streams
@@ -393,100 +492,105 @@ pub fn fid_of_run(
                 .collect::<Result<_, _>>()?,
             None => Vec::new(),
         };
-        let mut seeds = Vec::with_capacity(cfg.seeds as usize);
-        for seed in 0..cfg.seeds {
-            let name = match ratio {
-                Some(r) => format!("r{r}-s{seed}"),
-                None => format!("uncond-s{seed}"),
-            };
-            bar.set_message(name.clone());
-            let dir = out_root.join(&name);
-            let t = Instant::now();
-            // A prompt that fills the model's context gets no new tokens: its completion is
-            // the prompt alone (scored as decoded, a failure).
-            let mut generator = ModelGenerator::new(
-                lm,
-                codeclm_model::GenerateConfig {
+        for &constrain in &cfg.constrain {
+            let mut seeds = Vec::with_capacity(cfg.seeds as usize);
+            for seed in 0..cfg.seeds {
+                let mode = match constrain {
+                    Constrain::None => String::new(),
+                    c => format!("-{}", c.as_str()),
+                };
+                let name = match ratio {
+                    Some(r) => format!("r{r}{mode}-s{seed}"),
+                    None => format!("uncond{mode}-s{seed}"),
+                };
+                bar.set_message(name.clone());
+                let dir = out_root.join(&name);
+                let t = Instant::now();
+                // A prompt that fills the model's context gets no new tokens: its completion is
+                // the prompt alone (scored as decoded, a failure).
+                let constraint: Option<Box<dyn codeclm_model::Constraint>> = match constrain {
+                    Constrain::Jpeg => Some(Box::new(GrammarConstraint::new(
+                        grammar.clone(),
+                        &open.vocab,
+                    ))),
+                    _ => None,
+                };
+                let mut generator = ModelGenerator::new(
+                    lm,
+                    codeclm_model::GenerateConfig {
+                        seed,
+                        ..base.clone()
+                    },
+                )
+                .constrained(constraint);
+                generator.progress = Some(bar.clone());
+                context = generator.context();
+                let job = Sampling {
+                    medium: &medium,
+                    vocab: &open.vocab,
+                    prompts: &prompts,
+                    n: if prompts.is_empty() { n } else { 1 },
+                    batch: cfg.batch,
+                    out: &dir,
+                    dataset_mean_bytes: mean_bytes,
+                    progress: false,
+                    constrain,
+                };
+                let done = run::sample(&job, &mut generator)?;
+                let context_full = generator.context_full;
+                generated_tokens += generator.tokens;
+                gen_secs += t.elapsed().as_secs_f64();
+                let images: Vec<_> = done.generated.into_iter().map(|g| g.generation).collect();
+                let scored = score(net, &real, images, cfg.batch, &dir)?;
+                if context_full > 0 {
+                    tracing::warn!(
+                        "{}: {context_full} of {n} prompts fill the model's context of {context} tokens; their completions are the prompt alone",
+                        dir.display()
+                    );
+                }
+                seeds.push(SeedResult {
                     seed,
-                    ..base.clone()
-                },
-            );
-            generator.progress = Some(bar.clone());
-            context = generator.context();
-            let job = Sampling {
-                medium: &medium,
-                vocab: &open.vocab,
-                prompts: &prompts,
-                n: if prompts.is_empty() { n } else { 1 },
-                batch: cfg.batch,
-                out: &dir,
-                dataset_mean_bytes: mean_bytes,
-                progress: false,
-                constrain: crate::constrain::Constrain::None,
-            };
-            let done = run::sample(&job, &mut generator)?;
-            let context_full = generator.context_full;
-            generated_tokens += generator.tokens;
-            gen_secs += t.elapsed().as_secs_f64();
-            let mut fakes = Vec::with_capacity(done.generated.len());
-            let (mut failures, mut undecodable) = (0, 0);
-            for g in done.generated {
-                let s = g.generation;
-                if !s.report.decodes_clean {
-                    failures += 1;
-                }
-                match s.rgb {
-                    Some(rgb) => fakes.push(RgbImage::new(
-                        s.report.width as usize,
-                        s.report.height as usize,
+                    fid: scored.fid,
+                    context_full,
+                    scored: scored.scored,
+                    failures: scored.failures,
+                    undecodable: scored.undecodable,
+                    completions: n,
+                    dir: dir.display().to_string(),
+                });
+            }
+            rows.push(Row::of(ratio, constrain.as_str(), n, seeds));
+        }
+        if let (Some(r), true) = (ratio, cfg.grey_baseline) {
+            // The prompt alone, decoded as a stream cut there: the rest of the image grey.
+            let images: Vec<ImageGeneration> = prompts
+                .iter()
+                .map(|p| {
+                    let jpeg = prompt::prompt_jpeg(p, &tables)?;
+                    let (rgb, report) = measure_jpeg(&jpeg, &p.name);
+                    Ok(ImageGeneration {
+                        raw: Vec::new(),
+                        jpeg: Some(jpeg),
                         rgb,
-                    )),
-                    None => undecodable += 1,
-                }
-            }
-            let fid = if fakes.len() >= 2 {
-                let fake = Stats::from_features(&features(net, &fakes, cfg.batch)?, FEATURE_DIM)?;
-                Some(fid::frechet_distance(&real, &fake)?).filter(|f| f.is_finite())
-            } else {
-                tracing::warn!(
-                    "{}: {} of {} completions gave pixels; FID needs 2",
-                    dir.display(),
-                    fakes.len(),
-                    n
-                );
-                None
-            };
-            if context_full > 0 {
-                tracing::warn!(
-                    "{}: {context_full} of {n} prompts fill the model's context of {context} tokens; their completions are the prompt alone",
-                    dir.display()
-                );
-            }
-            seeds.push(SeedResult {
-                seed,
-                fid,
-                context_full,
-                scored: fakes.len(),
-                failures,
-                undecodable,
+                        report,
+                    })
+                })
+                .collect::<Result<_, SampleError>>()?;
+            let dir = out_root.join(format!("r{r}-grey"));
+            let scored = score(net, &real, images, cfg.batch, &dir)?;
+            let seed = SeedResult {
+                seed: 0,
+                fid: scored.fid,
+                context_full: 0,
+                scored: scored.scored,
+                // The baseline is a partial image by construction: not counted as failures.
+                failures: 0,
+                undecodable: scored.undecodable,
                 completions: n,
                 dir: dir.display().to_string(),
-            });
+            };
+            rows.push(Row::of(ratio, "grey", n, vec![seed]));
         }
-        let fids: Vec<f64> = seeds.iter().filter_map(|s| s.fid).collect();
-        let (fid_mean, fid_std) = mean_std(&fids);
-        rows.push(Row {
-            prompt: prompt_label(ratio),
-            ratio,
-            fid_mean,
-            fid_std,
-            failures: seeds.iter().map(|s| s.failures).sum(),
-            undecodable: seeds.iter().map(|s| s.undecodable).sum(),
-            context_full: seeds.iter().map(|s| s.context_full).sum(),
-            completions: seeds.iter().map(|s| s.completions).sum(),
-            n,
-            seeds,
-        });
     }
     bar.finish_and_clear();
 
@@ -504,6 +608,7 @@ pub fn fid_of_run(
         "sampling": {
             "temperature": cfg.drawing.temperature, "top_k": cfg.drawing.top_k,
             "top_p": cfg.drawing.top_p, "max_tokens": cfg.max_tokens, "batch": cfg.batch,
+            "constrain": cfg.constrain,
         },
         "network": NETWORK,
         "rows": rows,

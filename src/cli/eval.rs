@@ -43,6 +43,13 @@ pub struct FidArgs {
     /// an unconditional row (BOS alone) is always added.
     #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,0.75")]
     pub ratios: Vec<f64>,
+    /// Run mode: how completions are sampled, each scored in its own rows: `none` (the paper's
+    /// unconstrained sampling) and `jpeg` (grammar-constrained, as `codeclm sample` does).
+    #[arg(long, value_delimiter = ',', default_value = "none,jpeg")]
+    pub constrain: Vec<super::sample::ConstrainArg>,
+    /// Run mode: leave out the baseline rows (per ratio, the prompt alone with the rest grey).
+    #[arg(long)]
+    pub no_grey_baseline: bool,
     /// Run mode: held-out images used (the first N of the split; all when fewer).
     #[arg(long, default_value_t = 1000)]
     pub n: usize,
@@ -118,6 +125,8 @@ fn fid_run(args: &FidArgs, run: &Path) -> Result<()> {
         max_tokens: args.max_tokens,
         batch: args.batch,
         progress: !args.no_progress,
+        constrain: args.constrain.iter().map(|c| c.constrain()).collect(),
+        grey_baseline: !args.no_grey_baseline,
     };
     let t = eval::fid_of_run(&cfg, &net, &open, &mut lm)
         .with_context(|| format!("evaluating {}", run.display()))?;

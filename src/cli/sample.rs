@@ -36,6 +36,14 @@ pub enum ConstrainArg {
 }
 
 impl ConstrainArg {
+    pub fn constrain(self) -> Constrain {
+        match self {
+            ConstrainArg::Jpeg => Constrain::Jpeg,
+            ConstrainArg::H264 => Constrain::H264,
+            ConstrainArg::None => Constrain::None,
+        }
+    }
+
     /// The grammar for `modality`: `arg` when given and right for it, else the modality's own.
     pub fn resolve(arg: Option<ConstrainArg>, modality: Modality) -> Result<Constrain> {
         Ok(match (arg, modality) {
