@@ -647,6 +647,7 @@ fn write_one(
         decode_scale: outcome.decode_scale,
         width: outcome.width,
         height: outcome.height,
+        crop: None,
         src_codec: outcome.src_codec.clone(),
         src_duration: outcome.src_duration,
         src_fps: outcome.src_fps,
