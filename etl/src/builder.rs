@@ -3,11 +3,13 @@
 //! - The reader plans the image source, then the video source, into parts (video parts are
 //!   numbered after the image parts; a part holds one modality) and feeds the items of every part this worker owns
 //!   (`part % num_shards == shard_index`) and has not finished yet.
-//! - A rayon pool decodes, resizes and encodes items in parallel, in any order.
-//! - The writer puts results back in input order per part, appends codec bytes to the part's
-//!   shards, and when a part is complete writes its manifest last. A part whose manifest exists
-//!   is done, so a killed build rerun with the same arguments skips it, redoes the rest, and ends
-//!   with exactly the bytes an uninterrupted run writes.
+//! - A rayon pool decodes, resizes and encodes items in parallel, in any order. An item gives
+//!   one row, or with `crops` one row per crop (one row when it does not decode).
+//! - The writer puts results back in input order per part (an item's rows together, in crop
+//!   order), appends codec bytes to the part's shards, and when a part is complete writes its
+//!   manifest last. A part whose manifest exists is done, so a killed build rerun with the same
+//!   arguments skips it, redoes the rest (every crop of its inputs), and ends with exactly the
+//!   bytes an uninterrupted run writes.
 //!
 //! Memory is bounded by the channel capacities and the reorder window, not by the source size.
 
@@ -26,7 +28,8 @@ use rayon::iter::{ParallelBridge, ParallelIterator};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ImageConfig;
-use crate::process::{process_image, process_video, Outcome};
+use crate::crop::RandomCrops;
+use crate::process::{process_image, process_image_crops, process_video, Outcome};
 use crate::source::{self, Item, SourceSpec};
 use codeclm_codec::h264::VideoConfig;
 
@@ -47,6 +50,11 @@ pub struct BuildSettings {
     /// The images (`--images`), if any.
     pub source: Option<SourceSpec>,
     pub image: ImageConfig,
+    /// Random-resized crops of every image (`--crops N`): N rows per image in place of the one
+    /// `image.resize` would give. Absent from the record when off, so datasets built before it
+    /// existed resume and merge as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crops: Option<RandomCrops>,
     /// The videos (`--videos`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub videos: Option<SourceSpec>,
@@ -56,7 +64,8 @@ pub struct BuildSettings {
     pub part_size: usize,
     /// A part's shard rolls over to a new file past this many codec bytes.
     pub shard_max_bytes: u64,
-    /// Fraction of samples in the `val` split, chosen by hashing the sample id.
+    /// Fraction of sources in the `val` split, chosen by hashing the source's id (every crop of
+    /// a photo goes where the photo goes).
     pub val_fraction: f64,
     pub zstd_level: i32,
 }
@@ -76,6 +85,7 @@ impl BuildSettings {
         BuildSettings {
             source: images,
             image,
+            crops: None,
             videos,
             video,
             part_size: 10_000,
@@ -124,7 +134,12 @@ pub struct BuildOptions {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct BuildSummary {
+    /// Inputs processed.
     pub processed: u64,
+    /// Rows written for them (`processed` x N with `--crops N`, less the undecodable inputs'
+    /// N - 1); `ok` and `failed` count these.
+    #[serde(default)]
+    pub samples: u64,
     pub ok: u64,
     pub failed: u64,
     pub by_status: BTreeMap<String, u64>,
@@ -150,14 +165,21 @@ impl BuildSummary {
     }
 }
 
-/// The stable id of a source identity: xxh3-64, 16 hex digits.
+/// The stable id of a source identity: xxh3-64, 16 hex digits. The sample id of a source
+/// without crops (and of the one error row of a source that does not decode).
 pub fn sample_id(identity: &str) -> String {
     format!("{:016x}", xxhash_rust::xxh3::xxh3_64(identity.as_bytes()))
 }
 
-/// `val` for a fixed fraction of ids (by a salted hash, so it is independent of the id's bits).
-pub fn split_of(sample_id: &str, val_fraction: f64) -> Split {
-    let h = xxhash_rust::xxh3::xxh3_64_with_seed(sample_id.as_bytes(), 0x5EED_5B11);
+/// The sample id of crop `index` of the source whose id is `source_id`: `<source id>-crop<k>`.
+pub fn crop_sample_id(source_id: &str, index: u32) -> String {
+    format!("{source_id}-crop{index}")
+}
+
+/// `val` for a fixed fraction of source ids (by a salted hash, so it is independent of the id's
+/// bits). Crops take their source's split, so held-out crops come from held-out photos.
+pub fn split_of(source_id: &str, val_fraction: f64) -> Split {
+    let h = xxhash_rust::xxh3::xxh3_64_with_seed(source_id.as_bytes(), 0x5EED_5B11);
     if (h as f64) < val_fraction * (u64::MAX as f64) {
         Split::Val
     } else {
@@ -179,7 +201,8 @@ enum Msg {
         identity: String,
         kind: &'static str,
         video: bool,
-        outcome: Box<Outcome>,
+        /// One per row: one, or one per crop.
+        outcomes: Vec<Outcome>,
     },
     PartEnd {
         part: u32,
@@ -203,6 +226,14 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
             "--shard-index {} must be below --num-shards {} (workers are numbered 0..n-1)",
             opts.shard_index, opts.num_shards
         )));
+    }
+    if let Some(crops) = &settings.crops {
+        crops.validate().map_err(BuildError::Config)?;
+        if settings.image.dct_scaling {
+            return Err(BuildError::Config(
+                "crops are cut from the full-resolution decode: turn DCT scaling off (--dct-scaling false; `dataset build --crops` does so itself)".into(),
+            ));
+        }
     }
     if !(0.0..=1.0).contains(&settings.val_fraction) {
         return Err(BuildError::Config(format!(
@@ -293,6 +324,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
         .build()
         .map_err(|e| BuildError::Config(format!("cannot start {workers} workers: {e}")))?;
     let image_cfg = settings.image;
+    let crops = settings.crops;
     let video_cfg = settings.video;
     let worker = std::thread::spawn(move || {
         pool.install(|| {
@@ -300,7 +332,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
                 .into_iter()
                 .par_bridge()
                 .for_each_with(res_tx, |tx, job| {
-                    let _ = tx.send(run_job(job, &image_cfg, &video_cfg));
+                    let _ = tx.send(run_job(job, &image_cfg, crops.as_ref(), &video_cfg));
                 })
         })
     });
@@ -345,7 +377,12 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
     Ok(summary)
 }
 
-fn run_job(mut job: Job, cfg: &ImageConfig, video_cfg: &VideoConfig) -> Msg {
+fn run_job(
+    mut job: Job,
+    cfg: &ImageConfig,
+    crops: Option<&RandomCrops>,
+    video_cfg: &VideoConfig,
+) -> Msg {
     let identity = std::mem::take(&mut job.item.identity);
     let kind = job.item.kind;
     let ext = job.item.ext.take();
@@ -381,19 +418,24 @@ fn run_job(mut job: Job, cfg: &ImageConfig, video_cfg: &VideoConfig) -> Msg {
             identity,
             kind,
             video: true,
-            outcome: Box::new(outcome),
+            outcomes: vec![outcome],
         };
     }
-    let outcome = match job.item.bytes() {
-        Ok(bytes) => std::panic::catch_unwind(|| process_image(&bytes, ext.as_deref(), cfg))
-            .unwrap_or_else(|_| {
-                Outcome::failed(
-                    Status::EncodeError,
-                    "internal error while processing (a bug: please report it with this file)",
-                    bytes.len() as u64,
-                )
-            }),
-        Err(message) => Outcome::failed(Status::ReadError, message, 0),
+    let outcomes = match job.item.bytes() {
+        Ok(bytes) => std::panic::catch_unwind(|| match crops {
+            Some(crops) => {
+                process_image_crops(&bytes, ext.as_deref(), cfg, crops, &sample_id(&identity))
+            }
+            None => vec![process_image(&bytes, ext.as_deref(), cfg)],
+        })
+        .unwrap_or_else(|_| {
+            vec![Outcome::failed(
+                Status::EncodeError,
+                internal,
+                bytes.len() as u64,
+            )]
+        }),
+        Err(message) => vec![Outcome::failed(Status::ReadError, message, 0)],
     };
     Msg::Done {
         part: job.part,
@@ -401,7 +443,7 @@ fn run_job(mut job: Job, cfg: &ImageConfig, video_cfg: &VideoConfig) -> Msg {
         identity,
         kind,
         video: false,
-        outcome: Box::new(outcome),
+        outcomes,
     }
 }
 
@@ -482,7 +524,9 @@ fn write_run_summary(layout: &DatasetLayout, summary: &BuildSummary) -> Result<(
 /// One part being written: results arrive in any order and are written in input order.
 struct PartState {
     rows: Vec<SampleRow>,
-    pending: BTreeMap<u32, (String, &'static str, bool, Box<Outcome>)>,
+    /// Items written so far (the next item index to write).
+    written: u32,
+    pending: BTreeMap<u32, (String, &'static str, bool, Vec<Outcome>)>,
     expected: Option<u32>,
     shard: Option<CodecShardWriter>,
     shard_seq: u32,
@@ -516,11 +560,11 @@ impl<'a> Writer<'a> {
                     identity,
                     kind,
                     video,
-                    outcome,
+                    outcomes,
                 } => {
                     self.state(part)?
                         .pending
-                        .insert(index, (identity, kind, video, outcome));
+                        .insert(index, (identity, kind, video, outcomes));
                     part
                 }
                 Msg::PartEnd { part, items } => {
@@ -533,7 +577,7 @@ impl<'a> Writer<'a> {
         if let Some((&part, state)) = self.parts.iter().next() {
             return Err(BuildError::Config(format!(
                 "part {part} ended with {} of {:?} items written: results were lost (a worker died?)",
-                state.rows.len(),
+                state.written,
                 state.expected
             )));
         }
@@ -553,6 +597,7 @@ impl<'a> Writer<'a> {
                 part,
                 PartState {
                     rows: Vec::new(),
+                    written: 0,
                     pending: BTreeMap::new(),
                     expected: None,
                     shard: None,
@@ -568,36 +613,37 @@ impl<'a> Writer<'a> {
         let layout = self.layout.clone();
         let settings = self.settings;
         let state = self.parts.get_mut(&part).expect("state exists");
-        loop {
-            let next = state.rows.len() as u32;
-            let Some((identity, kind, video, outcome)) = state.pending.remove(&next) else {
-                break;
-            };
-            let row = write_one(
-                &layout, settings, part, state, identity, kind, video, *outcome,
-            )?;
-            self.summary.processed += 1;
-            *self
-                .summary
-                .by_status
-                .entry(row.status.as_str().to_string())
-                .or_default() += 1;
-            if row.is_ok() {
-                self.summary.ok += 1;
-                self.summary.codec_bytes += row.codec_bytes.unwrap_or(0);
-            } else {
-                self.summary.failed += 1;
-                tracing::debug!(
-                    "{}: {} ({})",
-                    row.source,
-                    row.status.as_str(),
-                    row.error.as_deref().unwrap_or("")
-                );
+        while let Some((identity, kind, video, outcomes)) = state.pending.remove(&state.written) {
+            let source_id = sample_id(&identity);
+            for outcome in outcomes {
+                let row = write_one(
+                    &layout, settings, part, state, &source_id, &identity, kind, video, outcome,
+                )?;
+                self.summary.samples += 1;
+                *self
+                    .summary
+                    .by_status
+                    .entry(row.status.as_str().to_string())
+                    .or_default() += 1;
+                if row.is_ok() {
+                    self.summary.ok += 1;
+                    self.summary.codec_bytes += row.codec_bytes.unwrap_or(0);
+                } else {
+                    self.summary.failed += 1;
+                    tracing::debug!(
+                        "{}: {} ({})",
+                        row.source,
+                        row.status.as_str(),
+                        row.error.as_deref().unwrap_or("")
+                    );
+                }
+                state.rows.push(row);
             }
+            state.written += 1;
+            self.summary.processed += 1;
             self.progress.inc(1);
-            state.rows.push(row);
         }
-        if state.expected == Some(state.rows.len() as u32) {
+        if state.expected == Some(state.written) {
             let mut state = self.parts.remove(&part).expect("state exists");
             if let Some(shard) = state.shard.take() {
                 shard.finish()?;
@@ -620,24 +666,27 @@ fn write_one(
     settings: &BuildSettings,
     part: u32,
     state: &mut PartState,
-    identity: String,
+    source_id: &str,
+    identity: &str,
     kind: &'static str,
     video: bool,
     outcome: Outcome,
 ) -> Result<SampleRow, BuildError> {
     let codec = if video { Codec::H264 } else { Codec::Jpeg };
-    let id = sample_id(&identity);
-    let split = split_of(&id, settings.val_fraction);
+    let id = match outcome.crop {
+        Some(c) => crop_sample_id(source_id, c.index),
+        None => source_id.to_string(),
+    };
     let mut row = SampleRow {
         sample_id: id,
-        source: identity,
+        source: identity.to_string(),
         source_kind: kind.to_string(),
         modality: if video {
             Modality::Video
         } else {
             Modality::Image
         },
-        split,
+        split: split_of(source_id, settings.val_fraction),
         part,
         src_format: outcome.src_format.map(str::to_string),
         src_width: outcome.src_width,
@@ -647,6 +696,7 @@ fn write_one(
         decode_scale: outcome.decode_scale,
         width: outcome.width,
         height: outcome.height,
+        crop: outcome.crop,
         src_codec: outcome.src_codec.clone(),
         src_duration: outcome.src_duration,
         src_fps: outcome.src_fps,

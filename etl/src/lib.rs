@@ -5,6 +5,7 @@
 
 pub mod builder;
 pub mod config;
+pub mod crop;
 pub mod decode;
 pub mod pillow_resample;
 pub mod process;
@@ -14,6 +15,7 @@ pub mod tokenize;
 
 pub use builder::{build, BuildOptions, BuildSettings, BuildSummary};
 pub use config::{ImageConfig, Preprocess};
+pub use crop::RandomCrops;
 pub use source::{SourceKind, SourceSpec};
 
 /// Real media for unit tests (this crate's and those of crates above it): the bundled photos

@@ -1,11 +1,13 @@
-//! One input, start to finish: an image (bytes -> decode -> square -> JPEG, abbreviated stream)
-//! or a video (-> H.264 with the paper's settings). Returns everything the manifest row needs,
-//! success or not.
+//! One input, start to finish: an image (bytes -> decode -> square -> JPEG, abbreviated stream;
+//! or -> N random-resized crops -> N JPEGs) or a video (-> H.264 with the paper's settings).
+//! Returns everything the manifest rows need, success or not.
 
+use codeclm_formats::samples::Crop;
 use codeclm_formats::Status;
 
 use crate::config::ImageConfig;
-use crate::decode;
+use crate::crop::RandomCrops;
+use crate::decode::{self, Decoded};
 use crate::resize;
 use codeclm_codec::h264::encode::{self as video, VideoConfig};
 use codeclm_codec::jpeg;
@@ -24,6 +26,8 @@ pub struct Outcome {
     pub decode_scale: Option<u32>,
     pub width: Option<u32>,
     pub height: Option<u32>,
+    /// Random-resized crops only: which crop of the image this is, and its box.
+    pub crop: Option<Crop>,
     /// Videos only: source codec, duration (s), frame rate; frames and NAL units encoded.
     pub src_codec: Option<String>,
     pub src_duration: Option<f64>,
@@ -93,11 +97,61 @@ fn video_format_name(demuxer: &str) -> &'static str {
 
 /// Decodes, resizes and encodes one image under `cfg`. Never panics on bad input.
 pub fn process_image(bytes: &[u8], ext: Option<&str>, cfg: &ImageConfig) -> Outcome {
-    let (square, mut out) = match prepare(bytes, ext, cfg) {
-        Ok(prepared) => prepared,
-        Err(failed) => return failed,
+    match prepare(bytes, ext, cfg) {
+        Ok((square, out)) => encode(&square, cfg, out),
+        Err(failed) => failed,
+    }
+}
+
+/// Decodes one image once and cuts `crops.count` random-resized crops from it (boxes seeded by
+/// `source_id`), each stretched to `size` x `size` with the resampler and encoded: one outcome
+/// per crop, or one failed outcome when the image does not decode. The boxes are in the pixels
+/// of the upright source at full resolution, so the decode is never DCT-scaled (one decode
+/// serves every crop, and an 8% crop needs the full resolution anyway). Never panics on bad input.
+pub fn process_image_crops(
+    bytes: &[u8],
+    ext: Option<&str>,
+    cfg: &ImageConfig,
+    crops: &RandomCrops,
+    source_id: &str,
+) -> Vec<Outcome> {
+    let (d, facts) = match decode_image(bytes, ext, cfg, &|_, _| 1, false) {
+        Ok(decoded) => decoded,
+        Err(failed) => return vec![failed],
     };
-    match jpeg::encode(&square, cfg.size, cfg.size, &cfg.jpeg, true) {
+    let boxes = crops.boxes(source_id, d.width, d.height);
+    (0u32..)
+        .zip(boxes)
+        .map(|(index, b)| {
+            let out = Outcome {
+                crop: Some(Crop {
+                    index,
+                    x: b.x,
+                    y: b.y,
+                    w: b.w,
+                    h: b.h,
+                }),
+                ..facts.clone()
+            };
+            match resize::resample(
+                &d.rgb,
+                d.width,
+                d.height,
+                b.rect(),
+                cfg.size,
+                cfg.size,
+                cfg.resampler,
+            ) {
+                Ok(square) => encode(&square, cfg, out),
+                Err(e) => resize_failed(e, out),
+            }
+        })
+        .collect()
+}
+
+/// Encodes the `size` x `size` pixels into the outcome (the abbreviated stream, or the failure).
+fn encode(square: &[u8], cfg: &ImageConfig, mut out: Outcome) -> Outcome {
+    match jpeg::encode(square, cfg.size, cfg.size, &cfg.jpeg, true) {
         Ok(stream) => {
             out.width = Some(cfg.size);
             out.height = Some(cfg.size);
@@ -109,6 +163,44 @@ pub fn process_image(bytes: &[u8], ext: Option<&str>, cfg: &ImageConfig) -> Outc
         }
     }
     out
+}
+
+fn resize_failed(e: String, out: Outcome) -> Outcome {
+    Outcome {
+        status: Some(Status::EncodeError),
+        error: Some(format!("resize failed: {e}")),
+        ..out
+    }
+}
+
+/// Decodes one image and fills in the outcome's source facts, or returns the failed outcome.
+// The failure is the finished Outcome (a manifest row's facts), not an error to propagate.
+#[allow(clippy::result_large_err)]
+fn decode_image(
+    bytes: &[u8],
+    ext: Option<&str>,
+    cfg: &ImageConfig,
+    choose_scale: &dyn Fn(u32, u32) -> u32,
+    crop_in_decoder: bool,
+) -> Result<(Decoded, Outcome), Outcome> {
+    let src_bytes = bytes.len() as u64;
+    let d =
+        decode::decode(bytes, &cfg.decode, choose_scale, ext, crop_in_decoder).map_err(|e| {
+            Outcome {
+                src_format: e.format,
+                ..Outcome::failed(e.status, e.message, src_bytes)
+            }
+        })?;
+    let out = Outcome {
+        src_format: Some(d.format),
+        src_width: Some(d.src_width),
+        src_height: Some(d.src_height),
+        src_bytes,
+        exif_orientation: d.exif_orientation,
+        decode_scale: Some(d.scale_denom),
+        ..Outcome::default()
+    };
+    Ok((d, out))
 }
 
 /// The decode and resize half of [`process_image`]: the `size` x `size` RGB pixels to encode and
@@ -128,27 +220,11 @@ pub fn prepare(
             1
         }
     };
-    let src_bytes = bytes.len() as u64;
     // The Lanczos3 path may let the JPEG decoder skip what the centre crop discards; the Pillow
     // resamplers must see exactly Pillow's pixels, so they get a full decode.
     let crop_in_decoder =
         mode == resize::ResizeMode::CenterCrop && cfg.resampler == resize::Resampler::Lanczos3;
-    let d =
-        decode::decode(bytes, &cfg.decode, &choose_scale, ext, crop_in_decoder).map_err(|e| {
-            Outcome {
-                src_format: e.format,
-                ..Outcome::failed(e.status, e.message, src_bytes)
-            }
-        })?;
-    let out = Outcome {
-        src_format: Some(d.format),
-        src_width: Some(d.src_width),
-        src_height: Some(d.src_height),
-        src_bytes,
-        exif_orientation: d.exif_orientation,
-        decode_scale: Some(d.scale_denom),
-        ..Outcome::default()
-    };
+    let (d, out) = decode_image(bytes, ext, cfg, &choose_scale, crop_in_decoder)?;
     let resized = match d.square {
         Some((x, y, side)) => resize::resample(
             &d.rgb,
@@ -163,11 +239,7 @@ pub fn prepare(
     };
     match resized {
         Ok(square) => Ok((square, out)),
-        Err(e) => Err(Outcome {
-            status: Some(Status::EncodeError),
-            error: Some(format!("resize failed: {e}")),
-            ..out
-        }),
+        Err(e) => Err(resize_failed(e, out)),
     }
 }
 

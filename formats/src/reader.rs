@@ -127,7 +127,11 @@ impl Dataset {
                 .or_default() += 1;
             *s.by_split.entry(r.split.to_string()).or_default() += 1;
             *s.by_modality.entry(r.modality.to_string()).or_default() += 1;
-            s.src_bytes += r.src_bytes;
+            // The crops of one photo share its source: count the source once.
+            if r.crop.is_none_or(|c| c.index == 0) {
+                s.sources += 1;
+                s.src_bytes += r.src_bytes;
+            }
             if r.status == Status::Ok {
                 lengths.push(r.codec_bytes.unwrap_or(0));
             }
@@ -174,6 +178,8 @@ impl Dataset {
 #[derive(Debug, Default)]
 pub struct Summary {
     pub samples: u64,
+    /// Inputs the samples came from (fewer than `samples` with `--crops`).
+    pub sources: u64,
     pub by_status: BTreeMap<String, u64>,
     pub by_split: BTreeMap<String, u64>,
     pub by_modality: BTreeMap<String, u64>,
@@ -198,12 +204,16 @@ impl std::fmt::Display for Summary {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        writeln!(
+        write!(
             f,
             "samples      {} ({})",
             self.samples,
             join(&self.by_modality)
         )?;
+        if self.sources != self.samples {
+            write!(f, " from {} sources", self.sources)?;
+        }
+        writeln!(f)?;
         writeln!(f, "status       {}", join(&self.by_status))?;
         writeln!(f, "split        {}", join(&self.by_split))?;
         let total = self

@@ -1,4 +1,5 @@
-//! The sample manifest: one row per input (image or video), whether it succeeded or not.
+//! The sample manifest: one row per input (image or video; per crop of an image with `--crops`),
+//! whether it succeeded or not.
 //! Failures are data (img2dataset's rule): a bad file is a row with a `status` and an `error`,
 //! never a crashed run. Parts are written per unit of work (`parts/part-NNNNNN.parquet`) and
 //! concatenated into `samples.parquet`; Python reads either with `pl.read_parquet`.
@@ -11,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Version of the manifest schema below; bumped when a column changes meaning or type.
+/// Version of the manifest schema below; bumped when a column changes meaning or type (not for
+/// an added nullable column that older manifests read as null, see `LATER_COLUMNS`).
 pub const SAMPLES_SCHEMA_VERSION: u32 = 2;
 
 /// What happened to one input. Everything but `Ok` carries an `error` message.
@@ -134,17 +136,35 @@ pub(crate) fn parse_column<T>(
     })
 }
 
+/// Where a random-resized crop was cut from its source (`--crops N`): crop `index` of N, the box
+/// in the pixels of the upright (EXIF-oriented) source at full resolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Crop {
+    pub index: u32,
+    pub x: u32,
+    pub y: u32,
+    pub w: u32,
+    pub h: u32,
+}
+
+/// Columns added after the manifest schema was released: a manifest written before them reads
+/// as if they were null (a build without `--crops`), so old datasets open and old parts of a
+/// resumed build concatenate with new ones ([`read_dataframe`]).
+const LATER_COLUMNS: [&str; 5] = ["crop_index", "crop_x", "crop_y", "crop_w", "crop_h"];
+
 /// One manifest row. Optional fields are null when the stage that fills them did not run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SampleRow {
-    /// Stable id: xxh3-64 of the source identity, 16 hex digits.
+    /// Stable id: xxh3-64 of the source identity, 16 hex digits (the source id); a crop's is
+    /// `<source id>-crop<k>`.
     pub sample_id: String,
     /// The source identity: a path relative to the source root, `tar_path#member` or `file.parquet#row`.
     pub source: String,
     /// `file`, `tar` or `parquet`.
     pub source_kind: String,
     pub modality: Modality,
-    /// A pure function of `sample_id` and the validation fraction.
+    /// A pure function of the source id and the validation fraction (every crop of a photo
+    /// shares its split).
     pub split: Split,
     /// The unit of work this row was written in.
     pub part: u32,
@@ -158,6 +178,9 @@ pub struct SampleRow {
     pub decode_scale: Option<u32>,
     pub width: Option<u32>,
     pub height: Option<u32>,
+    /// Random-resized crops only (`--crops N`): which crop and its box. Null otherwise, and on
+    /// the one error row of a source that could not be decoded.
+    pub crop: Option<Crop>,
     /// Videos only (null for images): the source's video codec (`h264`, `mjpeg`, ...).
     pub src_codec: Option<String>,
     /// Videos only: source duration in seconds (container, else stream), when known.
@@ -211,6 +234,11 @@ pub fn to_dataframe(rows: &[SampleRow]) -> Result<DataFrame> {
         col!("decode_scale", |r| r.decode_scale),
         col!("width", |r| r.width),
         col!("height", |r| r.height),
+        col!("crop_index", |r| r.crop.map(|c| c.index)),
+        col!("crop_x", |r| r.crop.map(|c| c.x)),
+        col!("crop_y", |r| r.crop.map(|c| c.y)),
+        col!("crop_w", |r| r.crop.map(|c| c.w)),
+        col!("crop_h", |r| r.crop.map(|c| c.h)),
         col!("src_codec", |r| r.src_codec.as_deref()),
         col!("src_duration", |r| r.src_duration),
         col!("src_fps", |r| r.src_fps),
@@ -227,6 +255,31 @@ pub fn to_dataframe(rows: &[SampleRow]) -> Result<DataFrame> {
     ];
     DataFrame::new(rows.len(), columns)
         .map_err(|e| Error::Invalid(format!("building the samples table: {e}")))
+}
+
+/// A manifest written before the [`LATER_COLUMNS`] existed, with them added as nulls in this
+/// version's column order; any other table is returned as it is.
+fn with_later_columns(mut df: DataFrame) -> DataFrame {
+    let Ok(schema) = to_dataframe(&[]).map(|empty| empty.schema().clone()) else {
+        return df;
+    };
+    let mut added = false;
+    for name in LATER_COLUMNS {
+        if df.column(name).is_err() {
+            let nulls = Column::full_null(name.into(), df.height(), &DataType::UInt32);
+            if df.with_column(nulls).is_err() {
+                return df;
+            }
+            added = true;
+        }
+    }
+    if !added {
+        return df;
+    }
+    match df.select(schema.iter_names().cloned()) {
+        Ok(ordered) => ordered,
+        Err(_) => df,
+    }
 }
 
 /// Reads rows back from a manifest DataFrame (the inverse of [`to_dataframe`]).
@@ -287,6 +340,22 @@ pub fn from_dataframe(df: &DataFrame, path: &Path) -> Result<Vec<SampleRow>> {
         u64c("checksum")?,
     );
     let (status, error) = (s("status")?, s("error")?);
+    let (crop_index, crop_x, crop_y, crop_w, crop_h) = (
+        u32c("crop_index")?,
+        u32c("crop_x")?,
+        u32c("crop_y")?,
+        u32c("crop_w")?,
+        u32c("crop_h")?,
+    );
+    let crop_of = |i: usize| -> Option<Crop> {
+        Some(Crop {
+            index: crop_index.get(i)?,
+            x: crop_x.get(i)?,
+            y: crop_y.get(i)?,
+            w: crop_w.get(i)?,
+            h: crop_h.get(i)?,
+        })
+    };
     let mut rows = Vec::with_capacity(df.height());
     for i in 0..df.height() {
         let what = "samples manifest";
@@ -329,6 +398,7 @@ pub fn from_dataframe(df: &DataFrame, path: &Path) -> Result<Vec<SampleRow>> {
             decode_scale: scale.get(i),
             width: width.get(i),
             height: height.get(i),
+            crop: crop_of(i),
             src_codec: src_codec.get(i).map(str::to_string),
             src_duration: src_duration.get(i),
             src_fps: src_fps.get(i),
@@ -373,14 +443,16 @@ fn sync_and_rename(tmp: &Path, path: &Path) -> Result<()> {
     std::fs::rename(tmp, path).map_err(Error::io(path))
 }
 
+/// Reads a manifest table; one written before the later columns existed gets them as nulls.
 pub fn read_dataframe(path: &Path) -> Result<DataFrame> {
     let file = File::open(path).map_err(Error::io(path))?;
-    ParquetReader::new(file).finish().map_err(|e| Error::Corrupt {
+    let df = ParquetReader::new(file).finish().map_err(|e| Error::Corrupt {
         path: path.to_path_buf(),
         what: "Parquet manifest",
         problem: e.to_string(),
         fix: "if it is a part manifest, delete it and rerun the build to redo that part; if it is samples.parquet, rerun `codeclm dataset merge`".into(),
-    })
+    })?;
+    Ok(with_later_columns(df))
 }
 
 pub fn read_parquet(path: &Path) -> Result<Vec<SampleRow>> {
@@ -437,6 +509,13 @@ mod tests {
             decode_scale: ok.then_some(1),
             width: ok.then_some(256),
             height: ok.then_some(256),
+            crop: (ok && i % 2 == 1).then_some(Crop {
+                index: i % 3,
+                x: i,
+                y: 2 * i,
+                w: 300,
+                h: 200 + i,
+            }),
             src_codec: (i == 4).then(|| "h264".into()),
             src_duration: (i == 4).then_some(10.0),
             src_fps: (i == 4).then_some(25.0),
@@ -466,6 +545,33 @@ mod tests {
         assert_eq!(concat_parquet(&[pa, pb], &all).unwrap(), 5);
         let back = read_parquet(&all).unwrap();
         assert_eq!(back, a.into_iter().chain(b).collect::<Vec<_>>());
+    }
+
+    /// A manifest written before the crop columns existed still reads (crops null) and
+    /// concatenates with one written now.
+    #[test]
+    fn manifests_without_the_crop_columns_read_and_concatenate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut old: Vec<_> = (0..3).map(|i| row(i, Status::Ok)).collect();
+        let mut df = to_dataframe(&old).unwrap();
+        for name in LATER_COLUMNS {
+            df = df.drop(name).unwrap();
+        }
+        let old_path = dir.path().join("old.parquet");
+        write_dataframe(&mut df, &old_path).unwrap();
+        for r in &mut old {
+            r.crop = None;
+        }
+        assert_eq!(read_parquet(&old_path).unwrap(), old);
+
+        let new: Vec<_> = (3..6).map(|i| row(i, Status::Ok)).collect();
+        assert!(new.iter().any(|r| r.crop.is_some()));
+        let new_path = dir.path().join("new.parquet");
+        write_parquet(&new, &new_path).unwrap();
+        let all = dir.path().join("all.parquet");
+        assert_eq!(concat_parquet(&[old_path, new_path], &all).unwrap(), 6);
+        let back = read_parquet(&all).unwrap();
+        assert_eq!(back, old.into_iter().chain(new).collect::<Vec<_>>());
     }
 
     #[test]

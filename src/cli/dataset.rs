@@ -81,6 +81,19 @@ pub struct BuildArgs {
     /// Output side in pixels.
     #[arg(long)]
     pub(crate) size: Option<u32>,
+    /// Random-resized crops per image (torchvision's RandomResizedCrop), each its own sample
+    /// `<source id>-crop<k>` with its box in the manifest; 0 = one image per input under
+    /// --resize. Not with --preprocess paper (the paper's crop is the centred one).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) crops: u32,
+    /// With --crops: the range of a crop's area as a fraction of the image's, `a,b`
+    /// (default 0.08,1).
+    #[arg(long)]
+    pub(crate) crop_scale: Option<String>,
+    /// With --crops: the range of a crop's aspect ratio width/height, `a,b`, drawn log-uniformly
+    /// (default 0.75,1.3333).
+    #[arg(long)]
+    pub(crate) crop_ratio: Option<String>,
     #[arg(long, value_enum)]
     pub(crate) resize: Option<ResizeArg>,
     #[arg(long, value_enum)]
@@ -124,7 +137,7 @@ pub struct BuildArgs {
     /// Refuse videos with more pixels per frame than this.
     #[arg(long)]
     pub(crate) max_video_pixels: Option<u64>,
-    /// Fraction of samples in the validation split.
+    /// Fraction of inputs in the validation split (all crops of an image share its split).
     #[arg(long, default_value_t = 0.01)]
     pub(crate) val_fraction: f64,
     /// Inputs per part (the unit of resume and sharding).
@@ -237,8 +250,9 @@ fn build(args: BuildArgs) -> Result<()> {
         .map(|(k, v)| format!("{k} {v}"))
         .collect::<Vec<_>>();
     println!(
-        "built {} inputs ({} ok, {} failed{}) in {:.1} s: {:.1} inputs/s, {:.1}/s per worker; parts {} built, {} already done, {} in source; {:.2} MB of codec bytes",
+        "built {} inputs ({}{} ok, {} failed{}) in {:.1} s: {:.1} inputs/s, {:.1}/s per worker; parts {} built, {} already done, {} in source; {:.2} MB of codec bytes",
         s.processed,
+        if s.samples == s.processed { String::new() } else { format!("{} samples: ", s.samples) },
         s.ok,
         s.failed,
         if failures.is_empty() { String::new() } else { format!(": {}", failures.join(", ")) },

@@ -11,7 +11,7 @@ use codeclm_codec::h264::VideoConfig;
 use codeclm_codec::jpeg::Subsampling;
 use codeclm_etl::decode::ColorConvert;
 use codeclm_etl::resize::{Resampler, ResizeMode};
-use codeclm_etl::{BuildSettings, ImageConfig, Preprocess, SourceKind, SourceSpec};
+use codeclm_etl::{BuildSettings, ImageConfig, Preprocess, RandomCrops, SourceKind, SourceSpec};
 use codeclm_formats::{Modality, Split};
 
 use super::dataset::BuildArgs;
@@ -134,11 +134,56 @@ pub fn build_settings(args: &BuildArgs) -> Result<BuildSettings> {
         .as_deref()
         .map(|p| source_spec(p, args))
         .transpose()?;
+    let crops = random_crops(args)?;
     let mut settings = BuildSettings::with_sources(images, image, videos, video);
+    if crops.is_some() {
+        // The boxes are in full-resolution pixels (see `codeclm_etl::process::process_image_crops`).
+        settings.image.dct_scaling = false;
+    }
+    settings.crops = crops;
     settings.val_fraction = args.val_fraction;
     settings.part_size = args.part_size;
     settings.shard_max_bytes = args.shard_max_mib.max(1) << 20;
     Ok(settings)
+}
+
+/// `--crops N --crop-scale a,b --crop-ratio a,b`, checked against the options they exclude.
+fn random_crops(args: &BuildArgs) -> Result<Option<RandomCrops>> {
+    if args.crops == 0 {
+        if args.crop_scale.is_some() || args.crop_ratio.is_some() {
+            anyhow::bail!(
+                "--crop-scale and --crop-ratio shape the crops of --crops N: give --crops too"
+            );
+        }
+        return Ok(None);
+    }
+    if matches!(args.preprocess, PreprocessArg::Paper) {
+        anyhow::bail!(
+            "--crops with --preprocess paper: the paper's preprocessing is the centred crop; drop --crops, or use the default preset"
+        );
+    }
+    if args.resize.is_some() {
+        anyhow::bail!("--crops with --resize: each crop is stretched to the square, so --resize does not apply; drop it");
+    }
+    if args.dct_scaling == Some(true) {
+        anyhow::bail!("--crops with --dct-scaling true: crops are cut from the full-resolution decode; drop --dct-scaling");
+    }
+    let mut crops = RandomCrops::new(args.crops);
+    if let Some(s) = &args.crop_scale {
+        crops.scale = pair("--crop-scale", s)?;
+    }
+    if let Some(s) = &args.crop_ratio {
+        crops.ratio = pair("--crop-ratio", s)?;
+    }
+    crops.validate().map_err(anyhow::Error::msg)?;
+    Ok(Some(crops))
+}
+
+/// `a,b` as two numbers.
+fn pair(flag: &str, s: &str) -> Result<(f64, f64)> {
+    s.split_once(',')
+        .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)))
+        .with_context(|| format!("{flag} {s}: use two numbers a,b, e.g. {flag} 0.08,1"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -2,6 +2,7 @@
 
 mod bad_inputs;
 mod common;
+mod crops;
 mod fid;
 mod model;
 mod pillow_identity;
