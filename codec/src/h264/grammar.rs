@@ -1506,7 +1506,8 @@ mod tests {
         );
     }
 
-    /// Issue #15's figure: streams drawn through the grammar against unconstrained bytes.
+    /// Issue #15's figure: streams drawn through the grammar against unconstrained bytes, and
+    /// walks that never end a unit by choice (every slice at the cap).
     #[test]
     fn random_streams_through_the_grammar_open_and_decode_in_ffmpeg() {
         let g = all_clips_grammar();
@@ -1537,9 +1538,19 @@ mod tests {
                 v
             })
             .collect();
+        // As a model that never ends a unit writes: 00 only where nothing else is accepted, so
+        // every slice runs to the cap and the stream to the frame cap.
+        let runaway: Vec<Vec<u8>> = (0..4)
+            .flat_map(|seed| {
+                let steps = capped_stream_bytes(&g);
+                random_walk(&g, 200 + seed, steps, Bias::AgainstZeros(0), 0, 0).ended
+            })
+            .collect();
+        assert_eq!(runaway.len(), 4);
         let c = decode_figures(&constrained, 15);
         let u = decode_figures(&uniform, 15);
         let p = decode_figures(&prefixed, 15);
+        let r = decode_figures(&runaway, 15);
         eprintln!(
             "{} grammar walks, {:.0} bytes and {:.1} frames (by the grammar) on average",
             constrained.len(),
@@ -1553,9 +1564,18 @@ mod tests {
         report("through the grammar", &c);
         report("uniform random bytes", &u);
         report("parameter sets + random bytes", &p);
+        eprintln!(
+            "{} walks avoiding 00, {:.0} bytes, slices of {} bytes (the cap)",
+            runaway.len(),
+            runaway.iter().map(Vec::len).sum::<usize>() as f64 / runaway.len() as f64,
+            g.max_slice_bytes()
+        );
+        report("through the grammar, avoiding 00", &r);
         // What the forced prefix guarantees: FFmpeg finds SPS and PPS and opens every stream.
         assert_eq!(c.opened, c.streams);
         assert!(c.decoded > 0);
+        assert_eq!(r.opened, r.streams);
+        assert!(r.decoded > 0);
         assert_eq!(u.decoded, 0, "unconstrained bytes essentially never decode");
     }
 
