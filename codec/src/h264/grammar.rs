@@ -24,14 +24,19 @@
 //! - NAL payloads: emulation prevention (`00 00` inside a unit is followed by `03`, `03` by a
 //!   byte up to `03`, and `00 00 00`, `00 00 01`, `00 00 02` only start the next unit); a unit
 //!   ends on a byte holding its stop bit (nonzero, not an emulation-prevention `03`);
+//! - slice NAL units (NAL header byte to the unit's last byte, emulation prevention included)
+//!   of at most [`max_slice_bytes`](H264Grammar::max_slice_bytes), learned from the streams
+//!   ([`slice_cap`]): a model that never draws the `00 00 01` ending a unit would otherwise
+//!   write one slice forever. Near the cap only bytes that still let the unit end in time are
+//!   allowed, and at it only the next start code (or the end of the stream);
 //! - at most `max_frames` frames (the sampler's fps x seconds): after the last, the stream can
 //!   only end.
 //!
 //! Since the parameter sets follow the sources as well as the settings, a grammar is built from
 //! real streams ([`H264Grammar::from_streams`]), not from a `VideoConfig` alone. The macroblock
 //! data (CAVLC) is free. Every accepted state can still be completed (the
-//! [`ByteGrammar`] contract): payload bytes can always reach a stop bit, and the structure
-//! ahead is forced or has a choice.
+//! [`ByteGrammar`] contract): payload bytes can always reach a stop bit within the slice cap,
+//! and the structure ahead is forced or has a choice.
 
 use super::nal::{nal_units, parse_pps_ids, parse_sps};
 use crate::grammar::ByteGrammar;
@@ -45,6 +50,19 @@ const NON_IDR_START: [u8; 5] = [0, 0, 0, 1, NON_IDR_SLICE];
 /// x264's `slice_type` values (type + 5: every slice of the picture has that type).
 const P_SLICE: u32 = 5;
 const I_SLICE: u32 = 7;
+
+/// How much longer than the longest slice of the streams a generated slice may be, as a
+/// factor and a constant ([`slice_cap`]). Generous: the cap is there to end runaway slices (a
+/// model that never draws a start code), not to hold a model to the real sizes; a macroblock
+/// of finer detail than any in the streams still fits.
+pub const SLICE_CAP_FACTOR: f64 = 1.5;
+pub const SLICE_CAP_MARGIN: u32 = 16;
+
+/// The slice cap for streams whose longest slice NAL unit is `longest` bytes:
+/// `ceil(longest * SLICE_CAP_FACTOR) + SLICE_CAP_MARGIN`.
+pub fn slice_cap(longest: u32) -> u32 {
+    (longest as f64 * SLICE_CAP_FACTOR).ceil() as u32 + SLICE_CAP_MARGIN
+}
 
 /// A stream the grammar cannot be built from, or one it rejects.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,6 +103,9 @@ pub struct H264Grammar {
     log2_max_frame_num: u32,
     pps_id: u32,
     max_frames: u32,
+    /// Longest slice NAL unit of the streams, and the most bytes a slice unit may have.
+    longest_slice: u32,
+    max_slice_bytes: u32,
 }
 
 const NONE: u32 = u32::MAX;
@@ -112,6 +133,9 @@ pub struct H264State {
     alive: u8,
     /// Zero bytes just written inside the unit (0..=2).
     zeros: u8,
+    /// `Header`, `Payload`: bytes of the slice unit so far, its NAL header byte and the
+    /// trailing zeros included.
+    len: u32,
     /// The last byte was an emulation-prevention `03`.
     epb: bool,
     /// The unit may end at the last nonzero byte (the header is done and that byte can hold
@@ -152,7 +176,8 @@ impl H264Grammar {
 
     /// The grammar of a dataset's streams: every distinct parameter-set block among them is
     /// allowed (a generated stream picks one and repeats it at its IDR frames), with the slice
-    /// structure they share. Every stream must walk through the result to a complete end, or
+    /// structure they share and slice units of at most [`slice_cap`] of their longest. Every
+    /// stream must walk through the result to a complete end, or
     /// this fails naming the stream and the byte.
     pub fn from_streams<'a, I>(streams: I, max_frames: u32) -> Result<H264Grammar, H264GrammarError>
     where
@@ -174,6 +199,8 @@ impl H264Grammar {
             log2_max_frame_num: 0,
             pps_id: 0,
             max_frames,
+            longest_slice: 0,
+            max_slice_bytes: 0,
         };
         let mut shape = None;
         for (i, s) in streams.iter().enumerate() {
@@ -187,12 +214,16 @@ impl H264Grammar {
                 )));
             }
             g.insert(block, repeat);
+            for n in nal_units(s).iter().filter(|n| n.is_slice()) {
+                g.longest_slice = g.longest_slice.max((n.end - n.header) as u32);
+            }
         }
         let shape = shape.expect("at least one stream");
         g.mbs_per_frame = shape.mbs_per_frame;
         g.mbs_per_slice = shape.mbs_per_slice;
         g.log2_max_frame_num = shape.log2_max_frame_num;
         g.pps_id = shape.pps_id;
+        g.max_slice_bytes = slice_cap(g.longest_slice).max(g.header_room());
         for (i, s) in streams.iter().enumerate() {
             g.check(i, s)?;
         }
@@ -260,6 +291,48 @@ impl H264Grammar {
         self.mbs_per_frame
     }
 
+    /// Longest slice NAL unit among the streams the grammar was built from: bytes from its NAL
+    /// header to its end, emulation prevention included.
+    pub fn longest_slice(&self) -> u32 {
+        self.longest_slice
+    }
+
+    /// The most bytes a slice NAL unit may have (counted as [`longest_slice`](Self::longest_slice)):
+    /// [`slice_cap`] of the longest, or, for streams of tiny slices, enough for any slice header
+    /// the grammar allows and a stop bit.
+    pub fn max_slice_bytes(&self) -> u32 {
+        self.max_slice_bytes
+    }
+
+    /// Bytes the longest slice header the grammar allows may take with its NAL header byte and
+    /// the byte that holds its stop bit: the cap is only checked after the header (which is
+    /// forced), so it must leave this much room.
+    fn header_room(&self) -> u32 {
+        let mut bits = Bits::default();
+        bits.ue(self.mbs_per_frame);
+        bits.ue(I_SLICE);
+        bits.ue(self.pps_id);
+        bits.u(0, self.log2_max_frame_num);
+        bits.ue(1);
+        let rbsp = bits.len.div_ceil(8);
+        // At most one emulation-prevention byte per two RBSP bytes.
+        1 + rbsp + rbsp / 2 + 1
+    }
+
+    /// The length of the slice unit if it ends as soon as it can from `s` (a `Payload` state):
+    /// at its last nonzero byte when that may hold the stop bit and the zeros after it, if any,
+    /// can start a start code; otherwise one byte later (a byte up to 03 after emulation
+    /// prevention, a nonzero byte after zeros, or a nonzero byte for the stop bit: each commits
+    /// the zeros before it).
+    fn shortest_end(&self, s: &H264State) -> u32 {
+        let start_code_next = !(self.whole(s) && s.frames >= self.max_frames);
+        if s.end_ok && !s.epb && (s.zeros == 0 || start_code_next) {
+            s.len - s.zeros as u32
+        } else {
+            s.len + 1
+        }
+    }
+
     /// Frames begun in `state` (the one being written included).
     pub fn frames(&self, state: &H264State) -> u32 {
         state.frames
@@ -268,6 +341,11 @@ impl H264Grammar {
     /// The current slice is its frame's last.
     fn whole(&self, s: &H264State) -> bool {
         s.mb + self.mbs_per_slice >= self.mbs_per_frame
+    }
+
+    /// The slice unit can still end within the cap (the cap binds after the slice header).
+    fn fits(&self, s: &H264State) -> bool {
+        s.phase != Phase::Payload || self.shortest_end(s) <= self.max_slice_bytes
     }
 
     /// Begins frame `s.frames + 1` at its first slice's header bits.
@@ -292,6 +370,7 @@ impl H264Grammar {
         s.zeros = 0;
         s.epb = false;
         s.end_ok = false;
+        s.len = 1;
     }
 
     /// The header bits alternative `alt` of the current slice must start with, and how many.
@@ -487,6 +566,7 @@ impl ByteGrammar for H264Grammar {
             zeros: 0,
             epb: false,
             end_ok: false,
+            len: 0,
         }
     }
 
@@ -580,7 +660,8 @@ impl ByteGrammar for H264Grammar {
                             s.epb = true;
                             s.zeros = 0;
                             s.end_ok = false;
-                            return true;
+                            s.len += 1;
+                            return self.fits(s);
                         }
                         _ => s.zeros = 0,
                     }
@@ -588,13 +669,16 @@ impl ByteGrammar for H264Grammar {
                     s.zeros = if b == 0 { s.zeros + 1 } else { 0 };
                 }
                 // `b` is an RBSP byte.
+                s.len += 1;
                 if s.phase == Phase::Header {
-                    return self.header_byte(s, b);
+                    let ok = self.header_byte(s, b);
+                    debug_assert!(!ok || self.fits(s), "header_room leaves room");
+                    return ok;
                 }
                 if b != 0 {
                     s.end_ok = true;
                 }
-                true
+                self.fits(s)
             }
         }
     }
@@ -1015,6 +1099,66 @@ mod tests {
         assert!(e.to_string().contains("slice structure"), "{e}");
     }
 
+    #[test]
+    fn slices_are_capped_at_a_margin_over_the_longest_of_the_streams() {
+        let g = all_clips_grammar();
+        let longest = clips()
+            .iter()
+            .flat_map(|(_, data)| slices(data).into_iter().map(|n| n.end - n.header))
+            .max()
+            .unwrap() as u32;
+        assert_eq!(g.longest_slice(), longest);
+        assert_eq!(g.max_slice_bytes(), slice_cap(longest));
+        assert_eq!(slice_cap(51), 93);
+        let cap = g.max_slice_bytes() as usize;
+        eprintln!("longest slice of the bundled clips {longest} bytes, cap {cap}");
+        let data = clip("bikes.mp4");
+        let sl = slices(data);
+        // Frame 0's slice 1 (a start code follows) and the stream's last slice (the end of
+        // the stream follows: 15 frames is the frame cap), made `extra` bytes longer than
+        // the cap by 0x80 bytes before their last byte.
+        let last = *sl.last().unwrap();
+        assert_eq!(last.end, data.len());
+        for n in [sl[1], last] {
+            let grown = |extra: isize| {
+                let k = (cap as isize + extra - (n.end - n.header) as isize) as usize;
+                splice(data, n.end - 1, 0, &vec![0x80; k])
+            };
+            // At the cap: accepted, complete at the end.
+            let at_cap = grown(0);
+            assert!(g.complete(&walk(&g, &at_cap)));
+            // One byte over: rejected at the byte past the cap.
+            assert_eq!(rejected_at(&g, &grown(1)), Some(n.header + cap));
+            // Near the cap, what would leave no way to end the unit in time is refused.
+            let at = |len: usize| walk(&g, &at_cap[..n.header + len]);
+            if n == last {
+                // Nothing after the cap: the stream is complete there and must end.
+                assert!(g.complete(&at(cap)) && accepted(&g, &at(cap)).is_empty());
+                // A zero needs a nonzero byte after it (no start code may follow the last
+                // frame): one byte before the cap, only nonzero bytes.
+                assert_eq!(accepted(&g, &at(cap - 1)), (1..=255).collect::<Vec<u8>>());
+                assert_eq!(accepted(&g, &at(cap - 2)), (0..=255).collect::<Vec<u8>>());
+                assert!(g.walk(at(cap - 2), &[0, 0x80]).is_some());
+                assert!(g.walk(at(cap - 2), &[0, 0]).is_none());
+            } else {
+                // After the cap only the start code of the next slice.
+                assert_eq!(accepted(&g, &at(cap)), vec![0]);
+                assert!(g.walk(at(cap), &[0, 0, 1, IDR_SLICE]).is_some());
+                // A zero one byte before the cap may only start the start code.
+                let code = g.walk(at(cap - 1), &[0, 0, 1]).unwrap();
+                assert_eq!(code.phase, Phase::SliceNal);
+                assert!(g.walk(at(cap - 1), &[0, 0x80]).is_none());
+                assert!(g.walk(at(cap - 1), &[0x80]).is_some());
+                // `00 00 03` three bytes before the cap leaves no room for the byte emulation
+                // prevention protects; `00 00 05` fits, and `00 00 03 01` one byte earlier.
+                assert!(g.walk(at(cap - 3), &[0, 0, 3]).is_none());
+                assert!(g.walk(at(cap - 3), &[0, 0, 5]).is_some());
+                assert!(g.walk(at(cap - 4), &[0, 0, 3, 1]).is_some());
+                assert!(g.walk(at(cap - 4), &[0, 0, 3, 0]).is_none());
+            }
+        }
+    }
+
     /// SplitMix64, for seeded walks.
     struct Rng(u64);
 
@@ -1037,7 +1181,10 @@ mod tests {
     }
 
     /// Bytes of the shortest continuation from `s` to a complete state (breadth first over
-    /// distinct states), if one is at most `limit` bytes long.
+    /// distinct states), if one is at most `limit` bytes long. In slice data every byte above
+    /// 03 is tried as 04 (they are all alike there): the slice's length is part of the state,
+    /// so trying all 256 would make a search across a frame's slices take seconds. Trying fewer
+    /// bytes can only miss completions, never invent one.
     fn shortest_completion(g: &H264Grammar, s: H264State, limit: usize) -> Option<usize> {
         let mut seen = HashSet::from([s]);
         let mut queue = VecDeque::from([(s, 0)]);
@@ -1048,7 +1195,8 @@ mod tests {
             if d == limit {
                 continue;
             }
-            for b in 0..=255u8 {
+            let last = if s.phase == Phase::Payload { 4 } else { 255 };
+            for b in 0..=last {
                 let mut t = s;
                 if g.step(&mut t, b) && seen.insert(t) {
                     queue.push_back((t, d + 1));
@@ -1058,36 +1206,97 @@ mod tests {
         None
     }
 
-    /// Random walks: half the bytes uniform among those accepted, half among the accepted of
-    /// 00, 01, 03 (start codes, emulation prevention). Every state on the way can be completed.
-    fn no_dead_ends(g: &H264Grammar, seed: u64, steps: usize, check_every: usize, limit: usize) {
+    /// How a random walk picks among the accepted bytes.
+    #[derive(Clone, Copy, Debug)]
+    enum Bias {
+        /// Half the time among the accepted of 00, 01, 03 (start codes, emulation
+        /// prevention), else uniform.
+        Structural,
+        /// As a model that never draws the start code ending a unit: 00 one time in `n` (never
+        /// for 0) unless it is the only byte accepted, else uniform among the others.
+        AgainstZeros(usize),
+    }
+
+    /// What a random walk went through.
+    #[derive(Default)]
+    struct Walked {
+        /// Most frames begun in one stream.
+        frames: u32,
+        /// Streams walked to a complete state that accepts nothing more (the walk restarts).
+        ended: Vec<Vec<u8>>,
+        /// Longest shortest completion at the checks.
+        longest: usize,
+    }
+
+    /// A random walk of `steps` bytes picked by `bias`; every `check_every` steps (never for 0)
+    /// the state must be completable within `limit` bytes, and a state that accepts no byte must be
+    /// complete (the end of a stream: the walk starts another).
+    fn random_walk(
+        g: &H264Grammar,
+        seed: u64,
+        steps: usize,
+        bias: Bias,
+        check_every: usize,
+        limit: usize,
+    ) -> Walked {
         let mut rng = Rng(seed);
         let mut s = g.start();
-        let (mut frames, mut longest) = (0, 0);
+        let mut out = Vec::new();
+        let mut w = Walked::default();
         for i in 0..steps {
-            if i % check_every == 0 {
+            if check_every > 0 && i % check_every == 0 {
                 let d = shortest_completion(g, s, limit).unwrap_or_else(|| {
                     panic!("seed {seed} step {i}: no completion in {limit} bytes from {s:?}")
                 });
-                longest = longest.max(d);
+                w.longest = w.longest.max(d);
             }
             let ok = accepted(g, &s);
-            assert!(!ok.is_empty(), "seed {seed} step {i}: dead end at {s:?}");
-            let structural: Vec<u8> = ok
-                .iter()
-                .copied()
-                .filter(|b| [0, 1, 3].contains(b))
-                .collect();
-            let pick = if rng.below(2) == 0 && !structural.is_empty() {
-                structural[rng.below(structural.len())]
-            } else {
-                ok[rng.below(ok.len())]
+            if ok.is_empty() {
+                assert!(g.complete(&s), "seed {seed} step {i}: dead end at {s:?}");
+                w.ended.push(std::mem::take(&mut out));
+                s = g.start();
+                continue;
+            }
+            let pick = match bias {
+                Bias::Structural => {
+                    let structural: Vec<u8> = ok
+                        .iter()
+                        .copied()
+                        .filter(|b| [0, 1, 3].contains(b))
+                        .collect();
+                    if rng.below(2) == 0 && !structural.is_empty() {
+                        structural[rng.below(structural.len())]
+                    } else {
+                        ok[rng.below(ok.len())]
+                    }
+                }
+                Bias::AgainstZeros(n) => {
+                    let zero_ok = ok[0] == 0;
+                    if ok == [0] || (zero_ok && n > 0 && rng.below(n) == 0) {
+                        0
+                    } else {
+                        let others = &ok[zero_ok as usize..];
+                        others[rng.below(others.len())]
+                    }
+                }
             };
             assert!(g.step(&mut s, pick));
-            frames = frames.max(g.frames(&s));
+            out.push(pick);
+            w.frames = w.frames.max(g.frames(&s));
         }
+        w
+    }
+
+    /// Random walks biased towards start codes and emulation prevention: every state on the
+    /// way can be completed.
+    fn no_dead_ends(g: &H264Grammar, seed: u64, steps: usize, check_every: usize, limit: usize) {
+        let w = random_walk(g, seed, steps, Bias::Structural, check_every, limit);
         eprintln!(
-            "seed {seed}: {steps} steps, {frames} frames begun, longest shortest completion {longest} bytes"
+            "seed {seed}: {steps} steps, {} frames begun, {} streams ended, longest shortest \
+             completion {} bytes",
+            w.frames,
+            w.ended.len(),
+            w.longest
         );
     }
 
@@ -1105,6 +1314,106 @@ mod tests {
         // The dataset's grammar: 144 slices a frame, so a completion can be ~1000 bytes.
         let g = all_clips_grammar();
         no_dead_ends(&g, 7, 3000, 300, 2000);
+    }
+
+    /// The slice units of `stream` (its NAL header byte to its end) are all `len` bytes long,
+    /// or (`at_most`) no longer; their count.
+    fn slice_lengths(stream: &[u8], len: u32, at_most: bool) -> usize {
+        let sl = slices(stream);
+        for n in &sl {
+            let l = (n.end - n.header) as u32;
+            assert!(
+                if at_most { l <= len } else { l == len },
+                "a slice of {l} bytes, cap {len}"
+            );
+        }
+        sl.len()
+    }
+
+    #[test]
+    fn the_smallest_cap_leaves_room_for_every_slice_header() {
+        // The cap binds after the (forced) slice header, so it is never below header_room:
+        // at exactly that cap, walks of every bias still end every slice and every stream.
+        let mut small = H264Grammar::from_stream(small_bikes(), 15).unwrap();
+        let mut g = all_clips_grammar();
+        for (k, g) in [&mut small, &mut g].into_iter().enumerate() {
+            g.max_slice_bytes = g.header_room();
+            let steps = capped_stream_bytes(g);
+            for bias in [
+                Bias::Structural,
+                Bias::AgainstZeros(0),
+                Bias::AgainstZeros(8),
+            ] {
+                let w = random_walk(g, 60 + k as u64, steps, bias, 997, 2000);
+                assert!(!w.ended.is_empty(), "{bias:?}: no stream ended");
+                for stream in &w.ended {
+                    assert!(g.complete(&walk(g, stream)));
+                    slice_lengths(stream, g.max_slice_bytes, true);
+                }
+                eprintln!(
+                    "cap {} ({} slices a frame), {bias:?}: {} streams ended",
+                    g.max_slice_bytes,
+                    g.mbs_per_frame(),
+                    w.ended.len()
+                );
+            }
+        }
+    }
+
+    /// More than the bytes of a stream whose every slice is at the cap: the slices behind their
+    /// start codes, the prefix and the IDR repeats.
+    fn capped_stream_bytes(g: &H264Grammar) -> usize {
+        (g.max_frames() * (g.mbs_per_frame() * (g.max_slice_bytes() + 4) + 60)) as usize
+    }
+
+    #[test]
+    fn walks_that_avoid_start_codes_end_slices_at_the_cap_and_reach_the_end() {
+        // A walk that never picks 00 while anything else is accepted (the runaway model):
+        // every slice runs to the cap exactly, is ended there, and the stream ends after the
+        // frame cap, complete. With 00 one byte in 8, slices hold zeros, emulation prevention
+        // and pending zeros near the cap, and stay within it.
+        let small = H264Grammar::from_stream(small_bikes(), 15).unwrap();
+        let capped =
+            H264Grammar::from_stream(&small_bikes()[..frame_bounds(small_bikes())[3]], 3).unwrap();
+        let g = all_clips_grammar();
+        // (grammar, streams, check every, completion limit)
+        let cases: [(&H264Grammar, u32, usize, usize); 3] = [
+            (&capped, 3, 37, 300),
+            (&small, 2, 101, 300),
+            (&g, 1, 10_007, 2000),
+        ];
+        for (k, &(g, streams, check_every, limit)) in cases.iter().enumerate() {
+            let cap = g.max_slice_bytes();
+            let steps = streams as usize * capped_stream_bytes(g);
+            for (bias, at_most) in [
+                (Bias::AgainstZeros(0), false),
+                (Bias::AgainstZeros(8), true),
+            ] {
+                let t = std::time::Instant::now();
+                let seed = 40 + k as u64;
+                let w = random_walk(g, seed, steps, bias, check_every, limit);
+                assert!(
+                    !w.ended.is_empty(),
+                    "{bias:?}: no stream ended in {steps} steps"
+                );
+                for stream in &w.ended {
+                    assert_eq!(g.frames(&walk(g, stream)), g.max_frames());
+                    assert!(g.complete(&walk(g, stream)));
+                    let n = slice_lengths(stream, cap, at_most);
+                    assert_eq!(n as u32, g.max_frames() * g.mbs_per_frame());
+                }
+                eprintln!(
+                    "{bias:?}, {} frames x {} slices, cap {cap}: {} streams ended in {steps} \
+                     steps, {:.0} bytes each, longest shortest completion {} bytes ({:?})",
+                    g.max_frames(),
+                    g.mbs_per_frame(),
+                    w.ended.len(),
+                    w.ended.iter().map(Vec::len).sum::<usize>() as f64 / w.ended.len() as f64,
+                    w.longest,
+                    t.elapsed()
+                );
+            }
+        }
     }
 
     /// A random stream through the grammar, as a model that only knew the structure would
@@ -1197,7 +1506,8 @@ mod tests {
         );
     }
 
-    /// Issue #15's figure: streams drawn through the grammar against unconstrained bytes.
+    /// Issue #15's figure: streams drawn through the grammar against unconstrained bytes, and
+    /// walks that never end a unit by choice (every slice at the cap).
     #[test]
     fn random_streams_through_the_grammar_open_and_decode_in_ffmpeg() {
         let g = all_clips_grammar();
@@ -1228,9 +1538,19 @@ mod tests {
                 v
             })
             .collect();
+        // As a model that never ends a unit writes: 00 only where nothing else is accepted, so
+        // every slice runs to the cap and the stream to the frame cap.
+        let runaway: Vec<Vec<u8>> = (0..4)
+            .flat_map(|seed| {
+                let steps = capped_stream_bytes(&g);
+                random_walk(&g, 200 + seed, steps, Bias::AgainstZeros(0), 0, 0).ended
+            })
+            .collect();
+        assert_eq!(runaway.len(), 4);
         let c = decode_figures(&constrained, 15);
         let u = decode_figures(&uniform, 15);
         let p = decode_figures(&prefixed, 15);
+        let r = decode_figures(&runaway, 15);
         eprintln!(
             "{} grammar walks, {:.0} bytes and {:.1} frames (by the grammar) on average",
             constrained.len(),
@@ -1244,9 +1564,18 @@ mod tests {
         report("through the grammar", &c);
         report("uniform random bytes", &u);
         report("parameter sets + random bytes", &p);
+        eprintln!(
+            "{} walks avoiding 00, {:.0} bytes, slices of {} bytes (the cap)",
+            runaway.len(),
+            runaway.iter().map(Vec::len).sum::<usize>() as f64 / runaway.len() as f64,
+            g.max_slice_bytes()
+        );
+        report("through the grammar, avoiding 00", &r);
         // What the forced prefix guarantees: FFmpeg finds SPS and PPS and opens every stream.
         assert_eq!(c.opened, c.streams);
         assert!(c.decoded > 0);
+        assert_eq!(r.opened, r.streams);
+        assert!(r.decoded > 0);
         assert_eq!(u.decoded, 0, "unconstrained bytes essentially never decode");
     }
 
