@@ -21,7 +21,8 @@ pub trait ByteGrammar {
     /// unspecified and must not be used again.
     fn step(&self, state: &mut Self::State, byte: u8) -> bool;
 
-    /// True when the stream is complete here: the sampler may (and then must) end it.
+    /// True when the stream may end here: the sampler allows EOS (the only choice where no
+    /// byte is accepted, as after a JPEG's EOI).
     fn complete(&self, state: &Self::State) -> bool;
 
     /// Consumes `bytes` from `state`; the state after them, or `None` at the first rejected byte.

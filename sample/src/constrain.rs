@@ -97,12 +97,12 @@ impl<G: ByteGrammar> GrammarConstraint<G> {
 
     /// The tokens (ids) `state` allows next, EOS included when the stream is complete.
     pub fn allowed_after(&self, state: &G::State) -> Vec<u32> {
-        if self.grammar.complete(state) {
-            return vec![self.eos];
-        }
         let mut out = Vec::new();
         self.trie
             .allowed(&self.grammar, state, &mut |t, _| out.push(t));
+        if self.grammar.complete(state) {
+            out.push(self.eos);
+        }
         out.sort_unstable();
         out
     }
@@ -144,20 +144,21 @@ impl<G: ByteGrammar> Constraint for GrammarConstraint<G> {
         self.allowed.clear();
         self.allowed.resize(logits.len(), false);
         let mut any = false;
+        // EOS when the stream may end here; bytes when it may go on (a complete H.264 stream
+        // may take another frame; a JPEG after EOI takes nothing).
         if self.grammar.complete(&st) {
             if let Some(a) = self.allowed.get_mut(self.eos as usize) {
                 *a = true;
                 any = true;
             }
-        } else {
-            let allowed = &mut self.allowed;
-            self.trie.allowed(&self.grammar, &st, &mut |t, _| {
-                if let Some(a) = allowed.get_mut(t as usize) {
-                    *a = true;
-                    any = true;
-                }
-            });
         }
+        let allowed = &mut self.allowed;
+        self.trie.allowed(&self.grammar, &st, &mut |t, _| {
+            if let Some(a) = allowed.get_mut(t as usize) {
+                *a = true;
+                any = true;
+            }
+        });
         for (l, &ok) in logits.iter_mut().zip(&self.allowed) {
             if !ok {
                 *l = f32::NEG_INFINITY;
