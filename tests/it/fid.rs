@@ -243,10 +243,18 @@ fn eval_fid_run_mode_end_to_end() {
             .args(["--max-tokens", "48", "--batch", "2"]),
     );
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("| prompt | FID"), "{stdout}");
-    assert!(stdout.contains("| unconditional |"), "{stdout}");
+    assert!(stdout.contains("| prompt | sampling | FID"), "{stdout}");
     assert!(
-        stdout.contains("eval fid: 2 settings x 1 seeds x 2 images"),
+        stdout.contains("| unconditional | JPEG grammar |"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| 0.0625 | prompt + grey (baseline) |"),
+        "{stdout}"
+    );
+    // Each ratio unconstrained, constrained and the grey baseline; unconditional both ways.
+    assert!(
+        stdout.contains("eval fid: 5 settings x 1 seeds x 2 images"),
         "{stdout}"
     );
     let md = std::fs::read_to_string(run.join("eval-fid.md")).unwrap();
@@ -258,7 +266,21 @@ fn eval_fid_run_mode_end_to_end() {
     assert_eq!(json["split"], "val");
     let rows = json["rows"].as_array().unwrap();
     let labels: Vec<&str> = rows.iter().map(|r| r["prompt"].as_str().unwrap()).collect();
-    assert_eq!(labels, ["0.0625", "unconditional"]);
+    assert_eq!(
+        labels,
+        [
+            "0.0625",
+            "0.0625",
+            "0.0625",
+            "unconditional",
+            "unconditional"
+        ]
+    );
+    let sampling: Vec<&str> = rows
+        .iter()
+        .map(|r| r["sampling"].as_str().unwrap())
+        .collect();
+    assert_eq!(sampling, ["none", "jpeg", "grey", "none", "jpeg"]);
     for r in rows {
         assert_eq!(r["n"], 2, "{r}");
         assert_eq!(r["completions"], 2, "{r}");
@@ -274,12 +296,18 @@ fn eval_fid_run_mode_end_to_end() {
         assert!(r["fid_std"].is_null(), "one seed has no spread: {r}");
     }
     // One MCU row of 16 is given (within the tiny model's context) and only 48 tokens may
-    // follow: every completion is cut short (a failure), yet the lenient decoder gives pixels
-    // for all of them (the header is there).
+    // follow: every completion is cut short (a failure), constrained or not, yet the lenient
+    // decoder gives pixels for all of them (the header is there).
+    for prompted in &rows[..2] {
+        assert_eq!(prompted["context_full"], 0, "{prompted}");
+        assert_eq!(prompted["failures"], 2, "{prompted}");
+        assert_eq!(prompted["undecodable"], 0, "{prompted}");
+    }
+    // The baseline is the prompt alone: partial by construction, not counted as a failure.
+    let grey = &rows[2];
+    assert_eq!(grey["failures"], 0, "{grey}");
+    assert!(grey["fid_mean"].as_f64().unwrap() > 0.0, "{grey}");
     let prompted = &rows[0];
-    assert_eq!(prompted["context_full"], 0, "{prompted}");
-    assert_eq!(prompted["failures"], 2, "{prompted}");
-    assert_eq!(prompted["undecodable"], 0, "{prompted}");
     assert!(json["generated_tokens"].as_u64().unwrap() >= 2, "{json}");
     let fid = prompted["fid_mean"].as_f64().unwrap();
     assert!(fid.is_finite() && fid > 0.0, "{prompted}");

@@ -292,3 +292,68 @@ fn sample_end_to_end_from_a_trained_run() {
     );
     assert!(err.contains("nope"), "{err}");
 }
+
+/// `codeclm sample` draws under the dataset's JPEG grammar by default: from a model trained for
+/// 3 steps, every unconditional generation and every completion decodes cleanly at the
+/// dataset's size; `--constrain none` is the paper's sampling and is recorded as such.
+#[test]
+fn default_sampling_follows_the_grammar_and_always_decodes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, run) = trained_run(tmp.path());
+    let report = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("decodability.json")).unwrap()).unwrap()
+    };
+    let u = tmp.path().join("u");
+    let out = sample_cmd(&run, &u, &["--n", "4", "--batch", "4", "--seed", "1"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("constraint jpeg:"), "{stdout}");
+    let r = report(&u);
+    assert_eq!(r["constrain"], "jpeg");
+    assert_eq!(r["clean_fraction"], 1.0, "{r}");
+    assert_eq!(r["header_fraction"], 1.0, "{r}");
+    for g in r["per_generation"].as_array().unwrap() {
+        assert_eq!(g["decoder_warnings"], 0, "{g}");
+        assert_eq!(
+            (g["width"].as_u64(), g["height"].as_u64()),
+            (Some(256), Some(256))
+        );
+        assert_eq!(g["ended_with_eos"], true, "{g}");
+    }
+    // Completions of a held-out photo (a quarter of its rows given).
+    let p = tmp.path().join("p");
+    let file = fixtures("images").join("coffee.png");
+    sample_cmd(
+        &run,
+        &p,
+        &[
+            "--prompt",
+            file.to_str().unwrap(),
+            "--ratio",
+            "0.25",
+            "--n",
+            "2",
+            "--seed",
+            "2",
+        ],
+    );
+    assert_eq!(report(&p)["clean_fraction"], 1.0);
+    // Unconstrained: recorded, and a 3-step model's bytes are not a clean image.
+    let n = tmp.path().join("n");
+    sample_cmd(
+        &run,
+        &n,
+        &["--n", "2", "--constrain", "none", "--max-tokens", "400"],
+    );
+    let r = report(&n);
+    assert_eq!(r["constrain"], "none");
+    assert_eq!(r["clean_fraction"], 0.0, "{r}");
+    // A grammar of the other medium is refused, naming the right one.
+    let err = run_err(
+        codeclm()
+            .args(["sample", "--constrain", "h264", "--run"])
+            .arg(&run)
+            .arg("--out")
+            .arg(tmp.path().join("x")),
+    );
+    assert!(err.contains("--constrain jpeg"), "{err}");
+}
