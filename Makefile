@@ -164,8 +164,8 @@ clippy:
 ## ratio 0.5 on the held-out crops (3 seeds) next to the prompt + grey baseline
 DEMO ?= demo
 DEMO_SIZE ?= 64
-DEMO_CROPS ?= 64
-DEMO_STEPS ?= 1000
+DEMO_CROPS ?= 512
+DEMO_STEPS ?= 1200
 DEMO_TRAIN_ARGS ?= --preset tiny --context 512 --batch 8 --steps $(DEMO_STEPS) --eval-every 100 --save-every 500
 demo: build fid-weights
 	@if [ ! -f $(DEMO)/data/samples.parquet ]; then \
