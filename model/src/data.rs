@@ -111,7 +111,10 @@ pub struct ValDoc {
     pub tokens: Vec<u16>,
 }
 
-fn subset_hash(sample_id: &str) -> u64 {
+/// The order fixed subsets of a split are drawn in (validation, FID's held-out images): by this
+/// hash of the sample id, so a subset spreads over the split (all of a photo's crops are not
+/// next to each other) and is the same on every machine.
+pub fn subset_hash(sample_id: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64_with_seed(sample_id.as_bytes(), SUBSET_HASH_SEED)
 }
 

@@ -1,5 +1,6 @@
 //! FID the paper's way. [`fid_of_run`] is `codeclm eval fid --run RUN` (Jpeg-LM Tables 1-4):
-//! the first `n` held-out images of the run's dataset are cut after `ratio` of their MCU rows,
+//! `n` held-out images of the run's dataset (all when fewer; otherwise a fixed subset drawn by a
+//! hash of the sample id) are cut after `ratio` of their MCU rows,
 //! the model completes each prompt once per seed, and the completions are scored against the
 //! original images; unconditional generations from BOS alone (as many as there are originals)
 //! are scored against the same originals. Every completion is scored as the lenient decoder
@@ -153,7 +154,7 @@ pub struct FidRun {
     pub split: Split,
     /// Fractions of each image's MCU rows given as the prompt; an unconditional row is added.
     pub ratios: Vec<f64>,
-    /// Held-out images used (the first `n` of the split).
+    /// Held-out images used (all of the split when fewer; else `n` drawn by sample-id hash).
     pub n: usize,
     /// Sampling seeds `0..seeds`.
     pub seeds: u64,
@@ -411,13 +412,21 @@ pub fn fid_of_run(
         .to_vec();
 
     // The held-out originals: their stored streams (prompts) and pixels (the reference set).
-    let held_out: Vec<_> = open
+    // `n` of them drawn in the order of a hash of the sample id, as validation draws its
+    // subset: spread over the split (a photo's crops are adjacent rows), the same everywhere.
+    let mut held_out: Vec<_> = open
         .ds
         .rows()
         .iter()
         .filter(|r| r.is_ok() && r.modality == Modality::Image && r.split == cfg.split)
-        .take(cfg.n)
         .collect();
+    held_out.sort_by_key(|r| {
+        (
+            codeclm_model::data::subset_hash(&r.sample_id),
+            r.sample_id.clone(),
+        )
+    });
+    held_out.truncate(cfg.n);
     if held_out.len() < 2 {
         return Err(SampleError::Invalid(format!(
             "{}: the `{}` split has {} ok images; FID needs at least 2 (pick another --split, or rebuild the dataset with a larger --val-fraction)",
@@ -620,7 +629,7 @@ pub fn fid_of_run(
     let md_path = run.join("eval-fid.md");
     run::write_json(&json, &json_path)?;
     let md = format!(
-        "FID of completions of the first {n} `{}` images of {} (prompt = fraction of MCU rows given), run {}.\n\n{table}",
+        "FID of completions of {n} `{}` images of {} (prompt = fraction of MCU rows given), run {}.\n\n{table}",
         cfg.split.as_str(),
         open.root.display(),
         run.display()

@@ -50,7 +50,8 @@ pub struct FidArgs {
     /// Run mode: leave out the baseline rows (per ratio, the prompt alone with the rest grey).
     #[arg(long)]
     pub no_grey_baseline: bool,
-    /// Run mode: held-out images used (the first N of the split; all when fewer).
+    /// Run mode: held-out images used (all of the split when fewer; else N drawn by a hash of
+    /// the sample id, spread over the split).
     #[arg(long, default_value_t = 1000)]
     pub n: usize,
     /// Run mode: sampling seeds (0..SEEDS); the table gives mean ± std over them.
