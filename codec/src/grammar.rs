@@ -36,12 +36,63 @@ pub trait ByteGrammar {
     }
 }
 
+/// Byte strings as a trie: node 0 is the root, each node's children sorted by byte.
+#[derive(Clone, Debug)]
+pub struct ByteTrie {
+    children: Vec<Vec<(u8, u32)>>,
+}
+
+impl Default for ByteTrie {
+    fn default() -> Self {
+        ByteTrie {
+            children: vec![Vec::new()],
+        }
+    }
+}
+
+impl ByteTrie {
+    /// Inserts `bytes`; returns the node where they end (the root for no bytes).
+    pub fn insert(&mut self, bytes: &[u8]) -> usize {
+        let mut node = 0usize;
+        for &b in bytes {
+            node = match self.children[node].binary_search_by_key(&b, |c| c.0) {
+                Ok(i) => self.children[node][i].1 as usize,
+                Err(i) => {
+                    let new = self.children.len();
+                    self.children[node].insert(i, (b, new as u32));
+                    self.children.push(Vec::new());
+                    new
+                }
+            };
+        }
+        node
+    }
+
+    /// The child of `node` along `byte`.
+    #[inline]
+    pub fn child(&self, node: usize, byte: u8) -> Option<usize> {
+        let c = &self.children[node];
+        c.binary_search_by_key(&byte, |c| c.0)
+            .ok()
+            .map(|i| c[i].1 as usize)
+    }
+
+    /// The children of `node`: (byte, node), sorted by byte.
+    pub fn children(&self, node: usize) -> &[(u8, u32)] {
+        &self.children[node]
+    }
+
+    /// Nodes, the root included.
+    pub fn nodes(&self) -> usize {
+        self.children.len()
+    }
+}
+
 /// A vocabulary's tokens as a trie of their bytes. Tokens with no bytes (special tokens) are
 /// not in it.
 #[derive(Clone, Debug)]
 pub struct TokenTrie {
-    /// Node 0 is the root. Children sorted by byte.
-    children: Vec<Vec<(u8, u32)>>,
+    trie: ByteTrie,
     /// Tokens whose bytes end at each node.
     ends: Vec<Vec<u32>>,
     tokens: usize,
@@ -50,33 +101,25 @@ pub struct TokenTrie {
 impl TokenTrie {
     /// `tokens[id]` is token `id`'s bytes (empty for a special token).
     pub fn new<T: AsRef<[u8]>>(tokens: &[T]) -> TokenTrie {
-        let mut trie = TokenTrie {
-            children: vec![Vec::new()],
-            ends: vec![Vec::new()],
-            tokens: 0,
-        };
+        let mut trie = ByteTrie::default();
+        let mut ends: Vec<Vec<u32>> = Vec::new();
+        let mut n = 0;
         for (id, bytes) in tokens.iter().enumerate() {
             let bytes = bytes.as_ref();
             if bytes.is_empty() {
                 continue;
             }
-            let mut node = 0usize;
-            for &b in bytes {
-                node = match trie.children[node].binary_search_by_key(&b, |c| c.0) {
-                    Ok(i) => trie.children[node][i].1 as usize,
-                    Err(i) => {
-                        let new = trie.children.len();
-                        trie.children[node].insert(i, (b, new as u32));
-                        trie.children.push(Vec::new());
-                        trie.ends.push(Vec::new());
-                        new
-                    }
-                };
-            }
-            trie.ends[node].push(id as u32);
-            trie.tokens += 1;
+            let node = trie.insert(bytes);
+            ends.resize(trie.nodes(), Vec::new());
+            ends[node].push(id as u32);
+            n += 1;
         }
-        trie
+        ends.resize(trie.nodes(), Vec::new());
+        TokenTrie {
+            trie,
+            ends,
+            tokens: n,
+        }
     }
 
     /// Tokens in the trie (those with at least one byte).
@@ -91,7 +134,7 @@ impl TokenTrie {
     /// Nodes of the trie, root included: the most byte steps one [`allowed`](Self::allowed)
     /// walk takes.
     pub fn nodes(&self) -> usize {
-        self.children.len()
+        self.trie.nodes()
     }
 
     /// Calls `visit(token, state after its bytes)` for every token the grammar accepts from
@@ -105,13 +148,13 @@ impl TokenTrie {
         let mut stack: Vec<(u32, G::State)> = Vec::with_capacity(64);
         stack.push((0, *state));
         while let Some((node, st)) = stack.pop() {
-            for &(byte, child) in &self.children[node as usize] {
+            for &(byte, child) in self.trie.children(node as usize) {
                 let mut next = st;
                 if grammar.step(&mut next, byte) {
                     for &t in &self.ends[child as usize] {
                         visit(t, &next);
                     }
-                    if !self.children[child as usize].is_empty() {
+                    if !self.trie.children(child as usize).is_empty() {
                         stack.push((child, next));
                     }
                 }

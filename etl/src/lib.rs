@@ -29,11 +29,12 @@ pub mod test_media {
     /// 4:2:0, restart interval 1), and the tables-only stream that completes them.
     pub fn photo_streams(n: usize) -> (Vec<Vec<u8>>, Vec<u8>) {
         static ALL: std::sync::OnceLock<(Vec<Vec<u8>>, Vec<u8>)> = std::sync::OnceLock::new();
-        let (streams, tables) = ALL.get_or_init(all_streams);
+        let (streams, tables) = ALL.get_or_init(|| photo_streams_with(&ImageConfig::default()));
         (streams[..n].to_vec(), tables.clone())
     }
 
-    fn all_streams() -> (Vec<Vec<u8>>, Vec<u8>) {
+    /// Every bundled photo encoded with `cfg` (sorted by file name), and the tables-only stream.
+    pub fn photo_streams_with(cfg: &ImageConfig) -> (Vec<Vec<u8>>, Vec<u8>) {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/images");
         let mut paths: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
@@ -42,13 +43,12 @@ pub mod test_media {
             .filter(|p| p.extension().is_some_and(|x| x == "png" || x == "jpg"))
             .collect();
         paths.sort();
-        let cfg = ImageConfig::default();
         let streams = paths
             .iter()
             .map(|p| {
                 let bytes = std::fs::read(p).unwrap();
                 let ext = p.extension().and_then(|e| e.to_str());
-                process_image(&bytes, ext, &cfg).codec.unwrap()
+                process_image(&bytes, ext, cfg).codec.unwrap()
             })
             .collect();
         (

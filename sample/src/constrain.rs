@@ -256,7 +256,6 @@ pub fn h264_grammar(
 mod tests {
     use super::*;
     use codeclm_codec::jpeg::{JpegSettings, Subsampling};
-    use codeclm_etl::process::process_image;
     use codeclm_etl::ImageConfig;
     use codeclm_formats::vocab::PreTokenize;
     use codeclm_model::{generate_with, GenerateConfig, LlamaConfig, Lm};
@@ -265,29 +264,11 @@ mod tests {
 
     /// The bundled photos encoded at `size` with `jpeg`, and the tables-only stream.
     fn photos(size: u32, jpeg: JpegSettings) -> (Vec<Vec<u8>>, Vec<u8>) {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/images");
-        let mut paths: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "png" || x == "jpg"))
-            .collect();
-        paths.sort();
-        let cfg = ImageConfig {
+        codeclm_etl::test_media::photo_streams_with(&ImageConfig {
             size,
             jpeg,
             ..ImageConfig::default()
-        };
-        let streams = paths
-            .iter()
-            .map(|p| {
-                let ext = p.extension().and_then(|e| e.to_str());
-                process_image(&std::fs::read(p).unwrap(), ext, &cfg)
-                    .codec
-                    .unwrap()
-            })
-            .collect();
-        (streams, codeclm_codec::jpeg::tables_only(&jpeg).unwrap())
+        })
     }
 
     /// The proof that cannot be faked: a model with untrained weights, sampling as

@@ -299,7 +299,18 @@ fn sample_end_to_end_from_a_trained_run() {
 #[test]
 fn default_sampling_follows_the_grammar_and_always_decodes() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_, run) = trained_run(tmp.path());
+    let (ds_dir, run) = trained_run(tmp.path());
+    // The header the grammar forces (from a blank image encoded with the dataset's settings)
+    // is the one every stored stream starts with.
+    let ds = Dataset::open(&ds_dir).unwrap();
+    let grammar = codeclm_sample::constrain::jpeg_grammar(&ds).unwrap();
+    for row in ds.rows().iter().filter(|r| r.is_ok()) {
+        assert!(
+            ds.codec_bytes(row).unwrap().starts_with(grammar.header()),
+            "{}",
+            row.source
+        );
+    }
     let report = |dir: &Path| -> serde_json::Value {
         serde_json::from_slice(&std::fs::read(dir.join("decodability.json")).unwrap()).unwrap()
     };

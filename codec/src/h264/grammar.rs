@@ -39,7 +39,7 @@
 //! and the structure ahead is forced or has a choice.
 
 use super::nal::{nal_units, parse_pps_ids, parse_sps};
-use crate::grammar::ByteGrammar;
+use crate::grammar::{ByteGrammar, ByteTrie};
 
 /// NAL header byte of an IDR slice as x264 writes it: `nal_ref_idc` 3, type 5.
 const IDR_SLICE: u8 = 0x65;
@@ -91,7 +91,7 @@ pub enum H264GrammarError {
 pub struct H264Grammar {
     /// Trie of the parameter-set blocks (stream start to the first slice's header byte). Node 0
     /// is the root; children sorted by byte.
-    trie: Vec<Vec<(u8, u32)>>,
+    trie: ByteTrie,
     /// Block ending at each trie node (`NONE` for inner nodes). Blocks end at leaves: each ends
     /// at its only `00 00 01 65`.
     leaf: Vec<u32>,
@@ -191,7 +191,7 @@ impl H264Grammar {
             return Err(H264GrammarError::NoStreams);
         }
         let mut g = H264Grammar {
-            trie: vec![Vec::new()],
+            trie: ByteTrie::default(),
             leaf: vec![NONE],
             repeats: Vec::new(),
             mbs_per_frame: 0,
@@ -231,19 +231,8 @@ impl H264Grammar {
     }
 
     fn insert(&mut self, block: &[u8], repeat: Vec<u8>) {
-        let mut node = 0usize;
-        for &b in block {
-            node = match self.trie[node].binary_search_by_key(&b, |c| c.0) {
-                Ok(k) => self.trie[node][k].1 as usize,
-                Err(k) => {
-                    let new = self.trie.len();
-                    self.trie[node].insert(k, (b, new as u32));
-                    self.trie.push(Vec::new());
-                    self.leaf.push(NONE);
-                    new
-                }
-            };
-        }
+        let node = self.trie.insert(block);
+        self.leaf.resize(self.trie.nodes(), NONE);
         if self.leaf[node] == NONE {
             self.leaf[node] = self.repeats.len() as u32;
             self.repeats.push(repeat);
@@ -573,11 +562,10 @@ impl ByteGrammar for H264Grammar {
     fn step(&self, s: &mut H264State, b: u8) -> bool {
         match s.phase {
             Phase::Prefix => {
-                let children = &self.trie[s.pos as usize];
-                let Ok(k) = children.binary_search_by_key(&b, |c| c.0) else {
+                let Some(next) = self.trie.child(s.pos as usize, b) else {
                     return false;
                 };
-                s.pos = children[k].1;
+                s.pos = next as u32;
                 let block = self.leaf[s.pos as usize];
                 if block != NONE {
                     s.block = block;

@@ -420,18 +420,7 @@ mod tests {
     use crate::jpeg::markers::splice_tables;
     use crate::jpeg::mozjpeg::{self as jpeg, JpegSettings, Subsampling};
     use crate::jpeg::scan::check_scan;
-
-    fn noise(w: u32, h: u32, seed: u64) -> Vec<u8> {
-        let mut s = seed | 1;
-        (0..w * h * 3)
-            .map(|i| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((i / 3 % w) as u64 * 200 / w as u64 + (s % 40)) as u8
-            })
-            .collect()
-    }
+    use crate::jpeg::scan::tests::noise;
 
     fn settings(sub: Subsampling, ri: u16) -> JpegSettings {
         JpegSettings {

@@ -592,12 +592,13 @@ pub fn check_scan(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::jpeg::markers::splice_tables;
     use crate::jpeg::mozjpeg::{self as jpeg, JpegSettings, Subsampling};
 
-    fn noise(w: u32, h: u32, seed: u64) -> Vec<u8> {
+    /// A smooth gradient plus noise, `w x h` RGB: realistic code lengths.
+    pub(crate) fn noise(w: u32, h: u32, seed: u64) -> Vec<u8> {
         let mut s = seed | 1;
         (0..w * h * 3)
             .map(|i| {
