@@ -27,4 +27,6 @@ pub enum Failure {
     TooLarge,
     ReadError,
     EncodeError,
+    /// Stopped at the caller's deadline (`Limits::deadline`).
+    Timeout,
 }

@@ -254,5 +254,6 @@ pub fn status_of(failure: Failure) -> Status {
         Failure::TooLarge => Status::TooLarge,
         Failure::ReadError => Status::ReadError,
         Failure::EncodeError => Status::EncodeError,
+        Failure::Timeout => Status::Timeout,
     }
 }

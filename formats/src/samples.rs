@@ -37,10 +37,15 @@ pub enum Status {
     ReadError,
     /// Decoded fine but the encoder refused it (should not happen; recorded rather than lost).
     EncodeError,
+    /// Past the per-item deadline (`dataset build --item-timeout`): the decoder was stopped.
+    Timeout,
+    /// The decoder died on this input (a native crash: the signal is in `error`); the build
+    /// went on without it.
+    Crashed,
 }
 
 impl Status {
-    pub const ALL: [Status; 9] = [
+    pub const ALL: [Status; 11] = [
         Status::Ok,
         Status::Empty,
         Status::Truncated,
@@ -50,6 +55,8 @@ impl Status {
         Status::TooLarge,
         Status::ReadError,
         Status::EncodeError,
+        Status::Timeout,
+        Status::Crashed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -63,6 +70,8 @@ impl Status {
             Status::TooLarge => "too_large",
             Status::ReadError => "read_error",
             Status::EncodeError => "encode_error",
+            Status::Timeout => "timeout",
+            Status::Crashed => "crashed",
         }
     }
 
