@@ -23,7 +23,7 @@ else
 VAL_FRACTION ?= 0.01
 endif
 
-.PHONY: all help setup deps pydeps build dataset demo test bench bench-video bench-tokens bench-loader train sample fid-weights fid-ref bench-fid eval fmt clippy clean
+.PHONY: all help setup deps pydeps build dataset demo test fuzz-corpus bench bench-video bench-tokens bench-loader train sample fid-weights fid-ref bench-fid eval fmt clippy clean
 
 all: build
 
@@ -79,6 +79,18 @@ endif
 ## ffmpeg CLI, the model and FID checks against their reference dumps (fetches the FID network)
 test: deps pydeps fid-weights
 	$(CARGO) test --release --workspace
+
+## fuzz-corpus: ~14,600 hostile files derived from the bundled media (truncations, bit flips,
+## marker/chunk/box edits, huge dimensions, container swaps, playlists) through `dataset build`;
+## checks exit 0, no hang, one row per file, no item past the deadline; report in
+## $(FUZZ_OUT)/report.md (FUZZ_ARGS: extra build flags, FUZZ_TIMEOUT: overall limit in s)
+FUZZ_OUT ?= target/fuzz-corpus
+FUZZ_SEED ?= 17
+FUZZ_TIMEOUT ?= 1800
+FUZZ_ARGS ?=
+fuzz-corpus: build pydeps
+	$(PYTHON) tools/fuzz_corpus.py --out $(FUZZ_OUT) --seed $(FUZZ_SEED)
+	$(PYTHON) tools/fuzz_corpus_report.py --corpus $(FUZZ_OUT) --bin $(BIN) --timeout $(FUZZ_TIMEOUT) $(if $(FUZZ_ARGS),-- $(FUZZ_ARGS))
 
 ## bench: criterion benches + the same-run comparison against Pillow
 bench: build pydeps
