@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -62,6 +63,7 @@ def run_build(cmd: list[str], timeout: float, log_dir: Path) -> dict:
                 except subprocess.TimeoutExpired:
                     continue
     seconds = time.monotonic() - t0
+    rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     rc = proc.returncode
     signame = None
     if rc is not None and rc < 0:
@@ -70,16 +72,19 @@ def run_build(cmd: list[str], timeout: float, log_dir: Path) -> dict:
         except ValueError:
             signame = f"signal {-rc}"
     return {"cmd": cmd, "returncode": rc, "signal": signame, "timed_out": timed_out,
-            "seconds": round(seconds, 2), "stdout": str(out_path), "stderr": str(err_path),
+            "seconds": round(seconds, 2), "max_rss_mib": round(rss_mib, 1),
+            "stdout": str(out_path), "stderr": str(err_path),
             "stderr_tail": tail(err_path, 40)}
 
 
 def tail(path: Path, lines: int) -> str:
+    """The last lines of a log, without terminal colour codes."""
     try:
         data = path.read_bytes()[-64_000:]
     except OSError:
         return ""
-    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+    text = re.sub(r"\x1b\[[0-9;]*m", "", data.decode("utf-8", "replace"))
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def bisect(files: list[str], corpus: Path, binary: str, build_args: list[str], work: Path,
@@ -118,7 +123,7 @@ def bisect(files: list[str], corpus: Path, binary: str, build_args: list[str], w
             culprits.append({"file": f, "how": "hang (killed at %.0f s)" % budget if res["timed_out"]
                              else f"exit {res['returncode']}" + (f" ({res['signal']})" if res["signal"] else ""),
                              "stderr_tail": tail(Path(res["stderr"]), 15),
-                             "repro": f"echo {(corpus / f).resolve()} > /tmp/one.list && {binary} dataset build "
+                             "repro": f"rm -rf /tmp/one-out; echo {(corpus / f).resolve()} > /tmp/one.list && {binary} dataset build "
                                       f"--{tree} /tmp/one.list --out /tmp/one-out --workers 1"})
             continue
         shutil.rmtree(d, ignore_errors=True)
@@ -299,7 +304,7 @@ def render_md(r: dict, args, deadline: float) -> str:
     b = r["build"]
     lines = ["# Mutation corpus through `dataset build`", "",
              f"{r['files']} files ({r['by_tree']}), generated in {r['generation_seconds']} s. "
-             f"Build: {b['seconds']:.1f} s wall, exit {b['returncode']}"
+             f"Build: {b['seconds']:.1f} s wall, peak RSS {b['max_rss_mib']:.0f} MiB, exit {b['returncode']}"
              + (f" ({b['signal']})" if b["signal"] else "")
              + (" — killed at the timeout" if b["timed_out"] else "") + ".", "",
              "`" + " ".join(str(c) for c in b["cmd"]) + "`", "", "## Checks", ""]
