@@ -584,6 +584,33 @@ def gen_images(c: Corpus) -> None:
         c.add("images", "fixture_bad", p.stem, "asis", p.suffix.lstrip(".") or "bin", p.read_bytes())
     swaps(c, bases)
     misc(c, "images")
+    bombs(c)
+
+
+def png_zeros(width: int, height: int, color_type: int, channels: int) -> bytes:
+    """A valid 8-bit PNG of zero pixels, its rows streamed through zlib (never held whole)."""
+    z = zlib.compressobj(9)
+    row = bytes(1 + width * channels)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def bombs(c: Corpus) -> None:
+    """Valid images just under the default --max-pixels (178,956,970): they decode, slowly and
+    with a large buffer, so they are the corpus's slowest items and its memory peak."""
+    c.add("images", "bombs", "zeros", "png_gray_13000x13000", "png", png_zeros(13000, 13000, 0, 1))
+    c.add("images", "bombs", "zeros", "png_rgb_12000x12000", "png", png_zeros(12000, 12000, 2, 3))
+    flat = Image.new("L", (13000, 13000), 128)
+    c.add("images", "bombs", "flat", "jpeg_gray_13000x13000", "jpg", encode(flat, "JPEG", quality=50))
+    c.add("images", "bombs", "flat", "jpeg_gray_13000x13000_progressive", "jpg",
+          encode(flat, "JPEG", quality=50, progressive=True))
+    del flat
+    rgb = Image.new("RGB", (12000, 12000), (120, 60, 200))
+    c.add("images", "bombs", "flat", "jpeg_rgb444_12000x12000_progressive", "jpg",
+          encode(rgb, "JPEG", quality=50, progressive=True, subsampling=0))
+    c.add("images", "bombs", "flat", "gif_6000x6000", "gif", encode(rgb.resize((6000, 6000)).convert("P"), "GIF"))
+    del rgb
 
 
 def swaps(c: Corpus, bases) -> None:
