@@ -83,14 +83,16 @@ test: deps pydeps fid-weights
 ## fuzz-corpus: ~14,600 hostile files derived from the bundled media (truncations, bit flips,
 ## marker/chunk/box edits, huge dimensions, container swaps, playlists) through `dataset build`;
 ## checks exit 0, no hang, one row per file, no item past the deadline; report in
-## $(FUZZ_OUT)/report.md (FUZZ_ARGS: extra build flags, FUZZ_TIMEOUT: overall limit in s)
+## $(FUZZ_OUT)/report.md (FUZZ_ARGS: extra build flags, FUZZ_TIMEOUT: overall limit in s); when
+## the build dies or hangs, up to FUZZ_BISECT builds find the files that do it on their own
 FUZZ_OUT ?= target/fuzz-corpus
 FUZZ_SEED ?= 17
 FUZZ_TIMEOUT ?= 1800
+FUZZ_BISECT ?= 60
 FUZZ_ARGS ?=
 fuzz-corpus: build pydeps
 	$(PYTHON) tools/fuzz_corpus.py --out $(FUZZ_OUT) --seed $(FUZZ_SEED)
-	$(PYTHON) tools/fuzz_corpus_report.py --corpus $(FUZZ_OUT) --bin $(BIN) --timeout $(FUZZ_TIMEOUT) $(if $(FUZZ_ARGS),-- $(FUZZ_ARGS))
+	$(PYTHON) tools/fuzz_corpus_report.py --corpus $(FUZZ_OUT) --bin $(BIN) --timeout $(FUZZ_TIMEOUT) --bisect $(FUZZ_BISECT) $(if $(FUZZ_ARGS),-- $(FUZZ_ARGS))
 
 ## bench: criterion benches + the same-run comparison against Pillow
 bench: build pydeps
