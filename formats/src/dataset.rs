@@ -154,6 +154,42 @@ impl DatasetLayout {
         Ok(removed)
     }
 
+    /// Where `--retry-failed` keeps a part's earlier rows while it redoes the part (the
+    /// manifest moves here first, so the part counts as unfinished until its new manifest).
+    pub fn retry_journal(&self, part: u32) -> PathBuf {
+        self.parts_dir()
+            .join(format!("part-{part:06}.retry.parquet"))
+    }
+
+    /// Removes what an unfinished `part` left: its shards and the temp files of its shards and
+    /// manifest (whoever wrote them). Only for the holder of the part's lease. Returns how many.
+    pub fn clear_unfinished_part(&self, part: u32) -> Result<usize> {
+        let mut doomed = self.shards_of_part(part)?;
+        let prefix = format!("part-{part:06}");
+        for dir in [self.shards_dir(), self.parts_dir()] {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().to_string();
+                let ours = name.strip_prefix(&prefix).is_some_and(|rest| {
+                    (rest.starts_with('-') || rest.starts_with('.')) && name.ends_with(".tmp")
+                });
+                if ours {
+                    doomed.push(entry.path());
+                }
+            }
+        }
+        for path in &doomed {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(path)(e)),
+            }
+        }
+        Ok(doomed.len())
+    }
+
     /// Shard files that belong to `part` (finished or not).
     pub fn shards_of_part(&self, part: u32) -> Result<Vec<PathBuf>> {
         let prefix = format!("part-{part:06}-");

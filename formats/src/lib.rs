@@ -5,6 +5,7 @@
 
 pub mod dataset;
 pub mod error;
+pub mod lease;
 pub mod reader;
 pub mod samples;
 pub mod shard;
@@ -33,7 +34,8 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
-    })
+    })?;
+    sync_parent(path)
 }
 
 /// Writes `path` atomically with a writer that writes a file by name itself (an FFmpeg muxer):
@@ -62,7 +64,27 @@ where
     std::fs::rename(&tmp, path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
-    })
+    })?;
+    sync_parent(path)
+}
+
+/// Makes the entries of `dir` durable (a rename into it survives a power loss only once the
+/// directory itself is synced).
+pub fn sync_dir(dir: &std::path::Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// [`sync_dir`] of the directory `path` was just renamed into.
+pub fn sync_parent(path: &std::path::Path) -> Result<()> {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => sync_dir(p),
+        _ => sync_dir(std::path::Path::new(".")),
+    }
 }
 
 /// The temp name used while `path` is being written: `name.<host>-<pid>.tmp` in the same

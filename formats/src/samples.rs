@@ -449,7 +449,10 @@ fn sync_and_rename(tmp: &Path, path: &Path) -> Result<()> {
     File::open(tmp)
         .and_then(|f| f.sync_all())
         .map_err(Error::io(tmp))?;
-    std::fs::rename(tmp, path).map_err(Error::io(path))
+    std::fs::rename(tmp, path).map_err(Error::io(path))?;
+    crate::sync_parent(path)?;
+    fail::fail_point!("formats::manifest-committed");
+    Ok(())
 }
 
 /// Reads a manifest table; one written before the later columns existed gets them as nulls.

@@ -190,6 +190,9 @@ impl CodecShardWriter {
         result.map_err(io)?;
         drop(self.out);
         std::fs::rename(&self.tmp, &self.path).map_err(Error::io(&self.path))?;
+        // The shard's name is durable before any manifest can point at it.
+        crate::sync_parent(&self.path)?;
+        fail::fail_point!("formats::shard-committed");
         Ok(self.path)
     }
 }
