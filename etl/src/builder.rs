@@ -17,11 +17,13 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use codeclm_formats::dataset::{DatasetConfig, DatasetLayout, TablesRef};
+use codeclm_formats::lease::{Acquired, Leases};
 use codeclm_formats::samples::{self, Modality, SampleRow, Split, Status};
-use codeclm_formats::shard::{self, Codec, CodecShardWriter};
+use codeclm_formats::shard::{self, Codec, CodecShard, CodecShardWriter};
 use crossbeam_channel::{bounded, Receiver};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::iter::{ParallelBridge, ParallelIterator};
@@ -29,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ImageConfig;
 use crate::crop::RandomCrops;
+use crate::isolate::{Isolation, JobHeader, Pool};
 use crate::process::{process_image, process_image_crops, process_video, Outcome};
 use crate::source::{self, Item, SourceSpec};
 use codeclm_codec::h264::VideoConfig;
@@ -130,7 +133,51 @@ pub struct BuildOptions {
     pub shard_index: u32,
     pub num_shards: u32,
     pub progress: bool,
+    /// Where the decoders run: worker processes (a native crash costs one row) or threads.
+    pub isolation: Isolation,
+    /// Per-input deadline (`--item-timeout`): past it an input is a `timeout` row.
+    pub item_timeout: Option<Duration>,
+    /// Inputs larger than this are `too_large` rows, never read (`--max-input-bytes`).
+    pub max_input_bytes: u64,
+    /// Source bytes read and not yet encoded, at most (`--max-inflight-mib`).
+    pub max_inflight_bytes: u64,
+    /// Redo the failed rows of finished parts, keeping the rest (`--retry-failed`).
+    pub retry_failed: bool,
+    /// How long a part's lease lives without a heartbeat (`--lease-seconds`).
+    pub lease_ttl: Duration,
 }
+
+impl BuildOptions {
+    /// Defaults for library use: one worker thread, the whole source, no progress bar, the
+    /// decoders on threads, a 60 s item timeout, 1 GiB inputs, 2 GiB in flight.
+    pub fn new(out: impl Into<PathBuf>, settings: BuildSettings) -> BuildOptions {
+        BuildOptions {
+            out: out.into(),
+            settings,
+            workers: 1,
+            shard_index: 0,
+            num_shards: 1,
+            progress: false,
+            isolation: Isolation::Threads,
+            item_timeout: Some(Duration::from_secs(60)),
+            max_input_bytes: 1 << 30,
+            max_inflight_bytes: 2 << 30,
+            retry_failed: false,
+            lease_ttl: Duration::from_secs(120),
+        }
+    }
+}
+
+/// One of the slowest inputs of a run (`BuildSummary::slowest`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SlowInput {
+    pub source: String,
+    pub seconds: f64,
+    pub status: String,
+}
+
+/// How many of the slowest inputs a run summary lists.
+const SLOWEST: usize = 10;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct BuildSummary {
@@ -153,6 +200,18 @@ pub struct BuildSummary {
     pub num_shards: u32,
     /// True when every part of the source is present and `samples.parquet` was written.
     pub complete: bool,
+    /// The slowest inputs of this run, slowest first.
+    #[serde(default)]
+    pub slowest: Vec<SlowInput>,
+    /// Parts skipped because another live worker holds their lease.
+    #[serde(default)]
+    pub parts_leased_elsewhere: u32,
+    /// Finished parts redone by `--retry-failed` (their successful rows kept).
+    #[serde(default)]
+    pub parts_retried: u32,
+    /// Inputs whose earlier successful rows were kept by `--retry-failed`, not decoded again.
+    #[serde(default)]
+    pub kept: u64,
 }
 
 impl BuildSummary {
@@ -192,6 +251,9 @@ struct Job {
     index: u32,
     video: bool,
     item: Item,
+    /// Bytes of the in-flight budget this job holds (acquired by the reader for sources that
+    /// hand bytes; file inputs acquire theirs when the worker reads them).
+    held: u64,
 }
 
 enum Msg {
@@ -203,6 +265,8 @@ enum Msg {
         video: bool,
         /// One per row: one, or one per crop.
         outcomes: Vec<Outcome>,
+        /// Wall time the input took, reading included.
+        seconds: f64,
     },
     PartEnd {
         part: u32,
@@ -243,8 +307,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
     }
     let layout = DatasetLayout::new(&opts.out);
     layout.create_dirs()?;
-    let (shard_index, num_shards) = (opts.shard_index, opts.num_shards);
-    let swept = layout.sweep_temp_files(&|part| part % num_shards == shard_index)?;
+    // Temp files of parts are removed by whoever takes the part's lease (a live worker's are
+    // its own); here only this host's leftovers of dead processes.
+    let swept = layout.sweep_temp_files(&|_| false)?;
     if swept > 0 {
         tracing::info!("removed {swept} temp files left by an interrupted run");
     }
@@ -254,68 +319,59 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
     let workers = opts.workers.max(1);
     let cancel = Arc::new(AtomicBool::new(false));
     let (work_tx, work_rx) = bounded::<Job>(workers * 4);
+    let budget = Arc::new(Budget::new(opts.max_inflight_bytes));
     let (res_tx, res_rx) = bounded::<Msg>(workers * 8);
 
+    let leases = Arc::new(Leases::new(layout.clone(), opts.lease_ttl));
     let reader = {
-        let sources: Vec<(SourceSpec, bool)> = [
-            settings.source.clone().map(|s| (s, false)),
-            settings.videos.clone().map(|s| (s, true)),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        let part_size = settings.part_size;
-        let (shard_index, num_shards) = (opts.shard_index, opts.num_shards);
-        let res_tx = res_tx.clone();
-        let cancel = cancel.clone();
-        let finished = finished.clone();
+        let reader = Reader {
+            sources: [
+                settings.source.clone().map(|s| (s, false)),
+                settings.videos.clone().map(|s| (s, true)),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            part_size: settings.part_size,
+            shard_index: opts.shard_index,
+            num_shards: opts.num_shards,
+            retry_failed: opts.retry_failed,
+            max_input_bytes: opts.max_input_bytes,
+            finished: finished.clone(),
+            layout: layout.clone(),
+            leases: leases.clone(),
+            budget: budget.clone(),
+            cancel: cancel.clone(),
+            work_tx,
+            res_tx: res_tx.clone(),
+        };
         std::thread::Builder::new()
             .name("codeclm-reader".into())
-            .spawn(move || -> Result<(u32, u32), source::SourceError> {
-                let mut total = 0u32;
-                let mut skipped = 0u32;
-                let plans = sources
-                    .iter()
-                    .map(|(spec, video)| {
-                        Ok(source::plan(spec, part_size)?.map(move |p| (p, *video)))
-                    })
-                    .collect::<Result<Vec<_>, source::SourceError>>()?;
-                for (part, (plan, video)) in plans.into_iter().flatten().enumerate() {
-                    let plan = plan?;
-                    let part = part as u32;
-                    total += 1;
-                    if part % num_shards != shard_index {
-                        continue;
-                    }
-                    if finished.contains(&part) {
-                        skipped += 1;
-                        continue;
-                    }
-                    if cancel.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let mut items = 0u32;
-                    for item in source::open(plan) {
-                        if work_tx
-                            .send(Job {
-                                part,
-                                index: items,
-                                video,
-                                item,
-                            })
-                            .is_err()
-                        {
-                            return Ok((total, skipped));
-                        }
-                        items += 1;
-                    }
-                    if res_tx.send(Msg::PartEnd { part, items }).is_err() {
-                        break;
+            .spawn(move || reader.run())
+            .map_err(|e| BuildError::Config(format!("cannot start the reader thread: {e}")))?
+    };
+    let heartbeat = {
+        let leases = leases.clone();
+        let cancel = cancel.clone();
+        let done = Arc::new((Mutex::new(false), Condvar::new()));
+        let d = done.clone();
+        let thread = std::thread::Builder::new()
+            .name("codeclm-leases".into())
+            .spawn(move || {
+                let (lock, cv) = &*d;
+                let mut stop = lock.lock().unwrap_or_else(|e| e.into_inner());
+                while !*stop && !cancel.load(Ordering::Relaxed) {
+                    stop = cv
+                        .wait_timeout(stop, leases.heartbeat_interval())
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    if !*stop {
+                        leases.renew_all();
                     }
                 }
-                Ok((total, skipped))
             })
-            .map_err(|e| BuildError::Config(format!("cannot start the reader thread: {e}")))?
+            .map_err(|e| BuildError::Config(format!("cannot start the lease thread: {e}")))?;
+        (thread, done)
     };
 
     let pool = rayon::ThreadPoolBuilder::new()
@@ -323,22 +379,41 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
         .thread_name(|i| format!("codeclm-worker-{i}"))
         .build()
         .map_err(|e| BuildError::Config(format!("cannot start {workers} workers: {e}")))?;
-    let image_cfg = settings.image;
-    let crops = settings.crops;
-    let video_cfg = settings.video;
+    let ctx = JobContext {
+        image: settings.image,
+        crops: settings.crops,
+        video: settings.video,
+        item_timeout: opts.item_timeout,
+        max_input_bytes: opts.max_input_bytes,
+        budget: budget.clone(),
+        pool: match &opts.isolation {
+            Isolation::Threads => None,
+            Isolation::Processes { exe, args } => Some(
+                Pool::new(
+                    exe.clone(),
+                    args.clone(),
+                    &settings.image,
+                    settings.crops.as_ref(),
+                    &settings.video,
+                    opts.item_timeout,
+                )
+                .map_err(BuildError::Config)?,
+            ),
+        },
+    };
     let worker = std::thread::spawn(move || {
         pool.install(|| {
             work_rx
                 .into_iter()
                 .par_bridge()
                 .for_each_with(res_tx, |tx, job| {
-                    let _ = tx.send(run_job(job, &image_cfg, crops.as_ref(), &video_cfg));
+                    let _ = tx.send(run_job(job, &ctx));
                 })
         })
     });
 
     let progress = progress_bar(opts.progress);
-    let mut writer = Writer::new(layout.clone(), settings, progress.clone());
+    let mut writer = Writer::new(layout.clone(), settings, leases.clone(), progress.clone());
     let write_result = writer.run(&res_rx);
     if write_result.is_err() {
         cancel.store(true, Ordering::Relaxed);
@@ -347,9 +422,18 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
     let _ = worker.join();
     let reader_result = reader
         .join()
-        .map_err(|_| BuildError::Config("the reader thread panicked".into()))?;
+        .map_err(|_| BuildError::Config("the reader thread panicked".into()));
+    {
+        let (thread, done) = heartbeat;
+        *done.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        done.1.notify_all();
+        let _ = thread.join();
+    }
+    // Parts left unfinished (an error) are free for the next worker at once.
+    leases.release_all();
     write_result?;
-    let (parts_total, parts_skipped) = reader_result?;
+    let totals = reader_result??;
+    let (parts_total, parts_skipped) = (totals.total, totals.skipped);
     progress.finish_and_clear();
 
     if config.parts_total != Some(parts_total) {
@@ -362,6 +446,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
 
     let mut summary = writer.summary;
     summary.parts_skipped = parts_skipped;
+    summary.parts_leased_elsewhere = totals.leased_elsewhere;
+    summary.parts_retried = totals.retried;
+    summary.kept = totals.kept;
     summary.parts_total = parts_total;
     summary.workers = workers;
     summary.shard_index = opts.shard_index;
@@ -377,73 +464,448 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
     Ok(summary)
 }
 
-fn run_job(
-    mut job: Job,
-    cfg: &ImageConfig,
-    crops: Option<&RandomCrops>,
-    video_cfg: &VideoConfig,
-) -> Msg {
-    let identity = std::mem::take(&mut job.item.identity);
-    let kind = job.item.kind;
-    let ext = job.item.ext.take();
-    let internal = "internal error while processing (a bug: please report it with this file)";
-    if job.video {
-        // Files are demuxed from their path (a long video is not read whole); other sources
-        // hand the bytes.
-        let outcome = match &job.item.payload {
-            source::Payload::File(p) if p.is_file() => {
-                let len = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-                std::panic::catch_unwind(|| {
-                    process_video(codeclm_codec::h264::encode::Source::Path(p), len, video_cfg)
-                })
-                .unwrap_or_else(|_| Outcome::failed(Status::EncodeError, internal, len))
+/// What the reader found: parts in the source, parts skipped as done, parts another live
+/// worker holds, parts redone by `--retry-failed`.
+struct ReaderTotals {
+    total: u32,
+    skipped: u32,
+    leased_elsewhere: u32,
+    retried: u32,
+    kept: u64,
+}
+
+/// The reader thread: plans the sources into parts and feeds the items of the parts this worker
+/// owns, holds the lease of and has not finished (or, with `--retry-failed`, finished with
+/// failed rows).
+struct Reader {
+    sources: Vec<(SourceSpec, bool)>,
+    part_size: usize,
+    shard_index: u32,
+    num_shards: u32,
+    retry_failed: bool,
+    max_input_bytes: u64,
+    finished: HashSet<u32>,
+    layout: DatasetLayout,
+    leases: Arc<Leases>,
+    budget: Arc<Budget>,
+    cancel: Arc<AtomicBool>,
+    work_tx: crossbeam_channel::Sender<Job>,
+    res_tx: crossbeam_channel::Sender<Msg>,
+}
+
+/// An earlier build's rows of a part being retried, grouped by input, in input order, with its
+/// shards open (reads stay valid while the part's new shards replace the files).
+struct Earlier {
+    inputs: std::collections::VecDeque<(String, Vec<SampleRow>)>,
+    shards: std::collections::HashMap<String, CodecShard>,
+}
+
+impl Reader {
+    fn run(self) -> Result<ReaderTotals, BuildError> {
+        let mut t = ReaderTotals {
+            total: 0,
+            skipped: 0,
+            leased_elsewhere: 0,
+            retried: 0,
+            kept: 0,
+        };
+        let plans = self
+            .sources
+            .iter()
+            .map(|(spec, video)| Ok(source::plan(spec, self.part_size)?.map(move |p| (p, *video))))
+            .collect::<Result<Vec<_>, source::SourceError>>()?;
+        for (part, (plan, video)) in plans.into_iter().flatten().enumerate() {
+            let plan = plan?;
+            let part = part as u32;
+            t.total += 1;
+            if part % self.num_shards != self.shard_index {
+                continue;
             }
-            _ => match job.item.bytes() {
-                Ok(bytes) => std::panic::catch_unwind(|| {
-                    process_video(
-                        codeclm_codec::h264::encode::Source::Bytes(&bytes),
-                        bytes.len() as u64,
-                        video_cfg,
-                    )
-                })
-                .unwrap_or_else(|_| {
-                    Outcome::failed(Status::EncodeError, internal, bytes.len() as u64)
-                }),
-                Err(message) => Outcome::failed(Status::ReadError, message, 0),
-            },
-        };
-        return Msg::Done {
-            part: job.part,
-            index: job.index,
-            identity,
-            kind,
-            video: true,
-            outcomes: vec![outcome],
-        };
+            let journal = self.layout.retry_journal(part);
+            let done = self.finished.contains(&part);
+            if done && !self.retry_failed {
+                t.skipped += 1;
+                continue;
+            }
+            if done
+                && !samples::read_parquet(&self.layout.part_manifest(part))?
+                    .iter()
+                    .any(|r| !r.is_ok())
+            {
+                t.skipped += 1;
+                continue;
+            }
+            if self.cancel.load(Ordering::Relaxed) {
+                break;
+            }
+            match self.leases.try_acquire(part)? {
+                Acquired::Ours => {}
+                Acquired::HeldBy(lease) => {
+                    tracing::info!(
+                        "part {part} is being built by {}: skipped",
+                        lease.describe()
+                    );
+                    t.leased_elsewhere += 1;
+                    continue;
+                }
+            }
+            let mut earlier = if done {
+                // Un-finish the part first: from here until its new manifest is written the
+                // dataset is incomplete, and the rows wait in the journal.
+                if self.layout.finished_parts()?.contains(&part) {
+                    std::fs::rename(self.layout.part_manifest(part), &journal).map_err(
+                        |source| codeclm_formats::Error::Io {
+                            path: journal.clone(),
+                            source,
+                        },
+                    )?;
+                    codeclm_formats::sync_dir(&self.layout.parts_dir())?;
+                }
+                let samples = self.layout.samples_path();
+                if samples.exists() {
+                    std::fs::remove_file(&samples).map_err(|source| {
+                        codeclm_formats::Error::Io {
+                            path: samples.clone(),
+                            source,
+                        }
+                    })?;
+                }
+                t.retried += 1;
+                Some(self.earlier(&journal)?)
+            } else if journal.exists() {
+                // A retry that was interrupted: its journal still holds the rows to keep.
+                t.retried += 1;
+                Some(self.earlier(&journal)?)
+            } else {
+                None
+            };
+            let mut items = 0u32;
+            for item in source::open(plan, self.max_input_bytes) {
+                let index = items;
+                items += 1;
+                if let Some(kept) = earlier.as_mut().and_then(|e| e.keep(&item.identity)) {
+                    t.kept += 1;
+                    let msg = Msg::Done {
+                        part,
+                        index,
+                        identity: item.identity,
+                        kind: item.kind,
+                        video,
+                        outcomes: kept,
+                        seconds: 0.0,
+                    };
+                    if self.res_tx.send(msg).is_err() {
+                        return Ok(t);
+                    }
+                    continue;
+                }
+                let held = match &item.payload {
+                    source::Payload::Bytes(b) => self.budget.acquire(b.len() as u64),
+                    _ => 0,
+                };
+                let job = Job {
+                    part,
+                    index,
+                    video,
+                    item,
+                    held,
+                };
+                if self.work_tx.send(job).is_err() {
+                    return Ok(t);
+                }
+            }
+            if self.res_tx.send(Msg::PartEnd { part, items }).is_err() {
+                break;
+            }
+        }
+        Ok(t)
     }
-    let outcomes = match job.item.bytes() {
-        Ok(bytes) => std::panic::catch_unwind(|| match crops {
-            Some(crops) => {
-                process_image_crops(&bytes, ext.as_deref(), cfg, crops, &sample_id(&identity))
+
+    fn earlier(&self, journal: &std::path::Path) -> Result<Earlier, BuildError> {
+        let rows = samples::read_parquet(journal)?;
+        let mut shards = std::collections::HashMap::new();
+        let mut inputs: std::collections::VecDeque<(String, Vec<SampleRow>)> = Default::default();
+        for row in rows {
+            if let Some(rel) = row.shard.as_ref().filter(|_| row.is_ok()) {
+                if !shards.contains_key(rel) {
+                    // A shard that cannot be opened (replaced half-way by an interrupted
+                    // retry): its inputs are decoded again.
+                    if let Ok(s) = CodecShard::open(&self.layout.root.join(rel)) {
+                        shards.insert(rel.clone(), s);
+                    }
+                }
             }
-            None => vec![process_image(&bytes, ext.as_deref(), cfg)],
-        })
-        .unwrap_or_else(|_| {
-            vec![Outcome::failed(
-                Status::EncodeError,
-                internal,
-                bytes.len() as u64,
-            )]
-        }),
-        Err(message) => vec![Outcome::failed(Status::ReadError, message, 0)],
+            match inputs.back_mut() {
+                Some((source, group)) if *source == row.source => group.push(row),
+                _ => inputs.push_back((row.source.clone(), vec![row])),
+            }
+        }
+        Ok(Earlier { inputs, shards })
+    }
+}
+
+impl Earlier {
+    /// The outcomes to keep for this input: its earlier rows, if they all succeeded and their
+    /// codec bytes still read back with their checksums. `None`: decode it again.
+    fn keep(&mut self, identity: &str) -> Option<Vec<Outcome>> {
+        while self.inputs.front().is_some_and(|(s, _)| s != identity) {
+            // Inputs the source no longer lists at this position are not reused.
+            if !self.inputs.iter().any(|(s, _)| s == identity) {
+                return None;
+            }
+            self.inputs.pop_front();
+        }
+        let (_, rows) = self.inputs.pop_front()?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            if !row.is_ok() {
+                return None;
+            }
+            let shard = self.shards.get(row.shard.as_ref()?)?;
+            let bytes = shard.read(row.record? as usize).ok()?;
+            if Some(codeclm_formats::shard::checksum(&bytes)) != row.checksum {
+                return None;
+            }
+            out.push(Outcome::kept(&row, bytes));
+        }
+        Some(out)
+    }
+}
+
+/// What every job shares: the settings, the limits and, with process isolation, the pool.
+struct JobContext {
+    image: ImageConfig,
+    crops: Option<RandomCrops>,
+    video: VideoConfig,
+    item_timeout: Option<Duration>,
+    max_input_bytes: u64,
+    budget: Arc<Budget>,
+    pool: Option<Pool>,
+}
+
+fn run_job(mut job: Job, ctx: &JobContext) -> Msg {
+    let started = Instant::now();
+    let identity = std::mem::take(&mut job.item.identity);
+    let (kind, video, part, index) = (job.item.kind, job.video, job.part, job.index);
+    let outcomes = match prepare(job, &identity, ctx) {
+        Err(outcome) => vec![outcome],
+        Ok((header, bytes, held)) => {
+            let outcomes = match &ctx.pool {
+                Some(pool) => pool.run(&header, &bytes),
+                None => {
+                    let deadline = ctx.item_timeout.map(|t| started + t);
+                    let src_bytes = header.src_bytes;
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        process_item(
+                            &header,
+                            bytes,
+                            deadline,
+                            &ctx.image,
+                            ctx.crops.as_ref(),
+                            &ctx.video,
+                        )
+                    }))
+                    .unwrap_or_else(|_| {
+                        vec![Outcome::failed(
+                            Status::EncodeError,
+                            "internal error while processing (a bug: please report it with this file)",
+                            src_bytes,
+                        )]
+                    })
+                }
+            };
+            ctx.budget.release(held);
+            outcomes
+        }
     };
     Msg::Done {
-        part: job.part,
-        index: job.index,
+        part,
+        index,
         identity,
         kind,
-        video: false,
+        video,
         outcomes,
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+/// The input's bytes (or, for a video file, its path) under the size cap and the in-flight
+/// budget, or the row saying why there are none. The `u64` is what to release from the budget.
+// The error is the input's row itself, moved once per failed input: boxing it buys nothing.
+#[allow(clippy::result_large_err)]
+fn prepare(
+    job: Job,
+    identity: &str,
+    ctx: &JobContext,
+) -> Result<(JobHeader, Vec<u8>, u64), Outcome> {
+    let mut item = job.item;
+    let cap = ctx.max_input_bytes;
+    let too_large = |len: u64| {
+        Outcome::failed(
+            Status::TooLarge,
+            format!("the input is {len} bytes, over --max-input-bytes {cap}: skipped unread (raise the limit to include it)"),
+            len,
+        )
+    };
+    let mut header = JobHeader {
+        identity: identity.to_string(),
+        ext: item.ext.take(),
+        video: job.video,
+        path: None,
+        src_bytes: 0,
+    };
+    let (bytes, held) =
+        match std::mem::replace(&mut item.payload, source::Payload::Bytes(Vec::new())) {
+            source::Payload::File(p) => {
+                let len = match std::fs::metadata(&p) {
+                    Ok(m) if m.is_file() => m.len(),
+                    Ok(_) => {
+                        return Err(Outcome::failed(
+                            Status::ReadError,
+                            format!(
+                                "cannot read {}: not a regular file (a directory, a symlink loop?)",
+                                p.display()
+                            ),
+                            0,
+                        ))
+                    }
+                    Err(e) => {
+                        return Err(Outcome::failed(
+                            Status::ReadError,
+                            format!("cannot read {}: {e}", p.display()),
+                            0,
+                        ))
+                    }
+                };
+                if len > cap {
+                    return Err(too_large(len));
+                }
+                header.src_bytes = len;
+                if job.video {
+                    // Demuxed from its path by the decoder: a long video is never read whole.
+                    header.path = Some(p);
+                    (Vec::new(), 0)
+                } else {
+                    let held = ctx.budget.acquire(len);
+                    match std::fs::read(&p) {
+                        Ok(b) if b.len() as u64 <= cap => (b, held),
+                        Ok(b) => {
+                            ctx.budget.release(held);
+                            return Err(too_large(b.len() as u64));
+                        }
+                        Err(e) => {
+                            ctx.budget.release(held);
+                            return Err(Outcome::failed(
+                                Status::ReadError,
+                                format!("cannot read {}: {e}", p.display()),
+                                0,
+                            ));
+                        }
+                    }
+                }
+            }
+            source::Payload::Bytes(b) => {
+                // The reader acquired these bytes' share of the budget before sending them.
+                let len = b.len() as u64;
+                if len > cap {
+                    ctx.budget.release(job.held);
+                    return Err(too_large(len));
+                }
+                header.src_bytes = len;
+                (b, job.held)
+            }
+            source::Payload::Failed(m) => return Err(Outcome::failed(Status::ReadError, m, 0)),
+            source::Payload::Oversized(len) => return Err(too_large(len)),
+        };
+    Ok((header, bytes, held))
+}
+
+/// One input end to end, on a worker thread or in a worker process: decode, resize, encode
+/// (one row, or one per crop). `deadline` stops the decoders.
+pub(crate) fn process_item(
+    header: &JobHeader,
+    bytes: Vec<u8>,
+    deadline: Option<Instant>,
+    image: &ImageConfig,
+    crops: Option<&RandomCrops>,
+    video: &VideoConfig,
+) -> Vec<Outcome> {
+    // Test failpoints (inert unless FAILPOINTS arms them): die or hang on a named input.
+    if let Some(Some(name)) = fail::eval("etl::abort-on", |arg| arg) {
+        if header.identity.ends_with(&name) {
+            std::process::abort();
+        }
+    }
+    if let Some(Some(name)) = fail::eval("etl::hang-on", |arg| arg) {
+        if header.identity.ends_with(&name) {
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    }
+    let _ = deadline;
+    if header.video {
+        let out = match &header.path {
+            Some(p) => process_video(
+                codeclm_codec::h264::encode::Source::Path(p),
+                header.src_bytes,
+                video,
+            ),
+            None => process_video(
+                codeclm_codec::h264::encode::Source::Bytes(&bytes),
+                header.src_bytes,
+                video,
+            ),
+        };
+        return vec![out];
+    }
+    match crops {
+        Some(crops) => process_image_crops(
+            &bytes,
+            header.ext.as_deref(),
+            image,
+            crops,
+            &sample_id(&header.identity),
+        ),
+        None => vec![process_image(&bytes, header.ext.as_deref(), image)],
+    }
+}
+
+/// Source bytes in flight (read, not yet encoded), bounded: readers wait while the budget is
+/// spent. One input larger than the whole budget still runs, alone.
+struct Budget {
+    limit: u64,
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl Budget {
+    fn new(limit: u64) -> Budget {
+        Budget {
+            limit: limit.max(1),
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Blocks until `bytes` (at most the whole budget) fit; returns what to release.
+    fn acquire(&self, bytes: u64) -> u64 {
+        let want = bytes.min(self.limit);
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        while *used > 0 && *used + want > self.limit {
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += want;
+        want
+    }
+
+    fn release(&self, held: u64) {
+        if held == 0 {
+            return;
+        }
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        *used = used.saturating_sub(held);
+        self.freed.notify_all();
     }
 }
 
@@ -534,6 +996,7 @@ struct PartState {
 
 struct Writer<'a> {
     layout: DatasetLayout,
+    leases: Arc<Leases>,
     settings: &'a BuildSettings,
     parts: BTreeMap<u32, PartState>,
     progress: ProgressBar,
@@ -541,9 +1004,15 @@ struct Writer<'a> {
 }
 
 impl<'a> Writer<'a> {
-    fn new(layout: DatasetLayout, settings: &'a BuildSettings, progress: ProgressBar) -> Self {
+    fn new(
+        layout: DatasetLayout,
+        settings: &'a BuildSettings,
+        leases: Arc<Leases>,
+        progress: ProgressBar,
+    ) -> Self {
         Writer {
             layout,
+            leases,
             settings,
             parts: BTreeMap::new(),
             progress,
@@ -561,7 +1030,10 @@ impl<'a> Writer<'a> {
                     kind,
                     video,
                     outcomes,
+                    seconds,
                 } => {
+                    let status = outcomes.first().map(|o| o.status()).unwrap_or(Status::Ok);
+                    self.note_time(&identity, seconds, status);
                     self.state(part)?
                         .pending
                         .insert(index, (identity, kind, video, outcomes));
@@ -584,15 +1056,30 @@ impl<'a> Writer<'a> {
         Ok(())
     }
 
+    /// Keeps the slowest inputs seen, slowest first.
+    fn note_time(&mut self, source: &str, seconds: f64, status: Status) {
+        let slowest = &mut self.summary.slowest;
+        if slowest.len() == SLOWEST && slowest.last().is_some_and(|s| s.seconds >= seconds) {
+            return;
+        }
+        let at = slowest.partition_point(|s| s.seconds >= seconds);
+        slowest.insert(
+            at,
+            SlowInput {
+                source: source.to_string(),
+                seconds,
+                status: status.as_str().to_string(),
+            },
+        );
+        slowest.truncate(SLOWEST);
+    }
+
     fn state(&mut self, part: u32) -> Result<&mut PartState, BuildError> {
         if !self.parts.contains_key(&part) {
-            // Shards of an unfinished part from an interrupted run are rewritten from scratch.
-            for stale in self.layout.shards_of_part(part)? {
-                std::fs::remove_file(&stale).map_err(|source| codeclm_formats::Error::Io {
-                    path: stale.clone(),
-                    source,
-                })?;
-            }
+            // Shards and temp files of an unfinished part from an interrupted run (or, with
+            // --retry-failed, the part's earlier shards, which the reader holds open) are
+            // rewritten from scratch. This worker holds the part's lease.
+            self.layout.clear_unfinished_part(part)?;
             self.parts.insert(
                 part,
                 PartState {
@@ -648,7 +1135,21 @@ impl<'a> Writer<'a> {
             if let Some(shard) = state.shard.take() {
                 shard.finish()?;
             }
+            // Still ours? Then the manifest, last: the part is done.
+            self.leases.confirm(part)?;
+            fail::fail_point!("etl::before-manifest", |_| Err(BuildError::Config(
+                "failpoint etl::before-manifest: stopped between the shards and the manifest"
+                    .into()
+            )));
             samples::write_parquet(&state.rows, &layout.part_manifest(part))?;
+            let journal = layout.retry_journal(part);
+            if journal.exists() {
+                std::fs::remove_file(&journal).map_err(|source| codeclm_formats::Error::Io {
+                    path: journal.clone(),
+                    source,
+                })?;
+            }
+            self.leases.release(part)?;
             self.summary.parts_built += 1;
             self.progress.set_message(format!(
                 "{} ok, {} failed, {} parts",
@@ -739,4 +1240,47 @@ fn write_one(
         row.checksum = Some(shard::checksum(bytes));
     }
     Ok(row)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest must never survive a crash that lost its shard: every part's shard is
+    /// renamed and its directory synced before the part's manifest is renamed and the parts
+    /// directory synced (the failpoints sit right after each directory sync).
+    #[test]
+    fn every_shard_is_durable_before_the_manifest_that_points_at_it() {
+        let scenario = fail::FailScenario::setup();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        for (point, tag) in [
+            ("formats::shard-committed", "shard"),
+            ("formats::manifest-committed", "manifest"),
+        ] {
+            let e = events.clone();
+            fail::cfg_callback(point, move || e.lock().unwrap().push(tag)).unwrap();
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let photos =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/images");
+        for name in ["horse.png", "clock_motion.png", "rocket.jpg", "camera.png"] {
+            std::fs::copy(photos.join(name), src.join(name)).unwrap();
+        }
+        let image = ImageConfig {
+            size: 32,
+            ..ImageConfig::default()
+        };
+        let mut settings = BuildSettings::new(SourceSpec::detect(&src).unwrap(), image);
+        settings.part_size = 2;
+        let summary = build(&BuildOptions::new(tmp.path().join("ds"), settings)).unwrap();
+        assert!(summary.complete);
+        // Two parts, each a shard then its manifest; then samples.parquet.
+        assert_eq!(
+            *events.lock().unwrap(),
+            ["shard", "manifest", "shard", "manifest", "manifest"]
+        );
+        scenario.teardown();
+    }
 }

@@ -7,15 +7,17 @@ pub mod builder;
 pub mod config;
 pub mod crop;
 pub mod decode;
+pub mod isolate;
 pub mod pillow_resample;
 pub mod process;
 pub mod resize;
 pub mod source;
 pub mod tokenize;
 
-pub use builder::{build, BuildOptions, BuildSettings, BuildSummary};
+pub use builder::{build, BuildOptions, BuildSettings, BuildSummary, SlowInput};
 pub use config::{ImageConfig, Preprocess};
 pub use crop::RandomCrops;
+pub use isolate::Isolation;
 pub use source::{SourceKind, SourceSpec};
 
 /// Real media for unit tests (this crate's and those of crates above it): the bundled photos

@@ -48,6 +48,30 @@ impl Outcome {
         }
     }
 
+    /// An earlier build's successful row and its codec bytes, kept as they were
+    /// (`--retry-failed`).
+    pub fn kept(row: &codeclm_formats::SampleRow, codec: Vec<u8>) -> Outcome {
+        Outcome {
+            status: None,
+            error: None,
+            src_format: row.src_format.as_deref().map(crate::isolate::intern),
+            src_width: row.src_width,
+            src_height: row.src_height,
+            src_bytes: row.src_bytes,
+            exif_orientation: row.exif_orientation,
+            decode_scale: row.decode_scale,
+            width: row.width,
+            height: row.height,
+            crop: row.crop,
+            src_codec: row.src_codec.clone(),
+            src_duration: row.src_duration,
+            src_fps: row.src_fps,
+            frames: row.frames,
+            nal_units: row.nal_units,
+            codec: Some(codec),
+        }
+    }
+
     pub fn status(&self) -> Status {
         self.status.unwrap_or(Status::Ok)
     }

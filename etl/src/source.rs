@@ -117,23 +117,8 @@ pub enum Payload {
     Bytes(Vec<u8>),
     /// The source itself failed for this input (unreadable archive member, bad row).
     Failed(String),
-}
-
-impl Item {
-    /// The input's bytes, reading the file if needed.
-    pub fn bytes(&mut self) -> Result<Vec<u8>, String> {
-        match std::mem::replace(&mut self.payload, Payload::Bytes(Vec::new())) {
-            Payload::Bytes(b) => Ok(b),
-            Payload::File(p) if p.is_dir() => Err(format!(
-                "cannot read the directory {}: check its permissions (or a symlink loop)",
-                p.display()
-            )),
-            Payload::File(p) => {
-                std::fs::read(&p).map_err(|e| format!("cannot read {}: {e}", p.display()))
-            }
-            Payload::Failed(m) => Err(m),
-        }
-    }
+    /// An archive member over the size cap, not read: its size.
+    Oversized(u64),
 }
 
 /// A planned part: cheap to hold (at most `part_size` paths), opened only if it must be built.
@@ -318,7 +303,9 @@ fn chunk_paths(
 }
 
 /// Opens a planned part and yields its items in order.
-pub fn open(plan: PartPlan) -> Box<dyn Iterator<Item = Item> + Send> {
+/// The inputs of one part. Archive members larger than `max_bytes` are not read: they come as
+/// [`Payload::Oversized`] (their size known from the archive's header).
+pub fn open(plan: PartPlan, max_bytes: u64) -> Box<dyn Iterator<Item = Item> + Send> {
     match plan {
         PartPlan::Files { root, paths, kind } => Box::new(paths.into_iter().map(move |p| {
             let (identity, path) = match kind {
@@ -339,7 +326,7 @@ pub fn open(plan: PartPlan) -> Box<dyn Iterator<Item = Item> + Send> {
                 payload: Payload::File(path),
             }
         })),
-        PartPlan::Tar { root, file } => Box::new(TarItems::open(&root, &file)),
+        PartPlan::Tar { root, file } => Box::new(TarItems::open(&root, &file, max_bytes)),
         PartPlan::ParquetRows {
             root,
             file,
@@ -359,16 +346,16 @@ struct TarItems {
 }
 
 impl TarItems {
-    fn open(root: &Path, file: &Path) -> TarItems {
+    fn open(root: &Path, file: &Path, max_bytes: u64) -> TarItems {
         let name = rel_identity(root, file);
         let file = file.to_path_buf();
         let (tx, rx) = crossbeam_channel::bounded(16);
-        std::thread::spawn(move || read_tar(&name, &file, &tx));
+        std::thread::spawn(move || read_tar(&name, &file, max_bytes, &tx));
         TarItems { rx }
     }
 }
 
-fn read_tar(name: &str, file: &Path, tx: &crossbeam_channel::Sender<Item>) {
+fn read_tar(name: &str, file: &Path, max_bytes: u64, tx: &crossbeam_channel::Sender<Item>) {
     let failed = |key: &str, message: String| Item {
         identity: format!("{name}#{key}"),
         kind: "tar",
@@ -431,10 +418,15 @@ fn read_tar(name: &str, file: &Path, tx: &crossbeam_channel::Sender<Item>) {
         if !seen.insert(key.clone()) {
             continue;
         }
-        let mut bytes = Vec::with_capacity(entry.size().min(1 << 30) as usize);
-        let payload = match entry.read_to_end(&mut bytes) {
-            Ok(_) => Payload::Bytes(bytes),
-            Err(e) => Payload::Failed(format!("cannot read tar member {path}: {e}")),
+        let size = entry.size();
+        let payload = if size > max_bytes {
+            Payload::Oversized(size) // skipped unread when the archive moves on
+        } else {
+            let mut bytes = Vec::with_capacity(size.min(1 << 30) as usize);
+            match entry.read_to_end(&mut bytes) {
+                Ok(_) => Payload::Bytes(bytes),
+                Err(e) => Payload::Failed(format!("cannot read tar member {path}: {e}")),
+            }
         };
         if tx
             .send(Item {

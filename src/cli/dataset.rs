@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use codeclm_etl::{BuildOptions, BuildSettings};
+use codeclm_etl::{BuildOptions, BuildSettings, Isolation};
 use codeclm_formats::tokens::{read_token_rows, TokenLayout, TokenShard};
 use codeclm_formats::{Dataset, Modality};
 
@@ -17,7 +17,7 @@ use super::tokens;
 pub enum DatasetCommand {
     /// Turn images into JPEG and videos into H.264 codec bytes in shards indexed by Parquet
     /// manifests (resumable).
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// Write samples as standalone files: `<sample_id>.jpg` (tables spliced back) for images,
     /// `<sample_id>.h264` and a playable `<sample_id>.mp4` for videos.
     Export(ExportArgs),
@@ -149,6 +149,35 @@ pub struct BuildArgs {
     /// No progress bar.
     #[arg(long)]
     pub(crate) no_progress: bool,
+    /// Where inputs are decoded: `processes` (worker processes of this binary; a native crash
+    /// in libjpeg or FFmpeg costs one `crashed` row) or `threads` (slightly less overhead; a
+    /// crash ends the build).
+    #[arg(long, value_enum, default_value_t = IsolationArg::Processes)]
+    pub(crate) isolation: IsolationArg,
+    /// Seconds one input may take (decode, resize, encode); past it, a `timeout` row. 0 = no
+    /// limit.
+    #[arg(long, default_value_t = 60.0)]
+    pub(crate) item_timeout: f64,
+    /// Inputs larger than this many bytes are `too_large` rows, never read.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub(crate) max_input_bytes: u64,
+    /// MiB of source bytes read and not yet encoded, at most (the reader waits past it).
+    #[arg(long, default_value_t = 2048)]
+    pub(crate) max_inflight_mib: u64,
+    /// Redo the failed rows of finished parts (after an upgrade, or a transient read error) and
+    /// keep the rest: the result is the dataset a fresh build would write now.
+    #[arg(long)]
+    pub(crate) retry_failed: bool,
+    /// Seconds a part's lease lives without a heartbeat: another worker takes over a part whose
+    /// builder stopped renewing it this long ago (a dead process on the same host at once).
+    #[arg(long, default_value_t = 120)]
+    pub(crate) lease_seconds: u64,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub(crate) enum IsolationArg {
+    Processes,
+    Threads,
 }
 
 #[derive(Args)]
@@ -170,7 +199,7 @@ pub struct ExportArgs {
 
 pub fn run(cmd: DatasetCommand) -> Result<()> {
     match cmd {
-        DatasetCommand::Build(args) => build(args),
+        DatasetCommand::Build(args) => build(*args),
         DatasetCommand::Export(args) => export(args),
         DatasetCommand::Inspect { dataset } => {
             let ds = open(&dataset)?;
@@ -214,14 +243,32 @@ fn merge(out: &std::path::Path, inputs: &[PathBuf]) -> Result<()> {
 fn build(args: BuildArgs) -> Result<()> {
     let settings: BuildSettings = flags::build_settings(&args)?;
     let workers = flags::workers(args.workers);
-    let opts = BuildOptions {
-        out: args.out.clone(),
-        settings,
-        workers,
-        shard_index: args.shard_index,
-        num_shards: args.num_shards,
-        progress: !args.no_progress,
+    let mut opts = BuildOptions::new(args.out.clone(), settings);
+    opts.workers = workers;
+    opts.shard_index = args.shard_index;
+    opts.num_shards = args.num_shards;
+    opts.progress = !args.no_progress;
+    opts.isolation = match args.isolation {
+        IsolationArg::Threads => Isolation::Threads,
+        IsolationArg::Processes => Isolation::Processes {
+            exe: std::env::current_exe().context(
+                "finding this binary to start the decode workers (or use --isolation threads)",
+            )?,
+            args: vec!["decode-worker".into()],
+        },
     };
+    if !(args.item_timeout >= 0.0 && args.item_timeout.is_finite()) {
+        anyhow::bail!(
+            "--item-timeout {} must be a number of seconds (0 = no limit)",
+            args.item_timeout
+        );
+    }
+    opts.item_timeout =
+        (args.item_timeout > 0.0).then(|| std::time::Duration::from_secs_f64(args.item_timeout));
+    opts.max_input_bytes = args.max_input_bytes;
+    opts.max_inflight_bytes = args.max_inflight_mib.saturating_mul(1 << 20);
+    opts.retry_failed = args.retry_failed;
+    opts.lease_ttl = std::time::Duration::from_secs(args.lease_seconds);
     tracing::info!(
         "building {} from{}{} with {workers} workers{}",
         args.out.display(),
@@ -264,6 +311,31 @@ fn build(args: BuildArgs) -> Result<()> {
         s.parts_total,
         s.codec_bytes as f64 / 1e6,
     );
+    if s.parts_retried > 0 {
+        println!(
+            "--retry-failed: {} parts redone, {} inputs kept from the earlier build, {} decoded again",
+            s.parts_retried,
+            s.kept,
+            s.processed - s.kept
+        );
+    }
+    if let Some(slow) = s.slowest.first() {
+        println!(
+            "slowest input: {} ({:.2} s, {}); the run summary in {} lists the {}",
+            slow.source,
+            slow.seconds,
+            slow.status,
+            args.out.join("runs").display(),
+            s.slowest.len()
+        );
+    }
+    if s.parts_leased_elsewhere > 0 {
+        println!(
+            "{} parts are being built by other live workers (their leases are in {}): skipped; a rerun takes over any whose worker dies",
+            s.parts_leased_elsewhere,
+            args.out.join("parts").display()
+        );
+    }
     if s.complete {
         println!(
             "dataset complete: {}",

@@ -47,15 +47,21 @@ enum Command {
     /// references on the same inputs).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Internal: one decode worker of `dataset build --isolation processes` (reads jobs on
+    /// stdin, writes outcomes on stdout).
+    #[command(hide = true)]
+    DecodeWorker,
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    let _failpoints = codeclm_etl::isolate::arm_failpoints();
     match cli.command {
         Command::Dataset(cmd) => dataset::run(cmd),
         Command::Vocab(tokens::VocabCommand::Train(args)) => tokens::train(args),
         Command::Train(args) => model::train_cmd(args),
         Command::Sample(args) => sample::sample(args),
         Command::Eval(cmd) => eval::run(cmd),
+        Command::DecodeWorker => std::process::exit(codeclm_etl::isolate::serve()),
         Command::Model(cmd) => model::model_cmd(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     }

@@ -4,6 +4,7 @@ mod bad_inputs;
 mod common;
 mod crops;
 mod fid;
+mod hardening;
 mod model;
 mod pillow_identity;
 mod resume_and_shards;
