@@ -89,7 +89,7 @@ FUZZ_OUT ?= target/fuzz-corpus
 FUZZ_SEED ?= 17
 FUZZ_TIMEOUT ?= 1800
 FUZZ_BISECT ?= 60
-FUZZ_ARGS ?=
+FUZZ_ARGS ?= --item-timeout 10
 fuzz-corpus: build pydeps
 	$(PYTHON) tools/fuzz_corpus.py --out $(FUZZ_OUT) --seed $(FUZZ_SEED)
 	$(PYTHON) tools/fuzz_corpus_report.py --corpus $(FUZZ_OUT) --bin $(BIN) --timeout $(FUZZ_TIMEOUT) --bisect $(FUZZ_BISECT) $(if $(FUZZ_ARGS),-- $(FUZZ_ARGS))

@@ -182,8 +182,9 @@ def main() -> int:
     ap.add_argument("--deadline", type=float, default=None,
                     help="per-item limit, s (default: the --item-timeout passed through, else 10) "
                          "plus --slack")
-    ap.add_argument("--slack", type=float, default=2.0,
-                    help="seconds an item may run past the deadline (stopping takes time)")
+    ap.add_argument("--slack", type=float, default=3.0,
+                    help="seconds an item may run past the deadline (stopping takes time: the "
+                         "build kills a worker still busy max(2 s, 10%%) past --item-timeout)")
     ap.add_argument("--part-size", type=int, default=1000,
                     help="dataset build --part-size: finished parts survive a build that dies")
     ap.add_argument("--slowest", type=int, default=20, help="slowest items to list")

@@ -308,7 +308,7 @@ pub struct Pool {
 /// How long past the item timeout a child may run before it is killed: the decoders' own
 /// deadline checks answer first with a clean `timeout` row and their own message.
 fn hard_deadline(timeout: Duration) -> Duration {
-    timeout + (timeout / 2).max(Duration::from_secs(2))
+    timeout + (timeout / 10).max(Duration::from_secs(2))
 }
 
 impl Pool {
