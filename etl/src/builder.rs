@@ -423,9 +423,14 @@ fn run_job(
     }
     let outcomes = match job.item.bytes() {
         Ok(bytes) => std::panic::catch_unwind(|| match crops {
-            Some(crops) => {
-                process_image_crops(&bytes, ext.as_deref(), cfg, crops, &sample_id(&identity))
-            }
+            Some(crops) => process_image_crops(
+                &bytes,
+                ext.as_deref(),
+                cfg,
+                crops,
+                &sample_id(&identity),
+                &Default::default(),
+            ),
             None => vec![process_image(&bytes, ext.as_deref(), cfg)],
         })
         .unwrap_or_else(|_| {

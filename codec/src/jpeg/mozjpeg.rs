@@ -8,10 +8,11 @@
 //! support (`mozjpeg-sys/unwinding`), and every entry point catches it and turns it into a
 //! [`JpegError`] after destroying the libjpeg object. Warnings are counted, not printed; a
 //! premature end of data (libjpeg pads with grey and carries on) is reported as truncation,
-//! as Pillow does.
+//! as Pillow does. A deadline ([`DecodeOptions::deadline`]) is checked by libjpeg's progress
+//! monitor, which unwinds the same way.
 //!
-//! Everything libjpeg reaches through a pointer (the codec object, the error manager, our
-//! `Messages` behind `client_data`, the output buffer) lives in one heap
+//! Everything libjpeg reaches through a pointer (the codec object, the error manager, the
+//! progress monitor, our `Messages` behind `client_data`, the output buffer) lives in one heap
 //! block owned through a raw pointer and freed in `Drop`: Rust never holds a `Box` or `&mut` to
 //! what C may write through `client_data`, and the encoder writes into a `Vec` of its own
 //! (a destination manager) instead of libjpeg's `malloc`ed memory destination, so no path can
@@ -20,6 +21,7 @@
 use std::ffi::{c_int, c_ulong, c_void};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::ptr::addr_of_mut;
+use std::time::Instant;
 
 use mozjpeg_sys::*;
 use serde::{Deserialize, Serialize};
@@ -36,6 +38,8 @@ pub enum JpegError {
     Unsupported(String),
     #[error("cannot encode: {0}")]
     Encode(String),
+    #[error("JPEG decode stopped at the deadline ({0})")]
+    Timeout(String),
 }
 
 /// Chroma subsampling of the encoded stream (the paper: 4:2:0).
@@ -107,7 +111,12 @@ struct Messages {
     damaged: bool,
     /// libjpeg skipped bytes that are not markers where a marker should be, before the data ended.
     extraneous: bool,
+    /// The progress monitor gives up once this has passed.
+    deadline: Option<Instant>,
 }
+
+/// `LibjpegFatal::code` of the deadline (libjpeg's own codes are all positive).
+const DEADLINE_PASSED: c_int = -1;
 
 /// Payload carried by the unwind out of `error_exit`.
 struct LibjpegFatal {
@@ -133,6 +142,23 @@ unsafe extern "C-unwind" fn error_exit(cinfo: &mut jpeg_common_struct) {
     let code = (*cinfo.err).msg_code;
     let message = format_message(cinfo);
     resume_unwind(Box::new(LibjpegFatal { code, message }));
+}
+
+/// libjpeg's progress hook (every call of `jpeg_read_scanlines`, every iMCU row of a
+/// multi-scan image's input pass): past the deadline, a fatal error like any other.
+unsafe extern "C-unwind" fn check_deadline(cinfo: &mut jpeg_common_struct) {
+    let deadline = (*(cinfo.client_data as *const Messages)).deadline;
+    if crate::past(deadline) {
+        resume_unwind(Box::new(LibjpegFatal {
+            code: DEADLINE_PASSED,
+            message: format!(
+                "after {} of {} rows of pass {}",
+                (*cinfo.progress).pass_counter,
+                (*cinfo.progress).pass_limit,
+                (*cinfo.progress).completed_passes + 1
+            ),
+        }));
+    }
 }
 
 unsafe extern "C-unwind" fn emit_message(cinfo: &mut jpeg_common_struct, level: c_int) {
@@ -183,6 +209,18 @@ unsafe fn wire(common: *mut jpeg_common_struct, err: *mut jpeg_error_mgr, messag
     (*common).client_data = messages as *mut c_void;
 }
 
+/// With a deadline, installs the progress monitor that checks it (after `jpeg_create_*`).
+unsafe fn watch_deadline(
+    common: *mut jpeg_common_struct,
+    progress: *mut jpeg_progress_mgr,
+    messages: *const Messages,
+) {
+    if (*messages).deadline.is_some() {
+        (*progress).progress_monitor = Some(check_deadline);
+        (*common).progress = progress;
+    }
+}
+
 fn fatal_to_error(payload: Box<dyn std::any::Any + Send>, encoding: bool) -> JpegError {
     match payload.downcast::<LibjpegFatal>() {
         Ok(f) if encoding => JpegError::Encode(f.message),
@@ -208,7 +246,9 @@ fn classify_fatal(code: c_int, message: String) -> JpegError {
         JERR_BAD_PRECISION,
         JERR_NOTIMPL,
     ];
-    if unsupported.iter().any(|&c| c as c_int == code) {
+    if code == DEADLINE_PASSED {
+        JpegError::Timeout(message)
+    } else if unsupported.iter().any(|&c| c as c_int == code) {
         JpegError::Unsupported(message)
     } else if code == JERR_NO_SOI as c_int {
         JpegError::Corrupt(format!("not a JPEG stream: {message}"))
@@ -261,12 +301,16 @@ pub struct DecodeOptions<'a> {
     /// EXIF orientation would rotate the image. Pixels near the crop edge may differ from a full
     /// decode's by the upsampling context, so Pillow-exact paths leave this off.
     pub center_square: bool,
+    /// Give up with [`JpegError::Timeout`] once this has passed (checked every few rows and
+    /// every scan). `None`: no deadline, and libjpeg runs without a progress monitor.
+    pub deadline: Option<Instant>,
 }
 
 /// A decompressor and everything libjpeg reaches from it, in one heap block.
 struct DecompressState {
     cinfo: jpeg_decompress_struct,
     err: jpeg_error_mgr,
+    progress: jpeg_progress_mgr,
     messages: Messages,
 }
 
@@ -274,14 +318,18 @@ struct DecompressState {
 struct Decompress(*mut DecompressState);
 
 impl Decompress {
-    fn new() -> Decompress {
+    fn new(deadline: Option<Instant>) -> Decompress {
         // SAFETY: the libjpeg structs are plain C data, valid zeroed (as jpeg_create_* expects);
         // every pointer handed to libjpeg is derived from the one raw pointer.
         unsafe {
             let raw = Box::into_raw(Box::new(DecompressState {
                 cinfo: std::mem::zeroed(),
                 err: std::mem::zeroed(),
-                messages: Messages::default(),
+                progress: std::mem::zeroed(),
+                messages: Messages {
+                    deadline,
+                    ..Messages::default()
+                },
             }));
             let common = addr_of_mut!((*raw).cinfo.common);
             let messages = addr_of_mut!((*raw).messages);
@@ -289,6 +337,7 @@ impl Decompress {
             // Owned from here on (jpeg_create_* can fail, out of memory, and unwind).
             let d = Decompress(raw);
             jpeg_create_decompress(addr_of_mut!((*raw).cinfo));
+            watch_deadline(common, addr_of_mut!((*raw).progress), messages);
             d
         }
     }
@@ -322,7 +371,7 @@ pub fn decode(data: &[u8], opts: &DecodeOptions) -> Result<DecodedJpeg, JpegErro
     if data.len() < 4 {
         return Err(JpegError::Truncated(format!("only {} bytes", data.len())));
     }
-    let mut d = Decompress::new();
+    let mut d = Decompress::new(opts.deadline);
     let result = catch_unwind(AssertUnwindSafe(|| unsafe {
         decode_inner(&mut d, data, opts, true)
     }));
@@ -332,6 +381,7 @@ pub fn decode(data: &[u8], opts: &DecodeOptions) -> Result<DecodedJpeg, JpegErro
     };
     let m = d.messages();
     match e {
+        e @ JpegError::Timeout(_) => Err(e),
         // Data that ran out before the error (e.g. mid-header) is truncation, whatever broke next,
         // unless libjpeg had to skip garbage to get there (a damaged header, not a short file).
         e if m.premature_eof && !m.extraneous => {
@@ -387,8 +437,9 @@ pub fn decode_lenient(
         choose_scale: &|_, _| 1,
         read_exif: false,
         center_square: false,
+        deadline: None,
     };
-    let mut d = Decompress::new();
+    let mut d = Decompress::new(None);
     let result = catch_unwind(AssertUnwindSafe(|| unsafe {
         decode_inner(&mut d, data, &opts, false)
     }));
@@ -570,7 +621,7 @@ fn cmyk_to_rgb(cmyk: &[u8], inverted: bool) -> Vec<u8> {
 
 /// Reads only the header (dimensions, components).
 pub fn read_info(data: &[u8]) -> Result<JpegInfo, JpegError> {
-    let mut d = Decompress::new();
+    let mut d = Decompress::new(None);
     let result = catch_unwind(AssertUnwindSafe(|| unsafe {
         let cinfo = d.cinfo();
         jpeg_mem_src(cinfo, data.as_ptr(), data.len() as c_ulong);
@@ -626,6 +677,7 @@ unsafe extern "C-unwind" fn dest_term(cinfo: &mut jpeg_compress_struct) {
 struct CompressState {
     cinfo: jpeg_compress_struct,
     err: jpeg_error_mgr,
+    progress: jpeg_progress_mgr,
     messages: Messages,
     dest: VecDest,
 }
@@ -640,6 +692,7 @@ impl Compress {
         let raw = Box::into_raw(Box::new(CompressState {
             cinfo: std::mem::zeroed(),
             err: std::mem::zeroed(),
+            progress: std::mem::zeroed(),
             messages: Messages::default(),
             dest: VecDest {
                 mgr: jpeg_destination_mgr {
@@ -658,6 +711,7 @@ impl Compress {
         // Owned from here on: a fatal error below unwinds through Drop.
         let mut c = Compress(raw);
         jpeg_create_compress(addr_of_mut!((*raw).cinfo));
+        watch_deadline(common, addr_of_mut!((*raw).progress), messages);
         (*raw).cinfo.dest = addr_of_mut!((*raw).dest.mgr);
         let cinfo = c.cinfo();
         cinfo.image_width = width;
@@ -799,6 +853,7 @@ mod tests {
             choose_scale: &|_, _| 1,
             read_exif: true,
             center_square: false,
+            deadline: None,
         }
     }
 
@@ -947,6 +1002,7 @@ mod tests {
                 choose_scale: &|_, _| 4,
                 read_exif: false,
                 center_square: false,
+                deadline: None,
             },
         )
         .unwrap();
@@ -954,5 +1010,46 @@ mod tests {
             (d.width, d.height, d.scale_denom, d.src_width),
             (32, 24, 4, 128)
         );
+    }
+
+    fn photo(name: &str) -> Vec<u8> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    #[test]
+    fn a_passed_deadline_stops_the_decode_and_none_changes_nothing() {
+        // Baseline (rows through jpeg_read_scanlines) and progressive (scans consumed in
+        // jpeg_start_decompress): the progress monitor sees both.
+        for name in ["images/rocket.jpg", "odd/progressive.jpg", "odd/cmyk.jpg"] {
+            let bytes = photo(name);
+            let free = decode(&bytes, &opts(1 << 30)).unwrap();
+            let far = DecodeOptions {
+                deadline: Some(Instant::now() + std::time::Duration::from_secs(3600)),
+                ..opts(1 << 30)
+            };
+            let watched = decode(&bytes, &far).unwrap();
+            assert_eq!(
+                watched.rgb, free.rgb,
+                "{name}: a deadline not reached changes no pixel"
+            );
+            let past = DecodeOptions {
+                deadline: Some(Instant::now()),
+                ..opts(1 << 30)
+            };
+            let r = decode(&bytes, &past);
+            assert!(matches!(r, Err(JpegError::Timeout(_))), "{name}: {r:?}");
+        }
+        // A deadline does not hide a broken file behind a timeout: the header is read first.
+        let past = DecodeOptions {
+            deadline: Some(Instant::now()),
+            ..opts(1 << 30)
+        };
+        assert!(matches!(
+            decode(b"hello world, not a jpeg", &past),
+            Err(JpegError::Corrupt(_))
+        ));
     }
 }
