@@ -394,7 +394,12 @@ fn run_job(
             source::Payload::File(p) if p.is_file() => {
                 let len = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
                 std::panic::catch_unwind(|| {
-                    process_video(codeclm_codec::h264::encode::Source::Path(p), len, video_cfg)
+                    process_video(
+                        codeclm_codec::h264::encode::Source::Path(p),
+                        len,
+                        video_cfg,
+                        &Default::default(),
+                    )
                 })
                 .unwrap_or_else(|_| Outcome::failed(Status::EncodeError, internal, len))
             }
@@ -404,6 +409,7 @@ fn run_job(
                         codeclm_codec::h264::encode::Source::Bytes(&bytes),
                         bytes.len() as u64,
                         video_cfg,
+                        &Default::default(),
                     )
                 })
                 .unwrap_or_else(|_| {

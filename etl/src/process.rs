@@ -53,12 +53,19 @@ impl Outcome {
     }
 }
 
-/// Encodes one video under `cfg` (see `codeclm_codec::h264::encode`). Never panics on bad input.
-pub fn process_video(src: video::Source<'_>, src_bytes: u64, cfg: &VideoConfig) -> Outcome {
+/// Encodes one video under `cfg` (see `codeclm_codec::h264::encode`) within `limits` (a passed
+/// deadline is `Status::Timeout`, too many decoded frames `Status::TooLarge`). Never panics on
+/// bad input.
+pub fn process_video(
+    src: video::Source<'_>,
+    src_bytes: u64,
+    cfg: &VideoConfig,
+    limits: &Limits,
+) -> Outcome {
     if src_bytes == 0 {
         return Outcome::failed(Status::Empty, "zero-byte file", 0);
     }
-    match video::encode(src, cfg) {
+    match video::encode(src, cfg, limits) {
         Ok(v) => Outcome {
             src_format: Some(video_format_name(&v.src_format)),
             src_width: Some(v.src_width),
