@@ -40,6 +40,7 @@ fn photo_500x375(name: &str) -> Vec<u8> {
             choose_scale: &|_, _| 1,
             read_exif: false,
             center_square: false,
+            deadline: None,
         };
         let d = jpeg::decode(&bytes, &opts).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         (d.rgb, d.width, d.height)

@@ -10,9 +10,44 @@
 //! - [`grammar`]: byte grammars of valid streams and the vocabulary trie constrained sampling
 //!   walks through them.
 
+use std::time::Instant;
+
 pub mod grammar;
 pub mod h264;
 pub mod jpeg;
+
+/// Bounds on the time and work one input may take, set by the caller per item (the dataset
+/// builder: one image or one video). The default bounds nothing and changes no output byte.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Give up with [`Failure::Timeout`] once this instant has passed. Checked by libjpeg's
+    /// progress monitor (every few rows and every scan), FFmpeg's interrupt callback, our
+    /// readers (every block FFmpeg reads) and the video loop (every packet and frame).
+    pub deadline: Option<Instant>,
+    /// Give up with [`Failure::TooLarge`] after decoding this many source frames (videos; the
+    /// packet cap `VideoConfig::max_packets` bounds the reads, this bounds the decoded pictures).
+    pub max_frames: Option<u64>,
+}
+
+impl Limits {
+    /// No bound but the deadline.
+    pub fn until(deadline: Instant) -> Limits {
+        Limits {
+            deadline: Some(deadline),
+            ..Limits::default()
+        }
+    }
+
+    /// True once the deadline has passed.
+    pub fn expired(&self) -> bool {
+        past(self.deadline)
+    }
+}
+
+/// True once `deadline` (if any) has passed.
+pub(crate) fn past(deadline: Option<Instant>) -> bool {
+    deadline.is_some_and(|d| Instant::now() >= d)
+}
 
 /// Why an input could not be turned into codec bytes, by kind. A dataset records it as the
 /// sample's status: `codeclm_formats::Status` has one variant for each (documented there), plus

@@ -32,9 +32,10 @@ use serde::{Deserialize, Serialize};
 use crate::config::ImageConfig;
 use crate::crop::RandomCrops;
 use crate::isolate::{Isolation, JobHeader, Pool};
-use crate::process::{process_image, process_image_crops, process_video, Outcome};
+use crate::process::{process_image_crops, process_image_within, process_video, Outcome};
 use crate::source::{self, Item, SourceSpec};
 use codeclm_codec::h264::VideoConfig;
+use codeclm_codec::Limits;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -843,21 +844,16 @@ pub(crate) fn process_item(
             }
         }
     }
-    let _ = deadline;
+    let limits = Limits {
+        deadline,
+        max_frames: Some(max_source_frames(video)),
+    };
     if header.video {
-        let out = match &header.path {
-            Some(p) => process_video(
-                codeclm_codec::h264::encode::Source::Path(p),
-                header.src_bytes,
-                video,
-            ),
-            None => process_video(
-                codeclm_codec::h264::encode::Source::Bytes(&bytes),
-                header.src_bytes,
-                video,
-            ),
+        let src = match &header.path {
+            Some(p) => codeclm_codec::h264::encode::Source::Path(p),
+            None => codeclm_codec::h264::encode::Source::Bytes(&bytes),
         };
-        return vec![out];
+        return vec![process_video(src, header.src_bytes, video, &limits)];
     }
     match crops {
         Some(crops) => process_image_crops(
@@ -866,9 +862,21 @@ pub(crate) fn process_item(
             image,
             crops,
             &sample_id(&header.identity),
+            &limits,
         ),
-        None => vec![process_image(&bytes, header.ext.as_deref(), image)],
+        None => vec![process_image_within(
+            &bytes,
+            header.ext.as_deref(),
+            image,
+            &limits,
+        )],
     }
+}
+
+/// Source frames a video may decode: its kept seconds at up to 1,000 frames per second, plus
+/// 1,000 (leading frames before the first timestamp kept). More is a broken or hostile stream.
+fn max_source_frames(video: &VideoConfig) -> u64 {
+    u64::from(video.duration_ms) + 1000
 }
 
 /// Source bytes in flight (read, not yet encoded), bounded: readers wait while the budget is

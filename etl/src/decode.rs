@@ -10,6 +10,7 @@ use image::{DynamicImage, ImageDecoder, ImageFormat};
 use serde::{Deserialize, Serialize};
 
 use codeclm_codec::jpeg::{self, JpegError};
+use codeclm_codec::Limits;
 
 /// How images with alpha, grayscale and 16-bit samples become 8-bit RGB.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -135,6 +136,26 @@ pub fn decode(
     ext: Option<&str>,
     center_square: bool,
 ) -> Result<Decoded, DecodeError> {
+    decode_within(
+        bytes,
+        settings,
+        choose_scale,
+        ext,
+        center_square,
+        &Limits::default(),
+    )
+}
+
+/// [`decode`] within `limits`: `limits.deadline` stops a JPEG decode midway
+/// (`Status::Timeout`); the `image` crate's decoders are checked before they start.
+pub fn decode_within(
+    bytes: &[u8],
+    settings: &DecodeSettings,
+    choose_scale: &dyn Fn(u32, u32) -> u32,
+    ext: Option<&str>,
+    center_square: bool,
+    limits: &Limits,
+) -> Result<Decoded, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::new(
             Status::Empty,
@@ -159,7 +180,7 @@ pub fn decode(
         }
     };
     match format {
-        ImageFormat::Jpeg => decode_jpeg(bytes, settings, choose_scale, center_square)
+        ImageFormat::Jpeg => decode_jpeg(bytes, settings, choose_scale, center_square, limits)
             .map_err(|e| e.in_format("jpeg")),
         ImageFormat::Png
         | ImageFormat::Gif
@@ -167,6 +188,11 @@ pub fn decode(
         | ImageFormat::Bmp
         | ImageFormat::Tiff => {
             let name = format_name(format);
+            if limits.expired() {
+                return Err(
+                    DecodeError::new(Status::Timeout, "stopped at the deadline").in_format(name)
+                );
+            }
             decode_with_image(bytes, format, name, settings).map_err(|e| e.in_format(name))
         }
         other => Err(DecodeError::new(
@@ -184,12 +210,14 @@ fn decode_jpeg(
     settings: &DecodeSettings,
     choose_scale: &dyn Fn(u32, u32) -> u32,
     center_square: bool,
+    limits: &Limits,
 ) -> Result<Decoded, DecodeError> {
     let opts = jpeg::DecodeOptions {
         center_square,
         max_pixels: settings.max_pixels,
         choose_scale,
         read_exif: settings.apply_exif_orientation,
+        deadline: limits.deadline,
     };
     let d = jpeg::decode(bytes, &opts).map_err(|e| match e {
         JpegError::Truncated(m) => {
@@ -204,6 +232,7 @@ fn decode_jpeg(
             format!("{e}; raise --max-pixels to accept it"),
         ),
         JpegError::Encode(m) => DecodeError::new(Status::Corrupt, m),
+        e @ JpegError::Timeout(_) => DecodeError::new(Status::Timeout, e.to_string()),
     })?;
     let orientation = d
         .exif

@@ -11,7 +11,7 @@ use crate::decode::{self, Decoded};
 use crate::resize;
 use codeclm_codec::h264::encode::{self as video, VideoConfig};
 use codeclm_codec::jpeg;
-use codeclm_codec::Failure;
+use codeclm_codec::{Failure, Limits};
 
 /// The result of processing one input, before it gets an id, a part and a shard position.
 #[derive(Clone, Debug, Default)]
@@ -77,12 +77,19 @@ impl Outcome {
     }
 }
 
-/// Encodes one video under `cfg` (see `codeclm_codec::h264::encode`). Never panics on bad input.
-pub fn process_video(src: video::Source<'_>, src_bytes: u64, cfg: &VideoConfig) -> Outcome {
+/// Encodes one video under `cfg` (see `codeclm_codec::h264::encode`) within `limits` (a passed
+/// deadline is `Status::Timeout`, too many decoded frames `Status::TooLarge`). Never panics on
+/// bad input.
+pub fn process_video(
+    src: video::Source<'_>,
+    src_bytes: u64,
+    cfg: &VideoConfig,
+    limits: &Limits,
+) -> Outcome {
     if src_bytes == 0 {
         return Outcome::failed(Status::Empty, "zero-byte file", 0);
     }
-    match video::encode(src, cfg) {
+    match video::encode(src, cfg, limits) {
         Ok(v) => Outcome {
             src_format: Some(video_format_name(&v.src_format)),
             src_width: Some(v.src_width),
@@ -119,9 +126,21 @@ fn video_format_name(demuxer: &str) -> &'static str {
     }
 }
 
-/// Decodes, resizes and encodes one image under `cfg`. Never panics on bad input.
+/// Decodes, resizes and encodes one image under `cfg`, without limits (see
+/// [`process_image_within`]). Never panics on bad input.
 pub fn process_image(bytes: &[u8], ext: Option<&str>, cfg: &ImageConfig) -> Outcome {
-    match prepare(bytes, ext, cfg) {
+    process_image_within(bytes, ext, cfg, &Limits::default())
+}
+
+/// [`process_image`] within `limits`: a decode still running at the deadline stops with
+/// `Status::Timeout`. Never panics on bad input.
+pub fn process_image_within(
+    bytes: &[u8],
+    ext: Option<&str>,
+    cfg: &ImageConfig,
+    limits: &Limits,
+) -> Outcome {
+    match prepare_within(bytes, ext, cfg, limits) {
         Ok((square, out)) => encode(&square, cfg, out),
         Err(failed) => failed,
     }
@@ -131,15 +150,17 @@ pub fn process_image(bytes: &[u8], ext: Option<&str>, cfg: &ImageConfig) -> Outc
 /// `source_id`), each stretched to `size` x `size` with the resampler and encoded: one outcome
 /// per crop, or one failed outcome when the image does not decode. The boxes are in the pixels
 /// of the upright source at full resolution, so the decode is never DCT-scaled (one decode
-/// serves every crop, and an 8% crop needs the full resolution anyway). Never panics on bad input.
+/// serves every crop, and an 8% crop needs the full resolution anyway). The decode runs within
+/// `limits` (see [`process_image_within`]). Never panics on bad input.
 pub fn process_image_crops(
     bytes: &[u8],
     ext: Option<&str>,
     cfg: &ImageConfig,
     crops: &RandomCrops,
     source_id: &str,
+    limits: &Limits,
 ) -> Vec<Outcome> {
-    let (d, facts) = match decode_image(bytes, ext, cfg, &|_, _| 1, false) {
+    let (d, facts) = match decode_image(bytes, ext, cfg, &|_, _| 1, false, limits) {
         Ok(decoded) => decoded,
         Err(failed) => return vec![failed],
     };
@@ -206,15 +227,21 @@ fn decode_image(
     cfg: &ImageConfig,
     choose_scale: &dyn Fn(u32, u32) -> u32,
     crop_in_decoder: bool,
+    limits: &Limits,
 ) -> Result<(Decoded, Outcome), Outcome> {
     let src_bytes = bytes.len() as u64;
-    let d =
-        decode::decode(bytes, &cfg.decode, choose_scale, ext, crop_in_decoder).map_err(|e| {
-            Outcome {
-                src_format: e.format,
-                ..Outcome::failed(e.status, e.message, src_bytes)
-            }
-        })?;
+    let d = decode::decode_within(
+        bytes,
+        &cfg.decode,
+        choose_scale,
+        ext,
+        crop_in_decoder,
+        limits,
+    )
+    .map_err(|e| Outcome {
+        src_format: e.format,
+        ..Outcome::failed(e.status, e.message, src_bytes)
+    })?;
     let out = Outcome {
         src_format: Some(d.format),
         src_width: Some(d.src_width),
@@ -236,6 +263,17 @@ pub fn prepare(
     ext: Option<&str>,
     cfg: &ImageConfig,
 ) -> Result<(Vec<u8>, Outcome), Outcome> {
+    prepare_within(bytes, ext, cfg, &Limits::default())
+}
+
+/// [`prepare`] within `limits`.
+#[allow(clippy::result_large_err)]
+fn prepare_within(
+    bytes: &[u8],
+    ext: Option<&str>,
+    cfg: &ImageConfig,
+    limits: &Limits,
+) -> Result<(Vec<u8>, Outcome), Outcome> {
     let (size, mode) = (cfg.size, cfg.resize);
     let choose_scale = |w: u32, h: u32| {
         if cfg.dct_scaling {
@@ -248,7 +286,7 @@ pub fn prepare(
     // resamplers must see exactly Pillow's pixels, so they get a full decode.
     let crop_in_decoder =
         mode == resize::ResizeMode::CenterCrop && cfg.resampler == resize::Resampler::Lanczos3;
-    let (d, out) = decode_image(bytes, ext, cfg, &choose_scale, crop_in_decoder)?;
+    let (d, out) = decode_image(bytes, ext, cfg, &choose_scale, crop_in_decoder, limits)?;
     let resized = match d.square {
         Some((x, y, side)) => resize::resample(
             &d.rgb,
@@ -279,5 +317,33 @@ pub fn status_of(failure: Failure) -> Status {
         Failure::ReadError => Status::ReadError,
         Failure::EncodeError => Status::EncodeError,
         Failure::Timeout => Status::Timeout,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_passed_deadline_is_a_timeout_row_and_none_changes_no_byte() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let cfg = ImageConfig::default();
+        for name in ["images/rocket.jpg", "images/camera.png"] {
+            let bytes = std::fs::read(dir.join(name)).unwrap();
+            let free = process_image(&bytes, None, &cfg);
+            assert_eq!(free.status(), Status::Ok, "{name}");
+            let far =
+                Limits::until(std::time::Instant::now() + std::time::Duration::from_secs(3600));
+            assert_eq!(
+                process_image_within(&bytes, None, &cfg, &far).codec,
+                free.codec
+            );
+            let past = Limits::until(std::time::Instant::now());
+            let out = process_image_within(&bytes, None, &cfg, &past);
+            assert_eq!(out.status(), Status::Timeout, "{name}: {:?}", out.error);
+            let crops = process_image_crops(&bytes, None, &cfg, &RandomCrops::new(2), "id", &past);
+            assert_eq!(crops.len(), 1);
+            assert_eq!(crops[0].status(), Status::Timeout, "{name}");
+        }
     }
 }

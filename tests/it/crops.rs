@@ -162,6 +162,7 @@ fn crops_are_rows_with_their_boxes_split_by_photo_and_rebuild_identically() {
                     choose_scale: &|_, _| 1,
                     read_exif: false,
                     center_square: false,
+                    deadline: None,
                 },
             )
             .unwrap();

@@ -18,6 +18,7 @@ fn decode_output(abbreviated: &[u8], cfg: &ImageConfig) -> Vec<u8> {
             choose_scale: &|_, _| 1,
             read_exif: false,
             center_square: false,
+            deadline: None,
         },
     )
     .unwrap();
@@ -139,6 +140,7 @@ fn decoding_only_the_centre_square_gives_the_same_square() {
         choose_scale: &|_, _| 1,
         read_exif: false,
         center_square,
+        deadline: None,
     };
     let d = jpeg::decode(&landscape, &full_opts(false)).unwrap();
     let mut portrait_rgb = vec![0u8; d.rgb.len()];

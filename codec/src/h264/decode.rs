@@ -10,7 +10,7 @@ use image::RgbImage;
 use rsmpeg::ffi;
 
 use super::encode::{
-    cstring, err_str, silence_ffmpeg_logs, Codec, Frame, Packet, VideoError, EAGAIN,
+    allocated, cstring, err_str, route_ffmpeg_logs, Codec, Frame, Packet, VideoError, EAGAIN,
 };
 use super::nal::nal_units;
 use crate::Failure;
@@ -24,6 +24,10 @@ pub struct DecodedVideo {
     /// Frames the decoder flagged as damaged (error-concealed slices or a corrupt picture).
     pub concealed_frames: u32,
 }
+
+/// The largest picture [`decode_h264`] decodes: a dataset's frames are at most 4096x4096
+/// (`VideoConfig::validate`).
+const MAX_PIXELS: i64 = 4096 * 4096;
 
 /// One access unit (one picture's NAL units) found by FFmpeg's H.264 parser.
 struct AccessUnit {
@@ -51,7 +55,7 @@ fn access_units(h264: &[u8]) -> Result<(Vec<AccessUnit>, (i32, i32)), VideoError
                 message: "this FFmpeg has no H.264 parser/decoder".into(),
             });
         }
-        let ctx = Codec(ffi::avcodec_alloc_context3(codec));
+        let ctx = Codec::new(codec)?;
         let mut units = Vec::new();
         let mut size = (0, 0);
         let mut rest = h264;
@@ -94,14 +98,16 @@ fn access_units(h264: &[u8]) -> Result<(Vec<AccessUnit>, (i32, i32)), VideoError
 /// Decodes an Annex B stream to at most `max_frames` RGB frames. Damaged streams decode as far as
 /// they can (errors counted, concealed frames flagged); garbage gives zero frames, not a panic.
 pub fn decode_h264(h264: &[u8], max_frames: usize) -> Result<DecodedVideo, VideoError> {
-    silence_ffmpeg_logs();
+    route_ffmpeg_logs();
     let (units, _) = access_units(h264)?;
     let mut out = DecodedVideo::default();
     // SAFETY: decoder, frames, packet and scaler are owned here; data outlives each call.
     unsafe {
         let codec = ffi::avcodec_find_decoder(ffi::AVCodecID_AV_CODEC_ID_H264);
-        let dec = Codec(ffi::avcodec_alloc_context3(codec));
+        let dec = Codec::new(codec)?;
         (*dec.0).thread_count = 1;
+        // Refused before allocating: a generated SPS can claim any size.
+        (*dec.0).max_pixels = MAX_PIXELS;
         let ret = ffi::avcodec_open2(dec.0, codec, ptr::null_mut());
         if ret < 0 {
             return Err(VideoError {
@@ -109,8 +115,8 @@ pub fn decode_h264(h264: &[u8], max_frames: usize) -> Result<DecodedVideo, Video
                 message: format!("cannot open the H.264 decoder ({})", err_str(ret)),
             });
         }
-        let pkt = Packet::new();
-        let frame = Frame::new();
+        let pkt = Packet::new()?;
+        let frame = Frame::new()?;
         let mut sws: *mut ffi::SwsContext = ptr::null_mut();
         let mut receive = |out: &mut DecodedVideo| -> bool {
             loop {
@@ -130,7 +136,7 @@ pub fn decode_h264(h264: &[u8], max_frames: usize) -> Result<DecodedVideo, Video
                     out.concealed_frames += 1;
                 }
                 let (w, h) = (f.width, f.height);
-                if w <= 0 || h <= 0 || w > 16384 || h > 16384 {
+                if w <= 0 || h <= 0 || w as i64 * h as i64 > MAX_PIXELS {
                     out.decode_errors += 1;
                     ffi::av_frame_unref(frame.0);
                     continue;
@@ -201,7 +207,7 @@ pub fn decode_h264(h264: &[u8], max_frames: usize) -> Result<DecodedVideo, Video
 /// Remuxes an Annex B stream (as stored) into a playable MP4 at `fps`, in-process, written
 /// straight to `out` (commit it through a temp file: `codeclm_formats::write_atomic_with`).
 pub fn annexb_to_mp4(h264: &[u8], fps: u32, out: &Path) -> Result<(), VideoError> {
-    silence_ffmpeg_logs();
+    route_ffmpeg_logs();
     let fail = |what: &str, r: i32| VideoError {
         failure: Failure::EncodeError,
         message: format!("{}: {what} ({})", out.display(), err_str(r)),
@@ -248,8 +254,11 @@ pub fn annexb_to_mp4(h264: &[u8], fps: u32, out: &Path) -> Result<(), VideoError
             (*par).codec_id = ffi::AVCodecID_AV_CODEC_ID_H264;
             (*par).width = w;
             (*par).height = h;
-            let ed = ffi::av_mallocz(extradata.len() + ffi::AV_INPUT_BUFFER_PADDING_SIZE as usize)
-                as *mut u8;
+            let ed = allocated(
+                ffi::av_mallocz(extradata.len() + ffi::AV_INPUT_BUFFER_PADDING_SIZE as usize)
+                    as *mut u8,
+                "the MP4's parameter sets",
+            )?;
             ptr::copy_nonoverlapping(extradata.as_ptr(), ed, extradata.len());
             (*par).extradata = ed;
             (*par).extradata_size = extradata.len() as i32;
@@ -268,7 +277,7 @@ pub fn annexb_to_mp4(h264: &[u8], fps: u32, out: &Path) -> Result<(), VideoError
                 return Err(fail("cannot write the MP4 header", r));
             }
             let stb = (*st).time_base;
-            let pkt = Packet::new();
+            let pkt = Packet::new()?;
             for (i, au) in units.iter().enumerate() {
                 let r = ffi::av_new_packet(pkt.0, au.data.len() as i32);
                 if r < 0 {
@@ -307,4 +316,32 @@ pub fn annexb_to_mp4(h264: &[u8], fps: u32, out: &Path) -> Result<(), VideoError
         return Err(e);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pictures_over_the_pixel_limit_are_refused_before_allocation() {
+        // huge_resolution.mp4's 8192x4608 picture as Annex B (what a model could generate: an
+        // SPS may claim any size). The decoder's own max_pixels refuses it; before, it was
+        // decoded and converted to a 113 MB RGB image.
+        let dir = tempfile::tempdir().unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/videos-bad/huge_resolution.mp4");
+        let out = dir.path().join("huge.h264");
+        let status = std::process::Command::new("ffmpeg")
+            .args(["-nostdin", "-loglevel", "error", "-y", "-i"])
+            .arg(&src)
+            .args(["-c:v", "copy", "-bsf:v", "h264_mp4toannexb", "-f", "h264"])
+            .arg(&out)
+            .status()
+            .expect("the ffmpeg CLI (the byte-identity tests need it too)");
+        assert!(status.success());
+        let h264 = std::fs::read(&out).unwrap();
+        let decoded = decode_h264(&h264, 4).unwrap();
+        assert!(decoded.frames.is_empty(), "{} frames", decoded.frames.len());
+        assert!(decoded.decode_errors > 0);
+    }
 }

@@ -17,11 +17,12 @@
 use std::ffi::{CStr, CString};
 use std::path::Path;
 use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rsmpeg::ffi;
 
 use super::nal::strip_x264_sei;
-use crate::Failure;
+use crate::{Failure, Limits};
 use serde::{Deserialize, Serialize};
 
 /// Everything that determines the H.264 bytes produced for one input video.
@@ -210,13 +211,25 @@ pub(crate) const EAGAIN: i32 = ffi::AVERROR(ffi::EAGAIN);
 // ---------------------------------------------------------------------------------------------
 // Owned FFmpeg objects (freed on drop; every error path below just returns).
 
+/// FFmpeg returned null from an allocation.
+pub(crate) fn out_of_memory(what: &str) -> VideoError {
+    VideoError::new(Failure::EncodeError, format!("out of memory ({what})"))
+}
+
+/// `p`, or the out-of-memory error when FFmpeg's allocation gave null.
+pub(crate) fn allocated<T>(p: *mut T, what: &str) -> Result<*mut T, VideoError> {
+    if p.is_null() {
+        Err(out_of_memory(what))
+    } else {
+        Ok(p)
+    }
+}
+
 pub(crate) struct Packet(pub(crate) *mut ffi::AVPacket);
 impl Packet {
-    pub(crate) fn new() -> Packet {
-        // SAFETY: plain allocation; null only on OOM, which aborts below.
-        let p = unsafe { ffi::av_packet_alloc() };
-        assert!(!p.is_null(), "out of memory allocating an AVPacket");
-        Packet(p)
+    pub(crate) fn new() -> Result<Packet, VideoError> {
+        // SAFETY: plain allocation, checked.
+        allocated(unsafe { ffi::av_packet_alloc() }, "an AVPacket").map(Packet)
     }
 }
 impl Drop for Packet {
@@ -228,11 +241,9 @@ impl Drop for Packet {
 
 pub(crate) struct Frame(pub(crate) *mut ffi::AVFrame);
 impl Frame {
-    pub(crate) fn new() -> Frame {
-        // SAFETY: plain allocation.
-        let p = unsafe { ffi::av_frame_alloc() };
-        assert!(!p.is_null(), "out of memory allocating an AVFrame");
-        Frame(p)
+    pub(crate) fn new() -> Result<Frame, VideoError> {
+        // SAFETY: plain allocation, checked.
+        allocated(unsafe { ffi::av_frame_alloc() }, "an AVFrame").map(Frame)
     }
 }
 impl Drop for Frame {
@@ -243,6 +254,16 @@ impl Drop for Frame {
 }
 
 pub(crate) struct Codec(pub(crate) *mut ffi::AVCodecContext);
+impl Codec {
+    pub(crate) fn new(codec: *const ffi::AVCodec) -> Result<Codec, VideoError> {
+        // SAFETY: plain allocation (codec may be null: a context without a codec), checked.
+        allocated(
+            unsafe { ffi::avcodec_alloc_context3(codec) },
+            "a codec context",
+        )
+        .map(Codec)
+    }
+}
 impl Drop for Codec {
     fn drop(&mut self) {
         // SAFETY: allocated by avcodec_alloc_context3.
@@ -277,111 +298,211 @@ pub(crate) fn cstring(s: &str) -> CString {
     CString::new(s.replace('\0', "")).unwrap_or_default()
 }
 
-/// An input: a demuxer over a file path or over bytes in memory.
+/// The demuxers a source may open (FFmpeg's short names; a demuxer matches when one of its
+/// names is here): real video containers and raw video streams. Everything that reads a list
+/// of other files or URLs is left out: `hls` and `dash` (playlists), `concat` (`ffconcat`
+/// lists), `image2` (numbered file patterns), `tee`, `webm_dash_manifest`, the subtitle and
+/// text formats. A file probed as anything else fails as unsupported.
+pub const FORMAT_WHITELIST: &str = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,flv,mpegts,mpeg,\
+mpegvideo,h264,hevc,m4v,ogg,asf,gif,mxf,ivf,nut,rm,dv,yuv4mpegpipe";
+
+/// An input: a demuxer over our own reader (a file or bytes in memory). FFmpeg never opens
+/// anything itself: no protocol is whitelisted and `io_open` (how a demuxer opens another
+/// file: playlists, concat lists, MOV references) always refuses.
 struct Input {
     fmt: *mut ffi::AVFormatContext,
     avio: *mut ffi::AVIOContext,
-    _mem: Option<Box<MemReader>>,
+    /// Owned through the raw pointer the AVIOContext's callbacks see; freed in Drop.
+    reader: *mut Reader,
 }
 
-struct MemReader {
-    data: Vec<u8>,
-    pos: usize,
+/// What `Input`'s AVIOContext reads: the file or the bytes, and the caller's deadline, checked
+/// before every block FFmpeg asks for (interrupting a demuxer stuck in reads).
+struct Reader {
+    inner: Box<dyn ReadSeek>,
+    len: u64,
+    deadline: Option<std::time::Instant>,
 }
 
-unsafe extern "C" fn mem_read(opaque: *mut std::os::raw::c_void, buf: *mut u8, size: i32) -> i32 {
-    // SAFETY: opaque is the boxed MemReader owned by the Input that owns this AVIOContext.
-    let r = unsafe { &mut *(opaque as *mut MemReader) };
-    let left = r.data.len().saturating_sub(r.pos);
-    if left == 0 {
-        return ffi::AVERROR_EOF;
+trait ReadSeek: std::io::Read + std::io::Seek {}
+impl<T: std::io::Read + std::io::Seek> ReadSeek for T {}
+
+unsafe extern "C" fn reader_read(
+    opaque: *mut std::os::raw::c_void,
+    buf: *mut u8,
+    size: i32,
+) -> i32 {
+    // SAFETY: opaque is the Reader owned by the Input that owns this AVIOContext; buf has room
+    // for `size` bytes.
+    let (r, out) = unsafe {
+        (
+            &mut *(opaque as *mut Reader),
+            std::slice::from_raw_parts_mut(buf, size.max(0) as usize),
+        )
+    };
+    if crate::past(r.deadline) {
+        return ffi::AVERROR_EXIT;
     }
-    let n = left.min(size.max(0) as usize);
-    // SAFETY: buf has room for `size` bytes; n <= size.
-    unsafe { ptr::copy_nonoverlapping(r.data.as_ptr().add(r.pos), buf, n) };
-    r.pos += n;
-    n as i32
+    loop {
+        return match r.inner.read(out) {
+            Ok(0) => ffi::AVERROR_EOF,
+            Ok(n) => n as i32,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => ffi::AVERROR(ffi::EIO),
+        };
+    }
 }
 
-unsafe extern "C" fn mem_seek(opaque: *mut std::os::raw::c_void, offset: i64, whence: i32) -> i64 {
-    // SAFETY: as in mem_read.
-    let r = unsafe { &mut *(opaque as *mut MemReader) };
-    let len = r.data.len() as i64;
-    let base = match whence & !(ffi::AVSEEK_FORCE as i32) {
-        w if w == ffi::AVSEEK_SIZE as i32 => return len,
-        0 => 0,            // SEEK_SET
-        1 => r.pos as i64, // SEEK_CUR
-        2 => len,          // SEEK_END
+unsafe extern "C" fn reader_seek(
+    opaque: *mut std::os::raw::c_void,
+    offset: i64,
+    whence: i32,
+) -> i64 {
+    use std::io::SeekFrom;
+    // SAFETY: as in reader_read.
+    let r = unsafe { &mut *(opaque as *mut Reader) };
+    let to = match whence & !(ffi::AVSEEK_FORCE as i32) {
+        w if w == ffi::AVSEEK_SIZE as i32 => return r.len as i64,
+        0 if offset >= 0 => SeekFrom::Start(offset as u64), // SEEK_SET
+        1 => SeekFrom::Current(offset),                     // SEEK_CUR
+        2 => SeekFrom::End(offset),                         // SEEK_END
         _ => return -1,
     };
-    let target = base.saturating_add(offset);
-    if target < 0 {
-        return -1;
-    }
-    r.pos = (target as usize).min(r.data.len());
-    target
+    r.inner.seek(to).map_or(-1, |p| p as i64)
+}
+
+/// The interrupt callback: non-zero once the deadline (behind `opaque`) has passed.
+unsafe extern "C" fn interrupt(opaque: *mut std::os::raw::c_void) -> i32 {
+    // SAFETY: opaque is the Input's Reader, alive as long as the format context.
+    let r = unsafe { &*(opaque as *const Reader) };
+    crate::past(r.deadline) as i32
+}
+
+/// `AVFormatContext.io_open`: a demuxer asking to open another file or URL is refused.
+unsafe extern "C" fn refuse_io_open(
+    s: *mut ffi::AVFormatContext,
+    _pb: *mut *mut ffi::AVIOContext,
+    url: *const std::os::raw::c_char,
+    _flags: i32,
+    _options: *mut *mut ffi::AVDictionary,
+) -> i32 {
+    // SAFETY: url is a C string from the demuxer.
+    let url = unsafe { CStr::from_ptr(url) }.to_string_lossy();
+    tracing::debug!(target: "ffmpeg", "refused to open {url:?} from inside {s:p}");
+    ffi::AVERROR(ffi::EPERM)
+}
+
+/// The failure of a video stopped at its deadline, saying where.
+fn deadline_error(what: &str) -> VideoError {
+    VideoError::new(
+        Failure::Timeout,
+        format!("stopped at the deadline ({what})"),
+    )
 }
 
 impl Input {
-    fn open(src: Source<'_>) -> Result<Input, VideoError> {
-        // SAFETY: standard libavformat open sequence; every pointer is checked, and Input's
-        // Drop releases what was allocated.
+    fn open(src: Source<'_>, cfg: &VideoConfig, limits: &Limits) -> Result<Input, VideoError> {
+        let oom = || VideoError::new(Failure::EncodeError, "out of memory");
+        let (inner, len, url): (Box<dyn ReadSeek>, u64, CString) = match src {
+            Source::Path(p) => {
+                let file = std::fs::File::open(p).map_err(|e| {
+                    VideoError::new(Failure::ReadError, format!("cannot open the file ({e})"))
+                })?;
+                let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+                // The path still names the input: probing scores file extensions.
+                (Box::new(file), len, cstring(&p.to_string_lossy()))
+            }
+            Source::Bytes(b) => (
+                Box::new(std::io::Cursor::new(b.to_vec())),
+                b.len() as u64,
+                CString::default(),
+            ),
+        };
+        let mut input = Input {
+            fmt: ptr::null_mut(),
+            avio: ptr::null_mut(),
+            reader: Box::into_raw(Box::new(Reader {
+                inner,
+                len,
+                deadline: limits.deadline,
+            })),
+        };
+        // SAFETY: standard libavformat open sequence with custom IO; every allocation is
+        // checked, and Input's Drop releases what was allocated.
         unsafe {
+            let size = 32768;
+            let buf = ffi::av_malloc(size) as *mut u8;
+            if buf.is_null() {
+                return Err(oom());
+            }
+            input.avio = ffi::avio_alloc_context(
+                buf,
+                size as i32,
+                0,
+                input.reader as *mut _,
+                Some(reader_read),
+                None,
+                Some(reader_seek),
+            );
+            if input.avio.is_null() {
+                ffi::av_free(buf as *mut _);
+                return Err(oom());
+            }
             let mut fmt = ffi::avformat_alloc_context();
             if fmt.is_null() {
-                return Err(VideoError::new(Failure::EncodeError, "out of memory"));
+                return Err(oom());
             }
-            let mut input = Input {
-                fmt: ptr::null_mut(),
-                avio: ptr::null_mut(),
-                _mem: None,
+            (*fmt).pb = input.avio;
+            (*fmt).interrupt_callback = ffi::AVIOInterruptCB {
+                callback: Some(interrupt),
+                opaque: input.reader as *mut _,
             };
-            let url = match src {
-                Source::Path(p) => cstring(&p.to_string_lossy()),
-                Source::Bytes(b) => {
-                    let mut mem = Box::new(MemReader {
-                        data: b.to_vec(),
-                        pos: 0,
-                    });
-                    let size = 32768;
-                    let buf = ffi::av_malloc(size) as *mut u8;
-                    let avio = ffi::avio_alloc_context(
-                        buf,
-                        size as i32,
-                        0,
-                        &mut *mem as *mut MemReader as *mut _,
-                        Some(mem_read),
-                        None,
-                        Some(mem_seek),
-                    );
-                    if avio.is_null() {
-                        ffi::av_free(buf as *mut _);
-                        ffi::avformat_free_context(fmt);
-                        return Err(VideoError::new(Failure::EncodeError, "out of memory"));
-                    }
-                    (*fmt).pb = avio;
-                    input.avio = avio;
-                    input._mem = Some(mem);
-                    CString::default()
-                }
-            };
-            let ret =
-                ffi::avformat_open_input(&mut fmt, url.as_ptr(), ptr::null(), ptr::null_mut());
+            (*fmt).io_open = Some(refuse_io_open);
+            let mut opts = Dict(ptr::null_mut());
+            opts.set("format_whitelist", FORMAT_WHITELIST);
+            // No protocol at all (a name no protocol has): nothing is opened by URL.
+            opts.set("protocol_whitelist", "none");
+            let ret = ffi::avformat_open_input(&mut fmt, url.as_ptr(), ptr::null(), &mut opts.0);
             if ret < 0 {
-                // avformat_open_input freed fmt on failure.
-                let failure = if ret == ffi::AVERROR_INVALIDDATA {
-                    Failure::Unrecognized
+                // avformat_open_input freed fmt on failure (not our AVIOContext).
+                let (failure, what) = if limits.expired() {
+                    return Err(deadline_error("opening the container"));
+                } else if ret == ffi::AVERROR_INVALIDDATA {
+                    (Failure::Unrecognized, "not a readable video container")
+                } else if ret == ffi::AVERROR(ffi::EINVAL) || ret == ffi::AVERROR(ffi::EPERM) {
+                    (Failure::Unsupported, "not a video container we read (playlists, file lists and image sequences are refused)")
                 } else {
-                    Failure::ReadError
+                    (Failure::ReadError, "cannot read the container")
                 };
                 return Err(VideoError::new(
                     failure,
-                    format!("not a readable video container ({})", err_str(ret)),
+                    format!("{what} ({})", err_str(ret)),
                 ));
             }
             input.fmt = fmt;
-            let ret = ffi::avformat_find_stream_info(fmt, ptr::null_mut());
+            // Stream probing decodes frames too: under the same pixel limit as our decoder.
+            let n = (*fmt).nb_streams as usize;
+            let mut stream_opts: Vec<Dict> = (0..n).map(|_| Dict(ptr::null_mut())).collect();
+            for d in &mut stream_opts {
+                d.set("max_pixels", &decoder_max_pixels(cfg).to_string());
+            }
+            let mut raw: Vec<*mut ffi::AVDictionary> = stream_opts.iter().map(|d| d.0).collect();
+            let ret = ffi::avformat_find_stream_info(
+                fmt,
+                if n == 0 {
+                    ptr::null_mut()
+                } else {
+                    raw.as_mut_ptr()
+                },
+            );
+            // find_stream_info may replace the dictionaries (unused options left in them).
+            for (d, r) in stream_opts.iter_mut().zip(raw) {
+                d.0 = r;
+            }
             if ret < 0 {
+                if limits.expired() {
+                    return Err(deadline_error("reading the streams"));
+                }
                 return Err(VideoError::new(
                     Failure::Corrupt,
                     format!("cannot read the streams ({})", err_str(ret)),
@@ -392,9 +513,15 @@ impl Input {
     }
 }
 
+/// The decoder's own `max_pixels` (FFmpeg refuses larger pictures before allocating them).
+fn decoder_max_pixels(cfg: &VideoConfig) -> i64 {
+    cfg.max_pixels.min(i32::MAX as u64) as i64
+}
+
 impl Drop for Input {
     fn drop(&mut self) {
-        // SAFETY: fmt (if opened) and the custom AVIOContext are ours to free.
+        // SAFETY: fmt (if opened), the custom AVIOContext and the reader are ours to free, the
+        // reader last (the context's callbacks point at it).
         unsafe {
             if !self.fmt.is_null() {
                 ffi::avformat_close_input(&mut self.fmt);
@@ -403,6 +530,7 @@ impl Drop for Input {
                 ffi::av_freep(&mut (*self.avio).buffer as *mut *mut u8 as *mut _);
                 ffi::avio_context_free(&mut self.avio);
             }
+            drop(Box::from_raw(self.reader));
         }
     }
 }
@@ -416,7 +544,7 @@ pub enum Source<'a> {
 
 /// Encodes one video file (path) under `cfg`.
 pub fn encode_file(path: &Path, cfg: &VideoConfig) -> Result<EncodedVideo, VideoError> {
-    encode(Source::Path(path), cfg)
+    encode(Source::Path(path), cfg, &Limits::default())
 }
 
 /// Encodes one video held in memory under `cfg`.
@@ -424,7 +552,7 @@ pub fn encode_bytes(bytes: &[u8], cfg: &VideoConfig) -> Result<EncodedVideo, Vid
     if bytes.is_empty() {
         return Err(VideoError::new(Failure::Empty, "zero-byte file"));
     }
-    encode(Source::Bytes(bytes), cfg)
+    encode(Source::Bytes(bytes), cfg, &Limits::default())
 }
 
 /// The ffmpeg CLI's stream choice for a video output: the largest frame area, default
@@ -499,7 +627,7 @@ impl Output {
                     "this FFmpeg has no libx264 encoder (install Debian's libavcodec59)",
                 ));
             }
-            let enc = Codec(ffi::avcodec_alloc_context3(codec));
+            let enc = Codec::new(codec)?;
             let c = enc.0;
             (*c).width = ffi::av_buffersink_get_w(sink);
             (*c).height = ffi::av_buffersink_get_h(sink);
@@ -736,17 +864,27 @@ unsafe fn autorotate_filters(st: *mut ffi::AVStream) -> Vec<String> {
     }
 }
 
-/// Encodes one video under `cfg` (see the module doc for what "the CLI's way" covers).
-pub fn encode(src: Source<'_>, cfg: &VideoConfig) -> Result<EncodedVideo, VideoError> {
+/// Encodes one video under `cfg` (see the module doc for what "the CLI's way" covers), within
+/// `limits`: past the deadline it stops with [`Failure::Timeout`], past `max_frames` decoded
+/// source frames with [`Failure::TooLarge`]. `Limits::default()` bounds nothing.
+pub fn encode(
+    src: Source<'_>,
+    cfg: &VideoConfig,
+    limits: &Limits,
+) -> Result<EncodedVideo, VideoError> {
     cfg.validate()
         .map_err(|e| VideoError::new(Failure::EncodeError, e))?;
-    silence_ffmpeg_logs();
-    let input = Input::open(src)?;
+    route_ffmpeg_logs();
+    let input = Input::open(src, cfg, limits)?;
     // SAFETY: the whole FFmpeg conversation; objects are owned by guards declared in this scope.
-    unsafe { encode_input(&input, cfg) }
+    unsafe { encode_input(&input, cfg, limits) }
 }
 
-unsafe fn encode_input(input: &Input, cfg: &VideoConfig) -> Result<EncodedVideo, VideoError> {
+unsafe fn encode_input(
+    input: &Input,
+    cfg: &VideoConfig,
+    limits: &Limits,
+) -> Result<EncodedVideo, VideoError> {
     // SAFETY: see encode().
     unsafe {
         let fmt = input.fmt;
@@ -811,12 +949,17 @@ unsafe fn encode_input(input: &Input, cfg: &VideoConfig) -> Result<EncodedVideo,
                 format!("no decoder for the video codec '{}'", out.src_codec),
             ));
         }
-        let dec = Codec(ffi::avcodec_alloc_context3(decoder));
+        // Set (through the decoder's `opaque`) when FFmpeg refuses a picture over max_pixels.
+        let over_limit = AtomicBool::new(false);
+        let dec = Codec::new(decoder)?;
         if ffi::avcodec_parameters_to_context(dec.0, par) < 0 {
             return Err(VideoError::new(Failure::Corrupt, "bad codec parameters"));
         }
         (*dec.0).pkt_timebase = (*st).time_base;
         (*dec.0).thread_count = cfg.decoder_threads.max(1) as i32;
+        // The container's size is checked above; this catches a bitstream that claims more.
+        (*dec.0).max_pixels = decoder_max_pixels(cfg);
+        (*dec.0).opaque = &over_limit as *const AtomicBool as *mut _;
         let ret = ffi::avcodec_open2(dec.0, decoder, ptr::null_mut());
         if ret < 0 {
             return Err(VideoError::new(
@@ -847,25 +990,33 @@ unsafe fn encode_input(input: &Input, cfg: &VideoConfig) -> Result<EncodedVideo,
                 vscfr: (*fmt).nb_streams == 1,
                 sync_opts: 0,
                 frame_number: 0,
-                last_frame: Frame::new(),
+                last_frame: Frame::new()?,
                 last_nb0_frames: [0; 3],
                 last_dropped: false,
                 stopped: false,
-                packet: Packet::new(),
+                packet: Packet::new()?,
                 h264: Vec::new(),
             },
-            filtered: Frame::new(),
+            filtered: Frame::new()?,
             stream: st,
             fmt,
             cfg,
+            limits,
+            decoded: 0,
         };
-        let pkt = Packet::new();
-        let frame = Frame::new();
+        let pkt = Packet::new()?;
+        let frame = Frame::new()?;
         let mut packets = 0u64;
         let mut read_error = None;
         loop {
+            if limits.expired() {
+                return Err(deadline_error(&format!("after {packets} packets")));
+            }
             let ret = ffi::av_read_frame(fmt, pkt.0);
             if ret < 0 {
+                if limits.expired() {
+                    return Err(deadline_error(&format!("after {packets} packets")));
+                }
                 if ret != ffi::AVERROR_EOF {
                     read_error = Some(ret);
                 }
@@ -907,6 +1058,16 @@ unsafe fn encode_input(input: &Input, cfg: &VideoConfig) -> Result<EncodedVideo,
             ffi::avcodec_send_packet(dec.0, ptr::null());
             state.drain_decoder(dec.0, frame.0, 0, &mut out)?;
             if state.graph.is_none() {
+                if over_limit.load(Ordering::Relaxed) {
+                    return Err(VideoError::new(
+                        Failure::TooLarge,
+                        format!(
+                            "the stream's pictures are over the {} pixel limit (the container \
+                             declared {}x{})",
+                            cfg.max_pixels, out.src_width, out.src_height
+                        ),
+                    ));
+                }
                 let why = match read_error {
                     Some(code) => format!("no frame decoded ({})", err_str(code)),
                     None if out.decode_errors > 0 => {
@@ -972,6 +1133,9 @@ struct Decode<'c> {
     stream: *mut ffi::AVStream,
     fmt: *mut ffi::AVFormatContext,
     cfg: &'c VideoConfig,
+    limits: &'c Limits,
+    /// Source frames the decoder returned (bounded by `limits.max_frames`).
+    decoded: u64,
 }
 
 impl Decode<'_> {
@@ -992,6 +1156,22 @@ impl Decode<'_> {
                 if r < 0 {
                     out.decode_errors += 1;
                     return Ok(());
+                }
+                self.decoded += 1;
+                if self.limits.expired() {
+                    ffi::av_frame_unref(frame);
+                    return Err(deadline_error(&format!("after {} frames", self.decoded)));
+                }
+                if self.limits.max_frames.is_some_and(|m| self.decoded > m) {
+                    ffi::av_frame_unref(frame);
+                    return Err(VideoError::new(
+                        Failure::TooLarge,
+                        format!(
+                            "gave up after decoding {} frames without reaching {} ms of video",
+                            self.decoded - 1,
+                            self.cfg.duration_ms
+                        ),
+                    ));
                 }
                 let stb = (*self.stream).time_base;
                 let best = (*frame).best_effort_timestamp;
@@ -1101,9 +1281,10 @@ impl Decode<'_> {
                     format!("filter graph: {what} ({})", err_str(r)),
                 )
             };
-            let graph = Graph(ffi::avfilter_graph_alloc());
+            let graph = Graph(allocated(ffi::avfilter_graph_alloc(), "a filter graph")?);
             ffi::av_opt_set(graph.0 as *mut _, c"threads".as_ptr(), c"1".as_ptr(), 0);
-            (*graph.0).scale_sws_opts = ffi::av_strdup(c"flags=bicubic".as_ptr());
+            (*graph.0).scale_sws_opts =
+                allocated(ffi::av_strdup(c"flags=bicubic".as_ptr()), "scaler options")?;
             let st = self.stream;
             let tb = (*st).time_base;
             let mut sar = (*frame).sample_aspect_ratio;
@@ -1156,6 +1337,11 @@ impl Decode<'_> {
             let desc = cstring(&chain.join(","));
             let mut outputs = ffi::avfilter_inout_alloc();
             let mut inputs = ffi::avfilter_inout_alloc();
+            if outputs.is_null() || inputs.is_null() {
+                ffi::avfilter_inout_free(&mut inputs);
+                ffi::avfilter_inout_free(&mut outputs);
+                return Err(out_of_memory("filter graph ends"));
+            }
             (*outputs).name = ffi::av_strdup(c"in".as_ptr());
             (*outputs).filter_ctx = src;
             (*outputs).pad_idx = 0;
@@ -1164,6 +1350,11 @@ impl Decode<'_> {
             (*inputs).filter_ctx = sink;
             (*inputs).pad_idx = 0;
             (*inputs).next = ptr::null_mut();
+            if (*outputs).name.is_null() || (*inputs).name.is_null() {
+                ffi::avfilter_inout_free(&mut inputs);
+                ffi::avfilter_inout_free(&mut outputs);
+                return Err(out_of_memory("filter graph ends"));
+            }
             let r = ffi::avfilter_graph_parse_ptr(
                 graph.0,
                 desc.as_ptr(),
@@ -1188,12 +1379,112 @@ impl Decode<'_> {
     }
 }
 
-pub(crate) fn silence_ffmpeg_logs() {
+/// Sends FFmpeg's log lines to `tracing` (target `ffmpeg`) instead of stderr, once per process.
+/// Errors and warnings come at `debug`: FFmpeg is noisy on damaged input, and the outcome is
+/// already the sample's status and message; `RUST_LOG=ffmpeg=debug` shows them, `trace` adds
+/// FFmpeg's info lines (nothing more verbose reaches the callback). Logging never changes an output byte. The callback also
+/// notices a picture refused for its size and flags the decoder's `opaque` (see
+/// `encode_input`), which is how a too-large stream becomes `TooLarge` rather than `Corrupt`.
+pub(crate) fn route_ffmpeg_logs() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        // SAFETY: sets a global integer.
-        unsafe { ffi::av_log_set_level(ffi::AV_LOG_QUIET) };
+        // SAFETY: sets global settings; the callback is thread-safe.
+        unsafe {
+            ffi::av_log_set_level(ffi::AV_LOG_INFO as i32);
+            ffi::av_log_set_callback(Some(log_to_tracing));
+        }
     });
+}
+
+/// `av_image_check_size2`'s message for a picture over `max_pixels`.
+const OVER_MAX_PIXELS: &[u8] = b"exceeds specified max pixel count";
+
+unsafe extern "C" fn log_to_tracing(
+    avcl: *mut std::os::raw::c_void,
+    level: i32,
+    fmt: *const std::os::raw::c_char,
+    vl: *mut ffi::__va_list_tag,
+) {
+    if fmt.is_null() {
+        return;
+    }
+    // SAFETY: fmt is FFmpeg's format string, avcl null or an object starting with an AVClass.
+    unsafe {
+        if CStr::from_ptr(fmt)
+            .to_bytes()
+            .windows(OVER_MAX_PIXELS.len())
+            .any(|w| w == OVER_MAX_PIXELS)
+        {
+            flag_over_limit(avcl);
+        }
+    }
+    let wanted = if level <= ffi::AV_LOG_WARNING as i32 {
+        tracing::enabled!(target: "ffmpeg", tracing::Level::DEBUG)
+    } else {
+        tracing::enabled!(target: "ffmpeg", tracing::Level::TRACE)
+    };
+    if !wanted {
+        return;
+    }
+    let mut line = [0 as std::os::raw::c_char; 1024];
+    let mut print_prefix = 1;
+    // SAFETY: formats into our buffer (NUL-terminated, truncated to its size); vl is used once.
+    let text = unsafe {
+        ffi::av_log_format_line2(
+            avcl,
+            level,
+            fmt,
+            vl,
+            line.as_mut_ptr(),
+            line.len() as i32,
+            &mut print_prefix,
+        );
+        CStr::from_ptr(line.as_ptr()).to_string_lossy()
+    };
+    let text = text.trim_end();
+    if text.is_empty() {
+        return;
+    }
+    if level <= ffi::AV_LOG_ERROR as i32 {
+        tracing::debug!(target: "ffmpeg", level = "error", "{text}");
+    } else if level <= ffi::AV_LOG_WARNING as i32 {
+        tracing::debug!(target: "ffmpeg", level = "warning", "{text}");
+    } else {
+        tracing::trace!(target: "ffmpeg", "{text}");
+    }
+}
+
+/// Walks from a log context up its parents (`AVClass::parent_log_context_offset`: the image
+/// size check logs through a small object whose parent is the codec context) to one of our
+/// decoders, and sets the flag its `opaque` points at. Contexts FFmpeg made itself (stream
+/// probing) have a null `opaque` and are left alone.
+unsafe fn flag_over_limit(mut ctx: *mut std::os::raw::c_void) {
+    // SAFETY: every FFmpeg log context starts with a pointer to its AVClass; a parent offset
+    // names a pointer field of the same object.
+    unsafe {
+        let codec_class = ffi::avcodec_get_class();
+        for _ in 0..4 {
+            if ctx.is_null() {
+                return;
+            }
+            let class = *(ctx as *const *const ffi::AVClass);
+            if class.is_null() {
+                return;
+            }
+            if class == codec_class {
+                let flag = (*(ctx as *mut ffi::AVCodecContext)).opaque as *const AtomicBool;
+                if !flag.is_null() {
+                    (*flag).store(true, Ordering::Relaxed);
+                }
+                return;
+            }
+            let offset = (*class).parent_log_context_offset;
+            if offset <= 0 {
+                return;
+            }
+            ctx = *((ctx as *const u8).add(offset as usize) as *const *mut std::os::raw::c_void);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1230,5 +1521,93 @@ mod tests {
         }
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<VideoConfig>(&json).unwrap(), c);
+    }
+
+    fn fixture(dir: &str, name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(dir)
+            .join(name)
+    }
+
+    #[test]
+    fn limits_stop_a_video_and_no_limits_change_nothing() {
+        let clip = fixture("videos", "carphone_pristine.mp4");
+        let cfg = VideoConfig::default();
+        let free = encode_file(&clip, &cfg).unwrap();
+        let far = Limits {
+            deadline: Some(std::time::Instant::now() + std::time::Duration::from_secs(3600)),
+            max_frames: Some(1_000_000),
+        };
+        let bytes = std::fs::read(&clip).unwrap();
+        for src in [Source::Path(&clip), Source::Bytes(&bytes)] {
+            let watched = encode(src, &cfg, &far).unwrap();
+            assert_eq!(watched.h264, free.h264, "limits not reached change no byte");
+            let past = Limits::until(std::time::Instant::now());
+            let e = encode(src, &cfg, &past).unwrap_err();
+            assert_eq!(e.failure, Failure::Timeout, "{e}");
+            // 5 s at the source's 30 fps is ~150 decoded frames: 10 is too few.
+            let few = Limits {
+                max_frames: Some(10),
+                ..Limits::default()
+            };
+            let e = encode(src, &cfg, &few).unwrap_err();
+            assert_eq!(e.failure, Failure::TooLarge, "{e}");
+        }
+    }
+
+    /// Issue 17: a playlist or a concat list saved as `.mp4`, next to a real video it names.
+    #[test]
+    fn playlists_and_file_lists_never_open_another_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(fixture("videos", "bikes.mp4"), dir.path().join("real.mp4")).unwrap();
+        let lists = [
+            (
+                "hls.mp4",
+                "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:20\n#EXT-X-MEDIA-SEQUENCE:0\n\
+                 #EXTINF:20.0,\nREF\n#EXT-X-ENDLIST\n",
+            ),
+            ("concat.mp4", "ffconcat version 1.0\nfile REF\n"),
+        ];
+        let cfg = VideoConfig::default();
+        for (name, text) in lists {
+            let mut outcomes = Vec::new();
+            // The named file exists (a video that encodes) or does not: the same failure.
+            for target in ["real.mp4", "missing.mp4"] {
+                let path = dir.path().join(name);
+                std::fs::write(&path, text.replace("REF", target)).unwrap();
+                let e = encode_file(&path, &cfg).unwrap_err();
+                assert!(
+                    matches!(
+                        e.failure,
+                        Failure::Unrecognized | Failure::Unsupported | Failure::Corrupt
+                    ),
+                    "{name} -> {target}: {e}"
+                );
+                let bytes = std::fs::read(&path).unwrap();
+                let from_memory = encode_bytes(&bytes, &cfg).unwrap_err();
+                outcomes.push((e.failure, e.message, from_memory.failure));
+            }
+            assert_eq!(outcomes[0], outcomes[1], "{name}");
+        }
+        assert!(encode_file(&dir.path().join("real.mp4"), &cfg).is_ok());
+    }
+
+    #[test]
+    fn a_stream_larger_than_its_container_says_is_too_large() {
+        // huge_resolution.mp4 is one 8192x4608 picture; its `avc1` entry is patched to claim
+        // 256x144. Stream probing (now under the same pixel limit, so it no longer decodes the
+        // picture) still reads the real size from the parameter sets.
+        let mut bytes = std::fs::read(fixture("videos-bad", "huge_resolution.mp4")).unwrap();
+        // avc1: 6 reserved, 2 data-reference index, 16 pre-defined/reserved, then width, height
+        // (the first "avc1" is a brand in `ftyp`).
+        let dims = (0..bytes.len() - 32)
+            .filter(|&i| &bytes[i..i + 4] == b"avc1")
+            .map(|i| i + 4 + 6 + 2 + 16)
+            .find(|&d| bytes[d..d + 4] == [0x20, 0x00, 0x12, 0x00])
+            .expect("an avc1 sample entry of 8192x4608");
+        bytes[dims..dims + 4].copy_from_slice(&[0x01, 0x00, 0x00, 0x90]);
+        let e = encode_bytes(&bytes, &VideoConfig::default()).unwrap_err();
+        assert_eq!(e.failure, Failure::TooLarge, "{e}");
     }
 }

@@ -29,7 +29,9 @@ impl Nal {
 
 /// Splits an Annex B stream at every start code (`00 00 01`, or `00 00 00 01`): the one
 /// splitter of the project. Bytes before the first start code are skipped, and so is a start
-/// code with no header byte after it.
+/// code with no header byte of its own after it (at the end of the data, or right before the
+/// next start code, as in `00 00 01 00 00 01`: its bytes stay with the unit before). Every unit
+/// has `code + 3 == header < end <= data.len()`, so `data[header]` is its own header byte.
 pub fn nal_units(data: &[u8]) -> Vec<Nal> {
     let mut codes = Vec::new();
     let mut i = 0;
@@ -42,10 +44,20 @@ pub fn nal_units(data: &[u8]) -> Vec<Nal> {
         }
     }
     let start_of = |c: usize| if c > 0 && data[c - 1] == 0 { c - 1 } else { c };
+    // A code whose unit would be empty (the next code's bytes begin at its header byte) is no
+    // unit: issue 17 (such a unit's `data[header]` was the next start code's zero).
+    let ends: Vec<usize> = (0..codes.len())
+        .map(|k| codes.get(k + 1).map_or(data.len(), |&n| start_of(n)))
+        .collect();
+    let codes: Vec<usize> = codes
+        .iter()
+        .zip(&ends)
+        .filter(|&(&c, &end)| c + 3 < end)
+        .map(|(&c, _)| c)
+        .collect();
     codes
         .iter()
         .enumerate()
-        .filter(|&(_, &c)| c + 3 < data.len())
         .map(|(k, &c)| Nal {
             start: start_of(c),
             code: c,
@@ -342,5 +354,42 @@ mod tests {
             nal_units(&[0, 0, 1]).is_empty(),
             "a start code with no header is no unit"
         );
+    }
+
+    /// Issue 17: a start code at the very end, or right before the next one, gave a unit with
+    /// no header byte of its own (`header == end`; `data[header]` was another code's byte).
+    #[test]
+    fn every_unit_has_its_own_header_byte() {
+        let slice = [0, 0, 0, 1, 0x65, 0x88, 0x84];
+        let trailing = [&slice[..], &[0, 0, 1]].concat();
+        assert_eq!(nal_units(&trailing).len(), 1);
+        assert_eq!(nal_units(&trailing)[0].end, trailing.len());
+        let doubled = [&[0u8, 0, 1, 0, 0, 1, 0x41, 0x9A][..], &slice].concat();
+        let nals = nal_units(&doubled);
+        assert_eq!(
+            nals.iter()
+                .map(|n| (n.nal_type, n.header))
+                .collect::<Vec<_>>(),
+            vec![(1, 6), (5, 12)]
+        );
+        // Every string of length <= 9 over the bytes that matter: the invariants callers index by.
+        let alphabet = [0u8, 1, 0x65];
+        for len in 0..=9u32 {
+            for k in 0..3usize.pow(len) {
+                let data: Vec<u8> = (0..len).map(|i| alphabet[k / 3usize.pow(i) % 3]).collect();
+                let nals = nal_units(&data);
+                for n in &nals {
+                    assert!(
+                        n.start <= n.code && n.code + 3 == n.header,
+                        "{data:?} {n:?}"
+                    );
+                    assert!(n.header < n.end && n.end <= data.len(), "{data:?} {n:?}");
+                    assert_eq!(n.nal_type, data[n.header] & 0x1F);
+                    let _ = first_mb_in_slice(&data, n);
+                }
+                assert!(nals.windows(2).all(|w| w[0].end == w[1].start), "{data:?}");
+                let _ = frame_cut(&data, 1);
+            }
+        }
     }
 }

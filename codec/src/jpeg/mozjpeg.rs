@@ -8,10 +8,20 @@
 //! support (`mozjpeg-sys/unwinding`), and every entry point catches it and turns it into a
 //! [`JpegError`] after destroying the libjpeg object. Warnings are counted, not printed; a
 //! premature end of data (libjpeg pads with grey and carries on) is reported as truncation,
-//! as Pillow does.
+//! as Pillow does. A deadline ([`DecodeOptions::deadline`]) is checked by libjpeg's progress
+//! monitor, which unwinds the same way.
+//!
+//! Everything libjpeg reaches through a pointer (the codec object, the error manager, the
+//! progress monitor, our `Messages` behind `client_data`, the output buffer) lives in one heap
+//! block owned through a raw pointer and freed in `Drop`: Rust never holds a `Box` or `&mut` to
+//! what C may write through `client_data`, and the encoder writes into a `Vec` of its own
+//! (a destination manager) instead of libjpeg's `malloc`ed memory destination, so no path can
+//! free the output twice or leak it.
 
 use std::ffi::{c_int, c_ulong, c_void};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::ptr::addr_of_mut;
+use std::time::Instant;
 
 use mozjpeg_sys::*;
 use serde::{Deserialize, Serialize};
@@ -28,6 +38,8 @@ pub enum JpegError {
     Unsupported(String),
     #[error("cannot encode: {0}")]
     Encode(String),
+    #[error("JPEG decode stopped at the deadline ({0})")]
+    Timeout(String),
 }
 
 /// Chroma subsampling of the encoded stream (the paper: 4:2:0).
@@ -99,7 +111,12 @@ struct Messages {
     damaged: bool,
     /// libjpeg skipped bytes that are not markers where a marker should be, before the data ended.
     extraneous: bool,
+    /// The progress monitor gives up once this has passed.
+    deadline: Option<Instant>,
 }
+
+/// `LibjpegFatal::code` of the deadline (libjpeg's own codes are all positive).
+const DEADLINE_PASSED: c_int = -1;
 
 /// Payload carried by the unwind out of `error_exit`.
 struct LibjpegFatal {
@@ -127,10 +144,28 @@ unsafe extern "C-unwind" fn error_exit(cinfo: &mut jpeg_common_struct) {
     resume_unwind(Box::new(LibjpegFatal { code, message }));
 }
 
+/// libjpeg's progress hook (every call of `jpeg_read_scanlines`, every iMCU row of a
+/// multi-scan image's input pass): past the deadline, a fatal error like any other.
+unsafe extern "C-unwind" fn check_deadline(cinfo: &mut jpeg_common_struct) {
+    let deadline = (*(cinfo.client_data as *const Messages)).deadline;
+    if crate::past(deadline) {
+        resume_unwind(Box::new(LibjpegFatal {
+            code: DEADLINE_PASSED,
+            message: format!(
+                "after {} of {} rows of pass {}",
+                (*cinfo.progress).pass_counter,
+                (*cinfo.progress).pass_limit,
+                (*cinfo.progress).completed_passes + 1
+            ),
+        }));
+    }
+}
+
 unsafe extern "C-unwind" fn emit_message(cinfo: &mut jpeg_common_struct, level: c_int) {
     if level >= 0 {
         return; // trace messages
     }
+    // Only through the raw pointer: the Rust side reads `Messages` between libjpeg calls only.
     let messages = &mut *(cinfo.client_data as *mut Messages);
     let code = (*cinfo.err).msg_code;
     (*cinfo.err).num_warnings += 1;
@@ -164,13 +199,25 @@ unsafe extern "C-unwind" fn emit_message(cinfo: &mut jpeg_common_struct, level: 
     }
 }
 
-fn new_error_mgr() -> Box<jpeg_error_mgr> {
-    unsafe {
-        let mut err: Box<jpeg_error_mgr> = Box::new(std::mem::zeroed());
-        jpeg_std_error(&mut err);
-        err.error_exit = Some(error_exit);
-        err.emit_message = Some(emit_message);
-        err
+/// Points `common` at the error manager and the messages, fields of the same heap block as
+/// `common` (before `jpeg_create_*`, which keeps these two and clears the rest).
+unsafe fn wire(common: *mut jpeg_common_struct, err: *mut jpeg_error_mgr, messages: *mut Messages) {
+    jpeg_std_error(&mut *err);
+    (*err).error_exit = Some(error_exit);
+    (*err).emit_message = Some(emit_message);
+    (*common).err = err;
+    (*common).client_data = messages as *mut c_void;
+}
+
+/// With a deadline, installs the progress monitor that checks it (after `jpeg_create_*`).
+unsafe fn watch_deadline(
+    common: *mut jpeg_common_struct,
+    progress: *mut jpeg_progress_mgr,
+    messages: *const Messages,
+) {
+    if (*messages).deadline.is_some() {
+        (*progress).progress_monitor = Some(check_deadline);
+        (*common).progress = progress;
     }
 }
 
@@ -199,7 +246,9 @@ fn classify_fatal(code: c_int, message: String) -> JpegError {
         JERR_BAD_PRECISION,
         JERR_NOTIMPL,
     ];
-    if unsupported.iter().any(|&c| c as c_int == code) {
+    if code == DEADLINE_PASSED {
+        JpegError::Timeout(message)
+    } else if unsupported.iter().any(|&c| c as c_int == code) {
         JpegError::Unsupported(message)
     } else if code == JERR_NO_SOI as c_int {
         JpegError::Corrupt(format!("not a JPEG stream: {message}"))
@@ -252,35 +301,67 @@ pub struct DecodeOptions<'a> {
     /// EXIF orientation would rotate the image. Pixels near the crop edge may differ from a full
     /// decode's by the upsampling context, so Pillow-exact paths leave this off.
     pub center_square: bool,
+    /// Give up with [`JpegError::Timeout`] once this has passed (checked every few rows and
+    /// every scan). `None`: no deadline, and libjpeg runs without a progress monitor.
+    pub deadline: Option<Instant>,
 }
 
-struct Decompress {
-    cinfo: Box<jpeg_decompress_struct>,
-    _err: Box<jpeg_error_mgr>,
-    messages: Box<Messages>,
+/// A decompressor and everything libjpeg reaches from it, in one heap block.
+struct DecompressState {
+    cinfo: jpeg_decompress_struct,
+    err: jpeg_error_mgr,
+    progress: jpeg_progress_mgr,
+    messages: Messages,
 }
+
+/// Owns a [`DecompressState`] through the raw pointer C sees (never as a `Box`).
+struct Decompress(*mut DecompressState);
 
 impl Decompress {
-    fn new() -> Decompress {
-        let mut err = new_error_mgr();
-        let mut messages = Box::<Messages>::default();
+    fn new(deadline: Option<Instant>) -> Decompress {
+        // SAFETY: the libjpeg structs are plain C data, valid zeroed (as jpeg_create_* expects);
+        // every pointer handed to libjpeg is derived from the one raw pointer.
         unsafe {
-            let mut cinfo: Box<jpeg_decompress_struct> = Box::new(std::mem::zeroed());
-            cinfo.common.err = &mut *err;
-            cinfo.common.client_data = &mut *messages as *mut Messages as *mut c_void;
-            jpeg_create_decompress(&mut *cinfo);
-            Decompress {
-                cinfo,
-                _err: err,
-                messages,
-            }
+            let raw = Box::into_raw(Box::new(DecompressState {
+                cinfo: std::mem::zeroed(),
+                err: std::mem::zeroed(),
+                progress: std::mem::zeroed(),
+                messages: Messages {
+                    deadline,
+                    ..Messages::default()
+                },
+            }));
+            let common = addr_of_mut!((*raw).cinfo.common);
+            let messages = addr_of_mut!((*raw).messages);
+            wire(common, addr_of_mut!((*raw).err), messages);
+            // Owned from here on (jpeg_create_* can fail, out of memory, and unwind).
+            let d = Decompress(raw);
+            jpeg_create_decompress(addr_of_mut!((*raw).cinfo));
+            watch_deadline(common, addr_of_mut!((*raw).progress), messages);
+            d
         }
+    }
+
+    /// The libjpeg object, for one libjpeg call at a time.
+    fn cinfo(&mut self) -> &mut jpeg_decompress_struct {
+        // SAFETY: owned by self; C writes only `messages` behind our back, a disjoint field.
+        unsafe { &mut (*self.0).cinfo }
+    }
+
+    /// What libjpeg reported so far (read between libjpeg calls, never across one).
+    fn messages(&self) -> &Messages {
+        // SAFETY: as in cinfo().
+        unsafe { &(*self.0).messages }
     }
 }
 
 impl Drop for Decompress {
     fn drop(&mut self) {
-        unsafe { jpeg_destroy_decompress(&mut self.cinfo) }
+        // SAFETY: created in new(); destroyed once, then the block is freed once.
+        unsafe {
+            jpeg_destroy_decompress(&mut (*self.0).cinfo);
+            drop(Box::from_raw(self.0));
+        }
     }
 }
 
@@ -290,16 +371,21 @@ pub fn decode(data: &[u8], opts: &DecodeOptions) -> Result<DecodedJpeg, JpegErro
     if data.len() < 4 {
         return Err(JpegError::Truncated(format!("only {} bytes", data.len())));
     }
-    let mut d = Decompress::new();
+    let mut d = Decompress::new(opts.deadline);
     let result = catch_unwind(AssertUnwindSafe(|| unsafe {
         decode_inner(&mut d, data, opts, true)
     }));
-    match result {
-        Ok(r) => r,
+    let e = match result {
+        Ok(r) => return r,
+        Err(payload) => fatal_to_error(payload, false),
+    };
+    let m = d.messages();
+    match e {
+        e @ JpegError::Timeout(_) => Err(e),
         // Data that ran out before the error (e.g. mid-header) is truncation, whatever broke next,
         // unless libjpeg had to skip garbage to get there (a damaged header, not a short file).
-        Err(payload) if d.messages.premature_eof && !d.messages.extraneous => {
-            let why = match fatal_to_error(payload, false) {
+        e if m.premature_eof && !m.extraneous => {
+            let why = match e {
                 JpegError::Corrupt(m)
                 | JpegError::Truncated(m)
                 | JpegError::Unsupported(m)
@@ -310,7 +396,7 @@ pub fn decode(data: &[u8], opts: &DecodeOptions) -> Result<DecodedJpeg, JpegErro
                 "data ends early, then: {why}"
             )))
         }
-        Err(payload) => Err(fatal_to_error(payload, false)),
+        e => Err(e),
     }
 }
 
@@ -351,14 +437,15 @@ pub fn decode_lenient(
         choose_scale: &|_, _| 1,
         read_exif: false,
         center_square: false,
+        deadline: None,
     };
-    let mut d = Decompress::new();
+    let mut d = Decompress::new(None);
     let result = catch_unwind(AssertUnwindSafe(|| unsafe {
         decode_inner(&mut d, data, &opts, false)
     }));
     match result {
         Ok(Ok(decoded)) => {
-            let m = &d.messages;
+            let m = d.messages();
             let damage = DecodeDamage {
                 warnings: m.warnings,
                 first_warning: m.first_warning.clone(),
@@ -378,7 +465,10 @@ unsafe fn decode_inner(
     opts: &DecodeOptions,
     strict: bool,
 ) -> Result<DecodedJpeg, JpegError> {
-    let cinfo = &mut *d.cinfo;
+    // Disjoint fields of the state block: libjpeg works on `cinfo` and writes `messages`
+    // through `client_data`; `messages` is read here only after the last libjpeg call.
+    let state = d.0;
+    let cinfo = &mut (*state).cinfo;
     jpeg_mem_src(cinfo, data.as_ptr(), data.len() as c_ulong);
     if opts.read_exif {
         jpeg_save_markers(cinfo, 0xE1, 0xFFFF);
@@ -473,17 +563,18 @@ unsafe fn decode_inner(
     if strict {
         jpeg_finish_decompress(cinfo);
     }
-    if strict && d.messages.premature_eof {
+    let messages = &(*state).messages;
+    if strict && messages.premature_eof {
         return Err(JpegError::Truncated(
-            d.messages
+            messages
                 .first_warning
                 .clone()
                 .unwrap_or_else(|| "premature end of JPEG data".into()),
         ));
     }
-    if strict && d.messages.damaged {
+    if strict && messages.damaged {
         return Err(JpegError::Corrupt(
-            d.messages
+            messages
                 .first_warning
                 .clone()
                 .unwrap_or_else(|| "damaged scan data".into()),
@@ -499,7 +590,7 @@ unsafe fn decode_inner(
         scale_denom,
         components: cinfo.num_components as u32,
         exif,
-        warnings: d.messages.warnings,
+        warnings: messages.warnings,
         square,
     })
 }
@@ -530,9 +621,9 @@ fn cmyk_to_rgb(cmyk: &[u8], inverted: bool) -> Vec<u8> {
 
 /// Reads only the header (dimensions, components).
 pub fn read_info(data: &[u8]) -> Result<JpegInfo, JpegError> {
-    let mut d = Decompress::new();
+    let mut d = Decompress::new(None);
     let result = catch_unwind(AssertUnwindSafe(|| unsafe {
-        let cinfo = &mut *d.cinfo;
+        let cinfo = d.cinfo();
         jpeg_mem_src(cinfo, data.as_ptr(), data.len() as c_ulong);
         jpeg_read_header(cinfo, 1);
         JpegInfo {
@@ -544,34 +635,85 @@ pub fn read_info(data: &[u8]) -> Result<JpegInfo, JpegError> {
     result.map_err(|p| fatal_to_error(p, false))
 }
 
-struct Compress {
-    cinfo: Box<jpeg_compress_struct>,
-    _err: Box<jpeg_error_mgr>,
-    _messages: Box<Messages>,
-    out: *mut u8,
-    out_len: c_ulong,
+/// A destination manager writing into a `Vec` that Rust owns: libjpeg's memory destination
+/// `malloc`s its buffers and frees the first one when it grows past 4 KiB, before `finish`
+/// hands the new one back, so an unwind in between left the caller a pointer to freed memory
+/// (freed again on drop) and leaked the live buffer. `mgr` comes first: `cinfo.dest` points
+/// at it and casts back to the whole struct.
+#[repr(C)]
+struct VecDest {
+    mgr: jpeg_destination_mgr,
+    buf: Vec<u8>,
 }
+
+/// libjpeg's `OUTPUT_BUF_SIZE`: the first buffer, doubled whenever it fills.
+const FIRST_OUTPUT: usize = 4096;
+
+unsafe extern "C-unwind" fn dest_init(cinfo: &mut jpeg_compress_struct) {
+    let dest = &mut *(cinfo.dest as *mut VecDest);
+    dest.buf.clear();
+    dest.buf.resize(FIRST_OUTPUT, 0);
+    dest.mgr.next_output_byte = dest.buf.as_mut_ptr();
+    dest.mgr.free_in_buffer = dest.buf.len();
+}
+
+unsafe extern "C-unwind" fn dest_grow(cinfo: &mut jpeg_compress_struct) -> boolean {
+    // Called when the buffer is full (`free_in_buffer` is 0): everything in it is output.
+    let dest = &mut *(cinfo.dest as *mut VecDest);
+    let used = dest.buf.len();
+    dest.buf.resize(used * 2, 0);
+    dest.mgr.next_output_byte = dest.buf.as_mut_ptr().add(used);
+    dest.mgr.free_in_buffer = dest.buf.len() - used;
+    1
+}
+
+unsafe extern "C-unwind" fn dest_term(cinfo: &mut jpeg_compress_struct) {
+    let dest = &mut *(cinfo.dest as *mut VecDest);
+    let used = dest.buf.len() - dest.mgr.free_in_buffer;
+    dest.buf.truncate(used);
+}
+
+/// A compressor and everything libjpeg reaches from it, in one heap block.
+struct CompressState {
+    cinfo: jpeg_compress_struct,
+    err: jpeg_error_mgr,
+    progress: jpeg_progress_mgr,
+    messages: Messages,
+    dest: VecDest,
+}
+
+/// Owns a [`CompressState`] through the raw pointer C sees (never as a `Box`).
+struct Compress(*mut CompressState);
 
 impl Compress {
     /// A compressor set up exactly as Pillow's encoder is (the order matters: the compress
     /// profile must be chosen before `jpeg_set_defaults`).
-    unsafe fn new(settings: &JpegSettings, width: u32, height: u32) -> Box<Compress> {
-        let mut err = new_error_mgr();
-        let mut messages = Box::<Messages>::default();
-        let mut cinfo: Box<jpeg_compress_struct> = Box::new(std::mem::zeroed());
-        cinfo.common.err = &mut *err;
-        cinfo.common.client_data = &mut *messages as *mut Messages as *mut c_void;
-        jpeg_create_compress(&mut *cinfo);
-        let mut c = Box::new(Compress {
-            cinfo,
-            _err: err,
-            _messages: messages,
-            out: std::ptr::null_mut(),
-            out_len: 0,
-        });
-        let this = &mut *c;
-        jpeg_mem_dest(&mut this.cinfo, &mut this.out, &mut this.out_len);
-        let cinfo = &mut *this.cinfo;
+    unsafe fn new(settings: &JpegSettings, width: u32, height: u32) -> Compress {
+        let raw = Box::into_raw(Box::new(CompressState {
+            cinfo: std::mem::zeroed(),
+            err: std::mem::zeroed(),
+            progress: std::mem::zeroed(),
+            messages: Messages::default(),
+            dest: VecDest {
+                mgr: jpeg_destination_mgr {
+                    next_output_byte: std::ptr::null_mut(),
+                    free_in_buffer: 0,
+                    init_destination: Some(dest_init),
+                    empty_output_buffer: Some(dest_grow),
+                    term_destination: Some(dest_term),
+                },
+                buf: Vec::new(),
+            },
+        }));
+        let common = addr_of_mut!((*raw).cinfo.common);
+        let messages = addr_of_mut!((*raw).messages);
+        wire(common, addr_of_mut!((*raw).err), messages);
+        // Owned from here on: a fatal error below unwinds through Drop.
+        let mut c = Compress(raw);
+        jpeg_create_compress(addr_of_mut!((*raw).cinfo));
+        watch_deadline(common, addr_of_mut!((*raw).progress), messages);
+        (*raw).cinfo.dest = addr_of_mut!((*raw).dest.mgr);
+        let cinfo = c.cinfo();
         cinfo.image_width = width;
         cinfo.image_height = height;
         cinfo.input_components = 3;
@@ -598,21 +740,25 @@ impl Compress {
         c
     }
 
+    /// The libjpeg object, for one libjpeg call at a time.
+    fn cinfo(&mut self) -> &mut jpeg_compress_struct {
+        // SAFETY: owned by self; C writes `messages` and `dest` behind our back, disjoint fields.
+        unsafe { &mut (*self.0).cinfo }
+    }
+
+    /// The stream, after `jpeg_finish_compress` or `jpeg_write_tables` (which truncate it).
     fn take_output(&mut self) -> Vec<u8> {
-        if self.out.is_null() {
-            return Vec::new();
-        }
-        unsafe { std::slice::from_raw_parts(self.out, self.out_len as usize).to_vec() }
+        // SAFETY: between libjpeg calls; the Vec is ours.
+        unsafe { std::mem::take(&mut (*self.0).dest.buf) }
     }
 }
 
 impl Drop for Compress {
     fn drop(&mut self) {
+        // SAFETY: created in new(); destroyed once, then the block (output included) freed once.
         unsafe {
-            jpeg_destroy_compress(&mut self.cinfo);
-            if !self.out.is_null() {
-                libc::free(self.out as *mut libc::c_void);
-            }
+            jpeg_destroy_compress(&mut (*self.0).cinfo);
+            drop(Box::from_raw(self.0));
         }
     }
 }
@@ -640,7 +786,7 @@ pub fn encode(
     }
     let result = catch_unwind(AssertUnwindSafe(|| unsafe {
         let mut c = Compress::new(settings, width, height);
-        let cinfo = &mut *c.cinfo;
+        let cinfo = c.cinfo();
         if abbreviated {
             jpeg_suppress_tables(cinfo, 1);
             jpeg_start_compress(cinfo, 0);
@@ -667,7 +813,7 @@ pub fn tables_only(settings: &JpegSettings) -> Result<Vec<u8>, JpegError> {
     validate(settings)?;
     let result = catch_unwind(AssertUnwindSafe(|| unsafe {
         let mut c = Compress::new(settings, 16, 16);
-        jpeg_write_tables(&mut c.cinfo);
+        jpeg_write_tables(c.cinfo());
         c.take_output()
     }));
     result.map_err(|p| fatal_to_error(p, true))
@@ -707,7 +853,51 @@ mod tests {
             choose_scale: &|_, _| 1,
             read_exif: true,
             center_square: false,
+            deadline: None,
         }
+    }
+
+    /// Deterministic noise: incompressible enough that a few rows pass libjpeg's first 4 KiB.
+    fn noise(len: usize) -> Vec<u8> {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_unwind_after_the_output_grew_frees_it_once() {
+        // Issue 17: libjpeg's memory destination reallocates past 4 KiB and frees the first
+        // buffer; an unwind before `finish` then freed it a second time in `Compress::drop`.
+        let (w, h) = (256u32, 256u32);
+        let rgb = noise((w * h * 3) as usize);
+        let q100 = JpegSettings {
+            quality: 100,
+            ..Default::default()
+        };
+        for _ in 0..20 {
+            let r = catch_unwind(AssertUnwindSafe(|| unsafe {
+                let mut c = Compress::new(&q100, w, h);
+                let cinfo = c.cinfo();
+                jpeg_start_compress(cinfo, 1);
+                let rows: Vec<*const u8> = (0..h as usize / 2)
+                    .map(|y| rgb.as_ptr().add(y * w as usize * 3))
+                    .collect();
+                jpeg_write_scanlines(cinfo, rows.as_ptr(), rows.len() as u32);
+                // A second start is a libjpeg fatal error (bad state): error_exit unwinds here,
+                // with ~50 KB of output written.
+                jpeg_start_compress(cinfo, 1);
+            }));
+            let e = fatal_to_error(r.expect_err("libjpeg must fail"), true);
+            assert!(matches!(e, JpegError::Encode(_)), "{e:?}");
+        }
+        // The allocator is intact: a normal encode still works.
+        assert!(encode(&rgb, w, h, &q100, false).unwrap().len() > 4096);
     }
 
     #[test]
@@ -812,6 +1002,7 @@ mod tests {
                 choose_scale: &|_, _| 4,
                 read_exif: false,
                 center_square: false,
+                deadline: None,
             },
         )
         .unwrap();
@@ -819,5 +1010,46 @@ mod tests {
             (d.width, d.height, d.scale_denom, d.src_width),
             (32, 24, 4, 128)
         );
+    }
+
+    fn photo(name: &str) -> Vec<u8> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    #[test]
+    fn a_passed_deadline_stops_the_decode_and_none_changes_nothing() {
+        // Baseline (rows through jpeg_read_scanlines) and progressive (scans consumed in
+        // jpeg_start_decompress): the progress monitor sees both.
+        for name in ["images/rocket.jpg", "odd/progressive.jpg", "odd/cmyk.jpg"] {
+            let bytes = photo(name);
+            let free = decode(&bytes, &opts(1 << 30)).unwrap();
+            let far = DecodeOptions {
+                deadline: Some(Instant::now() + std::time::Duration::from_secs(3600)),
+                ..opts(1 << 30)
+            };
+            let watched = decode(&bytes, &far).unwrap();
+            assert_eq!(
+                watched.rgb, free.rgb,
+                "{name}: a deadline not reached changes no pixel"
+            );
+            let past = DecodeOptions {
+                deadline: Some(Instant::now()),
+                ..opts(1 << 30)
+            };
+            let r = decode(&bytes, &past);
+            assert!(matches!(r, Err(JpegError::Timeout(_))), "{name}: {r:?}");
+        }
+        // A deadline does not hide a broken file behind a timeout: the header is read first.
+        let past = DecodeOptions {
+            deadline: Some(Instant::now()),
+            ..opts(1 << 30)
+        };
+        assert!(matches!(
+            decode(b"hello world, not a jpeg", &past),
+            Err(JpegError::Corrupt(_))
+        ));
     }
 }
