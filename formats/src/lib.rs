@@ -5,6 +5,8 @@
 
 pub mod dataset;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod reader;
 pub mod samples;
 pub mod shard;

@@ -61,6 +61,9 @@ pub const FRAME_ENTRY_LEN: usize = 32;
 /// JPEG is ~4,200 tokens): 3x the loader throughput of 64 Ki-token frames and 57x that of 1 Mi
 /// for 2.6% more bytes than 64 Ki (docs/tokens.md). The index costs 32 bytes a frame.
 pub const FRAME_TOKENS: u32 = 1 << 14;
+/// Largest frame a reader accepts (32 MiB decoded): a header claiming more is refused at open,
+/// so no frame allocates more than this.
+pub const MAX_FRAME_TOKENS: u32 = 1 << 24;
 /// Largest vocabulary a u16 shard can hold.
 pub const MAX_VOCAB: u32 = 1 << 16;
 
@@ -333,8 +336,10 @@ impl TokenShardWriter {
                 "a vocabulary of {vocab_size} entries does not fit u16 token shards (at most {MAX_VOCAB}); train a smaller one"
             )));
         }
-        if frame_tokens == 0 {
-            return Err(Error::Invalid("frames must hold at least one token".into()));
+        if frame_tokens == 0 || frame_tokens > MAX_FRAME_TOKENS {
+            return Err(Error::Invalid(format!(
+                "frames hold 1 to {MAX_FRAME_TOKENS} tokens, not {frame_tokens}"
+            )));
         }
         let hash = u64::from_str_radix(vocab_hash, 16)
             .map_err(|_| Error::Invalid(format!("bad vocabulary hash {vocab_hash:?}")))?;
@@ -533,8 +538,10 @@ impl TokenShard {
             )));
         }
         let (vocab_size, frame_tokens) = (le32(&header, 16), le32(&header, 20));
-        if frame_tokens == 0 {
-            return Err(corrupt("the header says frames of 0 tokens".into()));
+        if frame_tokens == 0 || frame_tokens > MAX_FRAME_TOKENS {
+            return Err(corrupt(format!(
+                "the header says frames of {frame_tokens} tokens (1 to {MAX_FRAME_TOKENS} are valid)"
+            )));
         }
         let hash = format!("{:016x}", le64(&header, 24));
         if let Some(want) = expect_hash {
@@ -652,6 +659,21 @@ impl TokenShard {
             .read_exact_at(&mut buf.compressed, f.offset)
             .map_err(Error::io(&self.path))?;
         let want = f.token_count as usize * 2;
+        // The frame's own header says how much it decodes to: checked before anything is sized
+        // by it (a frame is at most MAX_FRAME_TOKENS tokens, checked at open).
+        match zstd::zstd_safe::get_frame_content_size(&buf.compressed) {
+            Ok(Some(n)) if n == want as u64 => {}
+            Ok(Some(n)) => {
+                return Err(
+                    self.corrupt_frame(i, format!("decodes to {n} bytes, the index says {want}"))
+                )
+            }
+            Ok(None) | Err(_) => {
+                return Err(
+                    self.corrupt_frame(i, "is not a zstd frame with its size recorded".into())
+                )
+            }
+        }
         buf.raw.clear();
         buf.raw.reserve(want + 1);
         let n = buf
@@ -693,7 +715,8 @@ impl TokenShard {
                 self.token_count
             )));
         };
-        let mut out = Vec::with_capacity(len as usize);
+        // Grown as frames decode (each checked), never sized by the index alone.
+        let mut out = Vec::with_capacity(len.min(1 << 20) as usize);
         if len == 0 {
             return Ok(out);
         }
