@@ -37,7 +37,10 @@
 //! rewrites such shards.
 //!
 //! `DIR/tokens-<hash>.parquet` maps every tokenized sample to its shard, offset (in tokens, at
-//! its BOS) and length (BOS and EOS included); it joins `samples.parquet` on `sample_id`.
+//! its BOS) and length (BOS and EOS included); it joins `samples.parquet` on `sample_id`. Each
+//! row also records `codec_part_hash`, the [`crate::samples::part_hash`] of the codec part it was
+//! tokenized from (null in manifests written before it was), by which a retokenize finds stale
+//! parts; [`ManifestHash`] is the manifest's content hash, which a training run records.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -779,6 +782,10 @@ pub struct TokenRow {
     pub n_tokens: u64,
     /// The codec bytes the document encodes (for bits per byte).
     pub codec_bytes: u64,
+    /// [`crate::samples::part_hash`] of the codec part the document was tokenized from, the
+    /// same in every row of a part: a retokenize redoes a token part whose codec part has
+    /// changed since. `None` in manifests written before it was recorded.
+    pub codec_part_hash: Option<u64>,
 }
 
 pub fn write_token_rows(rows: &[TokenRow], path: &Path) -> Result<()> {
@@ -798,6 +805,7 @@ pub fn write_token_rows(rows: &[TokenRow], path: &Path) -> Result<()> {
             col!("offset", |r| r.offset),
             col!("n_tokens", |r| r.n_tokens),
             col!("codec_bytes", |r| r.codec_bytes),
+            col!("codec_part_hash", |r| r.codec_part_hash),
         ],
     )
     .map_err(Error::parquet(path))?;
@@ -816,6 +824,7 @@ pub struct TokenRowRef<'a> {
     pub offset: u64,
     pub n_tokens: u64,
     pub codec_bytes: u64,
+    pub codec_part_hash: Option<u64>,
 }
 
 impl TokenRowRef<'_> {
@@ -829,7 +838,56 @@ impl TokenRowRef<'_> {
             offset: self.offset,
             n_tokens: self.n_tokens,
             codec_bytes: self.codec_bytes,
+            codec_part_hash: self.codec_part_hash,
         }
+    }
+
+    /// Feeds every field of the row to `h`: what [`ManifestHash`] is made of.
+    pub fn hash_into(&self, h: &mut crate::FieldHash) {
+        for s in [
+            self.sample_id,
+            self.modality.as_str(),
+            self.split.as_str(),
+            self.shard,
+        ] {
+            h.text(s);
+        }
+        for n in [
+            self.part as u64,
+            self.offset,
+            self.n_tokens,
+            self.codec_bytes,
+        ] {
+            h.number(n);
+        }
+        h.optional(self.codec_part_hash);
+    }
+}
+
+/// A content hash of a token manifest: xxh3-64 over every row's fields in order (not over the
+/// file's bytes, which another Parquet writer may lay out differently). Two manifests with the
+/// same hash list the same documents at the same places, tokenized from the same codec parts.
+#[derive(Default)]
+pub struct ManifestHash(crate::FieldHash);
+
+impl ManifestHash {
+    pub fn add(&mut self, row: &TokenRowRef<'_>) {
+        row.hash_into(&mut self.0);
+    }
+
+    /// 16 hex digits.
+    pub fn finish(&self) -> String {
+        format!("{:016x}", self.0.digest())
+    }
+
+    /// The hash of the manifest at `path`, read in slices.
+    pub fn of(path: &Path) -> Result<String> {
+        let mut h = ManifestHash::default();
+        for_each_token_row(path, |r| {
+            h.add(&r);
+            Ok(())
+        })?;
+        Ok(h.finish())
     }
 }
 
@@ -896,8 +954,13 @@ fn visit_token_rows(
     let part = df.column("part").map_err(bad)?.u32().map_err(bad)?.clone();
     let (id, modality, split, shard) = (s("sample_id")?, s("modality")?, s("split")?, s("shard")?);
     let (offset, n, codec) = (u("offset")?, u("n_tokens")?, u("codec_bytes")?);
+    // Written since codec parts are hashed; absent (all None) in older manifests.
+    let part_hash = match df.column("codec_part_hash") {
+        Ok(c) => c.u64().map_err(bad)?.clone(),
+        Err(_) => UInt64Chunked::full_null("codec_part_hash".into(), df.height()),
+    };
     use crate::samples::{parse_column, Modality, Split};
-    for (i, (((((((id, m), sp), part), shard), offset), n), codec)) in id
+    for (i, ((((((((id, m), sp), part), shard), offset), n), codec), part_hash)) in id
         .iter()
         .zip(modality.iter())
         .zip(split.iter())
@@ -906,6 +969,7 @@ fn visit_token_rows(
         .zip(offset.iter())
         .zip(n.iter())
         .zip(codec.iter())
+        .zip(part_hash.iter())
         .enumerate()
     {
         let (m, sp, row) = (m.unwrap_or_default(), sp.unwrap_or_default(), first_row + i);
@@ -918,9 +982,30 @@ fn visit_token_rows(
             offset: offset.unwrap_or_default(),
             n_tokens: n.unwrap_or_default(),
             codec_bytes: codec.unwrap_or_default(),
+            codec_part_hash: part_hash,
         })?;
     }
     Ok(())
+}
+
+/// The codec part hash a token part manifest records (its first row's; every row of a part
+/// has the same). `None` for a manifest written before it was recorded, or with no rows.
+pub fn recorded_part_hash(path: &Path) -> Result<Option<u64>> {
+    let df = ParquetReader::new(File::open(path).map_err(Error::io(path))?)
+        .with_slice(Some((0, 1)))
+        .finish()
+        .map_err(|e| Error::Corrupt {
+            path: path.to_path_buf(),
+            what: "token manifest",
+            problem: e.to_string(),
+            fix: "delete it and rerun `codeclm dataset tokenize`".into(),
+        })?;
+    let mut found = None;
+    visit_token_rows(&df, path, 0, &mut |r| {
+        found = r.codec_part_hash;
+        Ok(())
+    })?;
+    Ok(found)
 }
 
 /// Concatenates per-part token manifests into `tokens-<hash>.parquet`.
@@ -1157,6 +1242,7 @@ mod tests {
                 offset: i as u64 * 10,
                 n_tokens: 10,
                 codec_bytes: i as u64,
+                codec_part_hash: (i % 2 == 0).then_some(i as u64 / 1000),
             })
             .collect();
         write_token_rows(&rows, &path).unwrap();

@@ -1042,6 +1042,8 @@ pub fn write_synthetic_token_set(root: &Path, spec: &SyntheticSpec) -> Result<St
                 offset,
                 n_tokens: len as u64,
                 codec_bytes: len as u64 - 2,
+                // No codec part: nothing to go stale.
+                codec_part_hash: None,
             });
         }
         w.finish()?;

@@ -10,28 +10,8 @@ fn token_dataset(root: &Path) -> PathBuf {
     let ds = root.join("ds");
     build(&fixtures("images"), &ds, &["--val-fraction", "0.2"]);
     let vocab = root.join("vocab.json");
-    run_ok(
-        codeclm()
-            .args([
-                "vocab",
-                "train",
-                "--modality",
-                "image",
-                "--size",
-                "320",
-                "--dataset",
-            ])
-            .arg(&ds)
-            .arg("--out")
-            .arg(&vocab),
-    );
-    run_ok(
-        codeclm()
-            .args(["dataset", "tokenize", "--dataset"])
-            .arg(&ds)
-            .arg("--vocab")
-            .arg(&vocab),
-    );
+    vocab_train(&ds, &vocab, &["--modality", "image", "--size", "320"]);
+    tokenize(&ds, &vocab, &[]);
     ds
 }
 
