@@ -165,6 +165,11 @@ pub struct TokenizeSummary {
     pub codec_bytes: u64,
     pub parts_built: u32,
     pub parts_skipped: u32,
+    /// Of `parts_built`: token parts redone because their codec part changed since (or they
+    /// record no codec part hash: tokenized by an older codeclm).
+    pub parts_stale: u32,
+    /// Token parts deleted because their codec part no longer has samples to tokenize.
+    pub parts_removed: u32,
     pub seconds: f64,
 }
 
@@ -175,8 +180,10 @@ impl TokenizeSummary {
 }
 
 /// Writes the token set of `vocab_path` for every successful sample of the dataset (resumable
-/// per part: a part whose token manifest exists and whose shard is of the current version is
-/// skipped; an older shard is rewritten), then `tokens-<hash>.parquet`. `modality`
+/// per part: a part whose token manifest exists, whose shard is of the current version and
+/// which records the current [`codeclm_formats::samples::part_hash`] of its codec part is
+/// skipped; an older shard or a stale part is rewritten, and a token part whose codec part has
+/// nothing left to tokenize is deleted), then `tokens-<hash>.parquet`. `modality`
 /// (`image`/`video`) limits the token set to those samples: a JPEG vocabulary is for the images
 /// of a mixed dataset, an H.264 one for its videos. `frame_tokens` is the shards' frame size
 /// ([`tokens::FRAME_TOKENS`] unless a test wants documents across frames).
@@ -207,6 +214,14 @@ pub fn tokenize_dataset(
         })?;
         codeclm_formats::write_atomic(&layout.vocab_path(), &bytes)?;
     }
+    let mut all_by_part: BTreeMap<u32, Vec<&SampleRow>> = BTreeMap::new();
+    for r in ds.rows() {
+        all_by_part.entry(r.part).or_default().push(r);
+    }
+    let part_hashes: BTreeMap<u32, u64> = all_by_part
+        .iter()
+        .map(|(&p, rows)| (p, codeclm_formats::samples::part_hash(rows.iter().copied())))
+        .collect();
     let mut by_part: BTreeMap<u32, Vec<&SampleRow>> = BTreeMap::new();
     for r in ds
         .rows()
@@ -231,13 +246,29 @@ pub fn tokenize_dataset(
         hash: vocab.hash.clone(),
         ..TokenizeSummary::default()
     };
+    summary.parts_removed = remove_orphan_parts(dataset, &layout, &by_part)?;
     for (&part, rows) in &by_part {
         let shard_path = dataset.join(layout.shard_rel(part));
-        let current = tokens::shard_version(&shard_path) == Some(tokens::TOKEN_SHARD_VERSION);
-        if layout.part_manifest(part).exists() && current {
-            summary.parts_skipped += 1;
-            progress.inc(rows.len() as u64);
-            continue;
+        let part_hash = part_hashes[&part];
+        let manifest = layout.part_manifest(part);
+        if manifest.exists() {
+            let current = tokens::shard_version(&shard_path) == Some(tokens::TOKEN_SHARD_VERSION);
+            let recorded = tokens::recorded_part_hash(&manifest).unwrap_or_else(|e| {
+                tracing::warn!("{e}; re-tokenizing part {part}");
+                None
+            });
+            if current && recorded == Some(part_hash) {
+                summary.parts_skipped += 1;
+                progress.inc(rows.len() as u64);
+                continue;
+            }
+            if recorded != Some(part_hash) {
+                tracing::info!(
+                    "token part {part} is stale: tokenized from codec part hash {}, the part now hashes {part_hash:016x}; re-tokenizing it",
+                    recorded.map_or("(none recorded)".into(), |h| format!("{h:016x}"))
+                );
+                summary.parts_stale += 1;
+            }
         }
         // Encode the part's documents in parallel, then write them in manifest order.
         let docs: Vec<Result<(Vec<u32>, u64), codeclm_formats::Error>> = pool.install(|| {
@@ -274,6 +305,7 @@ pub fn tokenize_dataset(
                 offset,
                 n_tokens: ids.len() as u64,
                 codec_bytes,
+                codec_part_hash: Some(part_hash),
             });
         }
         writer.finish()?;
@@ -285,4 +317,40 @@ pub fn tokenize_dataset(
     tokens::consolidate(&layout)?;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// Deletes the token parts (manifest, then shard) of parts with nothing to tokenize any more (a
+/// rebuild failed every sample, or the part is gone), so that `tokens-<hash>.parquet` lists
+/// none of their old documents. Returns how many.
+fn remove_orphan_parts(
+    dataset: &Path,
+    layout: &TokenLayout,
+    by_part: &BTreeMap<u32, Vec<&SampleRow>>,
+) -> Result<u32, TokenizeError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| codeclm_formats::Error::Io { path, source }
+    };
+    let dir = layout.parts_dir();
+    let mut removed = 0;
+    for e in std::fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let part = name
+            .strip_prefix("part-")
+            .and_then(|n| n.strip_suffix(".parquet"))
+            .and_then(|n| n.parse::<u32>().ok());
+        let Some(part) = part.filter(|p| !by_part.contains_key(p)) else {
+            continue;
+        };
+        tracing::info!(
+            "codec part {part} has no samples to tokenize any more: deleting its token part"
+        );
+        std::fs::remove_file(e.path()).map_err(io(&e.path()))?;
+        let shard = dataset.join(layout.shard_rel(part));
+        if shard.exists() {
+            std::fs::remove_file(&shard).map_err(io(&shard))?;
+        }
+        removed += 1;
+    }
+    Ok(removed)
 }

@@ -5,6 +5,8 @@
 
 pub mod dataset;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod lease;
 pub mod reader;
 pub mod samples;
@@ -147,5 +149,35 @@ mod tests {
         .unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"new");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}
+
+/// xxh3-64 over typed fields, each length-prefixed or tagged so that no two field lists hash
+/// alike by concatenation: the content hashes of manifests (codec parts, token manifests).
+#[derive(Default)]
+pub struct FieldHash(xxhash_rust::xxh3::Xxh3);
+
+impl FieldHash {
+    pub fn text(&mut self, s: &str) {
+        self.0.update(&(s.len() as u64).to_le_bytes());
+        self.0.update(s.as_bytes());
+    }
+
+    pub fn number(&mut self, n: u64) {
+        self.0.update(&n.to_le_bytes());
+    }
+
+    pub fn optional(&mut self, n: Option<u64>) {
+        match n {
+            Some(v) => {
+                self.0.update(&[1]);
+                self.number(v);
+            }
+            None => self.0.update(&[0]),
+        }
+    }
+
+    pub fn digest(&self) -> u64 {
+        self.0.digest()
     }
 }

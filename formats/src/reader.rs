@@ -1,5 +1,6 @@
 //! Reading a dataset back: its manifest rows, any sample's codec bytes (checked against the
-//! manifest's checksum), standalone JPEG files with the tables spliced back, and a summary.
+//! manifest's checksum), standalone JPEG files with the tables spliced back, a summary, and
+//! the check of a token set against the dataset (`dataset verify`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -9,6 +10,7 @@ use crate::dataset::{DatasetConfig, DatasetLayout};
 use crate::error::{Error, Result};
 use crate::samples::{self, SampleRow, Status};
 use crate::shard::{self, CodecShard};
+use crate::tokens::{read_token_rows, TokenLayout, TokenShard};
 
 pub struct Dataset {
     pub layout: DatasetLayout,
@@ -172,6 +174,145 @@ impl Dataset {
             }
         }
         Ok(s)
+    }
+}
+
+/// What [`Dataset::verify_token_set`] checked, and the token parts it found stale.
+#[derive(Debug, Default)]
+pub struct TokenSetReport {
+    pub shards: u64,
+    pub frames: u64,
+    pub tokens: u64,
+    pub docs: u64,
+    pub stale: Vec<StalePart>,
+}
+
+/// A token part tokenized from a codec part that has changed since.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StalePart {
+    pub part: u32,
+    /// The codec part hash the token part records (`None`: tokenized by an older codeclm).
+    pub recorded: Option<u64>,
+    /// The codec part's hash now (`None`: the part is gone from the dataset).
+    pub current: Option<u64>,
+}
+
+impl std::fmt::Display for StalePart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hex = |h: Option<u64>, none: &str| h.map_or(none.to_string(), |h| format!("{h:016x}"));
+        write!(
+            f,
+            "part {} was tokenized from codec part hash {}, the part now hashes {}",
+            self.part,
+            hex(self.recorded, "(none recorded)"),
+            hex(self.current, "(part gone)")
+        )
+    }
+}
+
+impl Dataset {
+    /// Checks the finished token set `hash` against its shards and this dataset: every frame of
+    /// every shard decoded and checked (checksum, length, ids in the vocabulary), each shard's
+    /// document count, every manifest row's span (inside its shard, BOS first, EOS last), and
+    /// each token part's recorded codec part hash against the part's hash now. A broken shard
+    /// or manifest is an error naming the file and the fix; stale parts are reported.
+    pub fn verify_token_set(&self, hash: &str) -> Result<TokenSetReport> {
+        let root = &self.layout.root;
+        let layout = TokenLayout::new(root, hash);
+        let vocab = crate::vocab::Vocab::load(&layout.vocab_path())?;
+        let manifest = layout.manifest_path();
+        let rows = read_token_rows(&manifest)?;
+        let fix = format!(
+            "rerun `codeclm dataset tokenize --dataset {} --vocab {}`",
+            root.display(),
+            layout.vocab_path().display()
+        );
+        let mut report = TokenSetReport {
+            docs: rows.len() as u64,
+            ..TokenSetReport::default()
+        };
+        // Per shard: (token position, expected id, sample), in position order.
+        let mut marks: BTreeMap<&str, Vec<(u64, u32, &str)>> = BTreeMap::new();
+        let mut recorded: BTreeMap<u32, Option<u64>> = BTreeMap::new();
+        for r in &rows {
+            if r.n_tokens < 2 {
+                return Err(Error::Corrupt {
+                    path: manifest.clone(),
+                    what: "token manifest",
+                    problem: format!(
+                        "sample {} has {} tokens, not a BOS..EOS document",
+                        r.sample_id, r.n_tokens
+                    ),
+                    fix,
+                });
+            }
+            let m = marks.entry(r.shard.as_str()).or_default();
+            m.push((r.offset, vocab.bos, &r.sample_id));
+            m.push((r.offset + r.n_tokens - 1, vocab.eos, &r.sample_id));
+            recorded.entry(r.part).or_insert(r.codec_part_hash);
+        }
+        let mut by_part: BTreeMap<u32, Vec<&SampleRow>> = BTreeMap::new();
+        for r in &self.rows {
+            by_part.entry(r.part).or_default().push(r);
+        }
+        for (&part, &recorded) in &recorded {
+            let current = by_part
+                .get(&part)
+                .map(|rows| samples::part_hash(rows.iter().copied()));
+            if current.is_none() || recorded != current {
+                report.stale.push(StalePart {
+                    part,
+                    recorded,
+                    current,
+                });
+            }
+        }
+        for (rel, marks) in &mut marks {
+            marks.sort_unstable();
+            let path = root.join(rel);
+            let bad = |problem: String| Error::Corrupt {
+                path: path.clone(),
+                what: "token shard",
+                problem,
+                fix: fix.clone(),
+            };
+            let s = TokenShard::open(&path, Some(hash))?;
+            if let Some(&(pos, _, id)) = marks.last().filter(|m| m.0 >= s.token_count) {
+                return Err(bad(format!(
+                    "sample {id} ends at token {pos}, past the shard's {} tokens",
+                    s.token_count
+                )));
+            }
+            if s.docs != marks.len() as u64 / 2 {
+                return Err(bad(format!(
+                    "it holds {} documents, {} lists {}",
+                    s.docs,
+                    manifest.display(),
+                    marks.len() / 2
+                )));
+            }
+            let mut next = marks.iter().peekable();
+            s.for_each_frame(|first, t| {
+                while let Some(&&(pos, want, id)) = next.peek() {
+                    if pos >= first + t.len() as u64 {
+                        break;
+                    }
+                    let got = t[(pos - first) as usize] as u32;
+                    if got != want {
+                        let name = if want == vocab.bos { "BOS" } else { "EOS" };
+                        return Err(bad(format!(
+                            "sample {id} has token {got} at {pos}, not {want} ({name})"
+                        )));
+                    }
+                    next.next();
+                }
+                Ok(())
+            })?;
+            report.shards += 1;
+            report.frames += s.frames().len() as u64;
+            report.tokens += s.token_count;
+        }
+        Ok(report)
     }
 }
 

@@ -221,6 +221,29 @@ impl SampleRow {
     }
 }
 
+/// The identity of a codec part's content, as token parts record it: xxh3-64 over its rows in
+/// order (sample id, status, modality, split, codec length, shard, record and the codec bytes'
+/// checksum), every status included. A rebuild that changes any sample's bytes, status or split
+/// (`--retry-failed`, new settings, a changed source file) changes it.
+pub fn part_hash<'a>(rows: impl IntoIterator<Item = &'a SampleRow>) -> u64 {
+    let mut h = crate::FieldHash::default();
+    for r in rows {
+        for s in [
+            r.sample_id.as_str(),
+            r.status.as_str(),
+            r.modality.as_str(),
+            r.split.as_str(),
+            r.shard.as_deref().unwrap_or(""),
+        ] {
+            h.text(s);
+        }
+        for n in [r.codec_bytes, r.record.map(u64::from), r.checksum] {
+            h.optional(n);
+        }
+    }
+    h.digest()
+}
+
 /// Builds the manifest DataFrame. Column order and types are the contract with Python readers.
 pub fn to_dataframe(rows: &[SampleRow]) -> Result<DataFrame> {
     macro_rules! col {

@@ -357,6 +357,22 @@ impl CodecShard {
             problem,
             fix: FIX_REBUILD.to_string(),
         };
+        // The frame's header says what it decodes to; it must agree with the index before
+        // `raw_len` (up to 4 GiB, unchecksummed) sizes anything.
+        match zstd::zstd_safe::get_frame_content_size(&frame) {
+            Ok(Some(n)) if n == e.raw_len as u64 => {}
+            Ok(Some(n)) => {
+                return Err(corrupt(format!(
+                    "record {record} decodes to {n} bytes, the index says {}",
+                    e.raw_len
+                )))
+            }
+            Ok(None) | Err(_) => {
+                return Err(corrupt(format!(
+                    "record {record} is not a zstd frame with its size recorded"
+                )))
+            }
+        }
         let raw = zstd::bulk::decompress(&frame, e.raw_len as usize)
             .map_err(|err| corrupt(format!("record {record} does not decompress: {err}")))?;
         if raw.len() != e.raw_len as usize || checksum(&raw) != e.checksum {

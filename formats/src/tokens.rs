@@ -37,7 +37,10 @@
 //! rewrites such shards.
 //!
 //! `DIR/tokens-<hash>.parquet` maps every tokenized sample to its shard, offset (in tokens, at
-//! its BOS) and length (BOS and EOS included); it joins `samples.parquet` on `sample_id`.
+//! its BOS) and length (BOS and EOS included); it joins `samples.parquet` on `sample_id`. Each
+//! row also records `codec_part_hash`, the [`crate::samples::part_hash`] of the codec part it was
+//! tokenized from (null in manifests written before it was), by which a retokenize finds stale
+//! parts; [`ManifestHash`] is the manifest's content hash, which a training run records.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -61,6 +64,9 @@ pub const FRAME_ENTRY_LEN: usize = 32;
 /// JPEG is ~4,200 tokens): 3x the loader throughput of 64 Ki-token frames and 57x that of 1 Mi
 /// for 2.6% more bytes than 64 Ki (docs/tokens.md). The index costs 32 bytes a frame.
 pub const FRAME_TOKENS: u32 = 1 << 14;
+/// Largest frame a reader accepts (32 MiB decoded): a header claiming more is refused at open,
+/// so no frame allocates more than this.
+pub const MAX_FRAME_TOKENS: u32 = 1 << 24;
 /// Largest vocabulary a u16 shard can hold.
 pub const MAX_VOCAB: u32 = 1 << 16;
 
@@ -333,8 +339,10 @@ impl TokenShardWriter {
                 "a vocabulary of {vocab_size} entries does not fit u16 token shards (at most {MAX_VOCAB}); train a smaller one"
             )));
         }
-        if frame_tokens == 0 {
-            return Err(Error::Invalid("frames must hold at least one token".into()));
+        if frame_tokens == 0 || frame_tokens > MAX_FRAME_TOKENS {
+            return Err(Error::Invalid(format!(
+                "frames hold 1 to {MAX_FRAME_TOKENS} tokens, not {frame_tokens}"
+            )));
         }
         let hash = u64::from_str_radix(vocab_hash, 16)
             .map_err(|_| Error::Invalid(format!("bad vocabulary hash {vocab_hash:?}")))?;
@@ -433,7 +441,9 @@ impl TokenShardWriter {
             .map_err(|e| Error::io(&tmp)(e.into_error()))?;
         file.sync_all().map_err(Error::io(&tmp))?;
         drop(file);
-        std::fs::rename(&tmp, &self.path).map_err(Error::io(&self.path))
+        std::fs::rename(&tmp, &self.path).map_err(Error::io(&self.path))?;
+        // Durable before the token manifest that points at it is written.
+        crate::sync_parent(&self.path)
     }
 }
 
@@ -533,8 +543,10 @@ impl TokenShard {
             )));
         }
         let (vocab_size, frame_tokens) = (le32(&header, 16), le32(&header, 20));
-        if frame_tokens == 0 {
-            return Err(corrupt("the header says frames of 0 tokens".into()));
+        if frame_tokens == 0 || frame_tokens > MAX_FRAME_TOKENS {
+            return Err(corrupt(format!(
+                "the header says frames of {frame_tokens} tokens (1 to {MAX_FRAME_TOKENS} are valid)"
+            )));
         }
         let hash = format!("{:016x}", le64(&header, 24));
         if let Some(want) = expect_hash {
@@ -652,6 +664,21 @@ impl TokenShard {
             .read_exact_at(&mut buf.compressed, f.offset)
             .map_err(Error::io(&self.path))?;
         let want = f.token_count as usize * 2;
+        // The frame's own header says how much it decodes to: checked before anything is sized
+        // by it (a frame is at most MAX_FRAME_TOKENS tokens, checked at open).
+        match zstd::zstd_safe::get_frame_content_size(&buf.compressed) {
+            Ok(Some(n)) if n == want as u64 => {}
+            Ok(Some(n)) => {
+                return Err(
+                    self.corrupt_frame(i, format!("decodes to {n} bytes, the index says {want}"))
+                )
+            }
+            Ok(None) | Err(_) => {
+                return Err(
+                    self.corrupt_frame(i, "is not a zstd frame with its size recorded".into())
+                )
+            }
+        }
         buf.raw.clear();
         buf.raw.reserve(want + 1);
         let n = buf
@@ -693,7 +720,8 @@ impl TokenShard {
                 self.token_count
             )));
         };
-        let mut out = Vec::with_capacity(len as usize);
+        // Grown as frames decode (each checked), never sized by the index alone.
+        let mut out = Vec::with_capacity(len.min(1 << 20) as usize);
         if len == 0 {
             return Ok(out);
         }
@@ -756,6 +784,10 @@ pub struct TokenRow {
     pub n_tokens: u64,
     /// The codec bytes the document encodes (for bits per byte).
     pub codec_bytes: u64,
+    /// [`crate::samples::part_hash`] of the codec part the document was tokenized from, the
+    /// same in every row of a part: a retokenize redoes a token part whose codec part has
+    /// changed since. `None` in manifests written before it was recorded.
+    pub codec_part_hash: Option<u64>,
 }
 
 pub fn write_token_rows(rows: &[TokenRow], path: &Path) -> Result<()> {
@@ -775,6 +807,7 @@ pub fn write_token_rows(rows: &[TokenRow], path: &Path) -> Result<()> {
             col!("offset", |r| r.offset),
             col!("n_tokens", |r| r.n_tokens),
             col!("codec_bytes", |r| r.codec_bytes),
+            col!("codec_part_hash", |r| r.codec_part_hash),
         ],
     )
     .map_err(Error::parquet(path))?;
@@ -793,6 +826,7 @@ pub struct TokenRowRef<'a> {
     pub offset: u64,
     pub n_tokens: u64,
     pub codec_bytes: u64,
+    pub codec_part_hash: Option<u64>,
 }
 
 impl TokenRowRef<'_> {
@@ -806,7 +840,56 @@ impl TokenRowRef<'_> {
             offset: self.offset,
             n_tokens: self.n_tokens,
             codec_bytes: self.codec_bytes,
+            codec_part_hash: self.codec_part_hash,
         }
+    }
+
+    /// Feeds every field of the row to `h`: what [`ManifestHash`] is made of.
+    pub fn hash_into(&self, h: &mut crate::FieldHash) {
+        for s in [
+            self.sample_id,
+            self.modality.as_str(),
+            self.split.as_str(),
+            self.shard,
+        ] {
+            h.text(s);
+        }
+        for n in [
+            self.part as u64,
+            self.offset,
+            self.n_tokens,
+            self.codec_bytes,
+        ] {
+            h.number(n);
+        }
+        h.optional(self.codec_part_hash);
+    }
+}
+
+/// A content hash of a token manifest: xxh3-64 over every row's fields in order (not over the
+/// file's bytes, which another Parquet writer may lay out differently). Two manifests with the
+/// same hash list the same documents at the same places, tokenized from the same codec parts.
+#[derive(Default)]
+pub struct ManifestHash(crate::FieldHash);
+
+impl ManifestHash {
+    pub fn add(&mut self, row: &TokenRowRef<'_>) {
+        row.hash_into(&mut self.0);
+    }
+
+    /// 16 hex digits.
+    pub fn finish(&self) -> String {
+        format!("{:016x}", self.0.digest())
+    }
+
+    /// The hash of the manifest at `path`, read in slices.
+    pub fn of(path: &Path) -> Result<String> {
+        let mut h = ManifestHash::default();
+        for_each_token_row(path, |r| {
+            h.add(&r);
+            Ok(())
+        })?;
+        Ok(h.finish())
     }
 }
 
@@ -873,8 +956,13 @@ fn visit_token_rows(
     let part = df.column("part").map_err(bad)?.u32().map_err(bad)?.clone();
     let (id, modality, split, shard) = (s("sample_id")?, s("modality")?, s("split")?, s("shard")?);
     let (offset, n, codec) = (u("offset")?, u("n_tokens")?, u("codec_bytes")?);
+    // Written since codec parts are hashed; absent (all None) in older manifests.
+    let part_hash = match df.column("codec_part_hash") {
+        Ok(c) => c.u64().map_err(bad)?.clone(),
+        Err(_) => UInt64Chunked::full_null("codec_part_hash".into(), df.height()),
+    };
     use crate::samples::{parse_column, Modality, Split};
-    for (i, (((((((id, m), sp), part), shard), offset), n), codec)) in id
+    for (i, ((((((((id, m), sp), part), shard), offset), n), codec), part_hash)) in id
         .iter()
         .zip(modality.iter())
         .zip(split.iter())
@@ -883,6 +971,7 @@ fn visit_token_rows(
         .zip(offset.iter())
         .zip(n.iter())
         .zip(codec.iter())
+        .zip(part_hash.iter())
         .enumerate()
     {
         let (m, sp, row) = (m.unwrap_or_default(), sp.unwrap_or_default(), first_row + i);
@@ -895,9 +984,30 @@ fn visit_token_rows(
             offset: offset.unwrap_or_default(),
             n_tokens: n.unwrap_or_default(),
             codec_bytes: codec.unwrap_or_default(),
+            codec_part_hash: part_hash,
         })?;
     }
     Ok(())
+}
+
+/// The codec part hash a token part manifest records (its first row's; every row of a part
+/// has the same). `None` for a manifest written before it was recorded, or with no rows.
+pub fn recorded_part_hash(path: &Path) -> Result<Option<u64>> {
+    let df = ParquetReader::new(File::open(path).map_err(Error::io(path))?)
+        .with_slice(Some((0, 1)))
+        .finish()
+        .map_err(|e| Error::Corrupt {
+            path: path.to_path_buf(),
+            what: "token manifest",
+            problem: e.to_string(),
+            fix: "delete it and rerun `codeclm dataset tokenize`".into(),
+        })?;
+    let mut found = None;
+    visit_token_rows(&df, path, 0, &mut |r| {
+        found = r.codec_part_hash;
+        Ok(())
+    })?;
+    Ok(found)
 }
 
 /// Concatenates per-part token manifests into `tokens-<hash>.parquet`.
@@ -1134,6 +1244,7 @@ mod tests {
                 offset: i as u64 * 10,
                 n_tokens: 10,
                 codec_bytes: i as u64,
+                codec_part_hash: (i % 2 == 0).then_some(i as u64 / 1000),
             })
             .collect();
         write_token_rows(&rows, &path).unwrap();

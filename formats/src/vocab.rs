@@ -18,12 +18,16 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::tokens::MAX_VOCAB;
 
 /// First code point of the byte alphabet: byte `b` is `char::from_u32(0x2800 + b)`.
 pub const BYTE_CHAR_BASE: u32 = 0x2800;
 pub const BOS: &str = "<s>";
 pub const EOS: &str = "</s>";
 pub const PAD: &str = "<pad>";
+/// Largest tokenizer.json read: 65,536 tokens and their merges take a few MB; this leaves room
+/// for long tokens and refuses a stray multi-GB file before it is read.
+pub const MAX_VOCAB_FILE_BYTES: u64 = 256 << 20;
 
 pub fn byte_char(b: u8) -> char {
     char::from_u32(BYTE_CHAR_BASE + b as u32).expect("the Braille block is valid")
@@ -156,13 +160,34 @@ fn invalid(path: &Path, problem: impl Into<String>) -> Error {
     }
 }
 
+/// Refuses a list longer than a u16 vocabulary can use, before anything is sized by it.
+fn at_most_max_vocab(path: &Path, n: usize, what: &str) -> Result<()> {
+    if n > MAX_VOCAB as usize {
+        return Err(invalid(
+            path,
+            format!("{n} {what}; u16 token shards hold at most {MAX_VOCAB} tokens"),
+        ));
+    }
+    Ok(())
+}
+
 impl Vocab {
     pub fn load(path: &Path) -> Result<Vocab> {
+        // A vocabulary of u16 ids is a few MB; refuse a huge file before reading it.
+        let len = std::fs::metadata(path).map_err(Error::io(path))?.len();
+        if len > MAX_VOCAB_FILE_BYTES {
+            return Err(invalid(
+                path,
+                format!("it is {len} bytes; a vocabulary of at most {MAX_VOCAB} tokens fits in {MAX_VOCAB_FILE_BYTES}"),
+            ));
+        }
         let bytes = std::fs::read(path).map_err(Error::io(path))?;
         Vocab::from_json(&bytes, path)
     }
 
-    /// Parses a tokenizer.json (`path` is only used in errors).
+    /// Parses a tokenizer.json (`path` is only used in errors). Every id is checked before
+    /// anything is sized by it: ids are `0..size` with no gap and no duplicate, and `size` is
+    /// at most [`MAX_VOCAB`] (token shards are u16).
     pub fn from_json(bytes: &[u8], path: &Path) -> Result<Vocab> {
         let json: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| invalid(path, e.to_string()))?;
@@ -176,24 +201,67 @@ impl Vocab {
         let vocab = model["vocab"]
             .as_object()
             .ok_or_else(|| invalid(path, "no model.vocab"))?;
-        let size = json["added_tokens"]
+        let added = json["added_tokens"]
             .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|t| t["id"].as_u64())
-            .chain(vocab.values().filter_map(|v| v.as_u64()))
-            .max()
-            .map(|m| m as u32 + 1)
-            .unwrap_or(0);
+            .map_or(&[][..], Vec::as_slice);
+        at_most_max_vocab(path, vocab.len(), "entries in model.vocab")?;
+        let checked_id = |what: &dyn std::fmt::Display, id: &serde_json::Value| {
+            let id = id
+                .as_u64()
+                .ok_or_else(|| invalid(path, format!("{what} has no integer id ({id})")))?;
+            if id >= MAX_VOCAB as u64 {
+                return Err(invalid(
+                    path,
+                    format!("{what} has id {id}; u16 token shards hold ids below {MAX_VOCAB}"),
+                ));
+            }
+            Ok(id as u32)
+        };
+        // id -> its string in model.vocab: a second string with the same id is refused.
+        let mut names: HashMap<u32, &str> = HashMap::with_capacity(vocab.len());
+        for (s, id) in vocab {
+            let id = checked_id(&format_args!("token {s:?}"), id)?;
+            if let Some(other) = names.insert(id, s) {
+                return Err(invalid(
+                    path,
+                    format!("tokens {other:?} and {s:?} share id {id}"),
+                ));
+            }
+        }
+        let mut added_ids = Vec::with_capacity(added.len());
+        for t in added {
+            let content = t["content"].as_str().unwrap_or("");
+            let id = checked_id(&format_args!("added token {content:?}"), &t["id"])?;
+            if let Some(other) = names.get(&id).filter(|&&o| o != content) {
+                return Err(invalid(
+                    path,
+                    format!(
+                        "added token {content:?} has id {id}, which model.vocab gives to {other:?}"
+                    ),
+                ));
+            }
+            added_ids.push(id);
+        }
+        let size = names.keys().chain(&added_ids).max().map_or(0, |&m| m + 1);
+        let mut used = vec![false; size as usize];
+        for &id in names.keys().chain(&added_ids) {
+            used[id as usize] = true;
+        }
+        if let Some(gap) = used.iter().position(|&u| !u) {
+            return Err(invalid(
+                path,
+                format!(
+                    "no token has id {gap}, below the largest id {}: ids must run 0..{size} without gaps",
+                    size - 1
+                ),
+            ));
+        }
         let mut id_bytes = vec![Vec::new(); size as usize];
         let mut special = vec![false; size as usize];
         let mut byte_ids = [u32::MAX; 256];
         let mut by_string: HashMap<&str, u32> = HashMap::new();
         for (s, id) in vocab {
-            let id = id
-                .as_u64()
-                .ok_or_else(|| invalid(path, format!("token {s:?} has no integer id")))?
-                as u32;
+            let id = id.as_u64().unwrap_or_default() as u32; // checked above
             let decoded: Option<Vec<u8>> = s
                 .chars()
                 .map(|c| {
@@ -214,13 +282,11 @@ impl Vocab {
             }
             by_string.insert(s.as_str(), id);
         }
-        for t in json["added_tokens"].as_array().into_iter().flatten() {
-            if let Some(id) = t["id"].as_u64() {
-                special[id as usize] = true;
-                id_bytes[id as usize].clear();
-                if let Some(c) = t["content"].as_str() {
-                    by_string.insert(c, id as u32);
-                }
+        for (t, &id) in added.iter().zip(&added_ids) {
+            special[id as usize] = true;
+            id_bytes[id as usize].clear();
+            if let Some(c) = t["content"].as_str() {
+                by_string.insert(c, id);
             }
         }
         if let Some(b) = byte_ids.iter().position(|&id| id == u32::MAX) {
@@ -229,8 +295,11 @@ impl Vocab {
                 format!("byte {b:#04x} has no token: not a full byte-level vocabulary"),
             ));
         }
-        let mut merges = HashMap::new();
-        for (rank, m) in model["merges"].as_array().into_iter().flatten().enumerate() {
+        let merge_list = model["merges"].as_array().map_or(&[][..], Vec::as_slice);
+        // Each merge makes a token.
+        at_most_max_vocab(path, merge_list.len(), "merges")?;
+        let mut merges = HashMap::with_capacity(merge_list.len());
+        for (rank, m) in merge_list.iter().enumerate() {
             let (a, b) = match m {
                 serde_json::Value::String(s) => s
                     .split_once(' ')
@@ -458,6 +527,11 @@ mod tests {
 
     /// A tiny hand-written vocabulary: 3 specials, 256 bytes, merges FF+D0, (FFD0)+00, 00+00.
     pub(crate) fn tiny(pre: PreTokenize) -> Vocab {
+        let json = tiny_json(pre);
+        Vocab::from_json(json.to_string().as_bytes(), Path::new("tiny.json")).unwrap()
+    }
+
+    fn tiny_json(pre: PreTokenize) -> serde_json::Value {
         let mut vocab = serde_json::Map::new();
         for (i, s) in [BOS, EOS, PAD].iter().enumerate() {
             vocab.insert(s.to_string(), i.into());
@@ -483,7 +557,7 @@ mod tests {
                 format!("{} {}", bytes_to_chars(&[0x00]), bytes_to_chars(&[0x00])),
             ]}
         });
-        Vocab::from_json(json.to_string().as_bytes(), Path::new("tiny.json")).unwrap()
+        json
     }
 
     #[test]
@@ -544,6 +618,110 @@ mod tests {
         assert!(
             err.contains("v.json") && err.contains("codeclm vocab train"),
             "{err}"
+        );
+    }
+
+    /// Issue 17: a vocabulary with an absurd size or id is a typed error naming the file and
+    /// the fix, not an allocation abort (an id of 10^9 sized a table of 10^9 entries) or a
+    /// panic (an id of 2^32 - 1 wrapped the size to 0; ids past u16 loaded and failed later).
+    #[test]
+    fn absurd_ids_and_sizes_are_typed_errors() {
+        type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+        let tok = |s: &[u8]| bytes_to_chars(s);
+        let cases: Vec<(&str, Edit, &str)> = vec![
+            (
+                "a vocab of 10^9 entries claimed",
+                Box::new(move |j| {
+                    j["model"]["vocab"][tok(&[0xFF, 0xD0])] = 1_000_000_000u64.into()
+                }),
+                "has id 1000000000",
+            ),
+            (
+                "an id of 4e9",
+                Box::new(move |j| {
+                    j["model"]["vocab"][tok(&[0x00, 0x00])] = 4_294_967_295u64.into()
+                }),
+                "has id 4294967295",
+            ),
+            (
+                "an id past u16",
+                Box::new(move |j| j["model"]["vocab"][tok(&[0x00, 0x00])] = 70_000.into()),
+                "below 65536",
+            ),
+            (
+                "an id as a float",
+                Box::new(move |j| j["model"]["vocab"][tok(&[0x00, 0x00])] = 4e9.into()),
+                "no integer id",
+            ),
+            (
+                "an added token past u16",
+                Box::new(|j| j["added_tokens"][2]["id"] = 65_536.into()),
+                "added token \"<pad>\" has id 65536",
+            ),
+            (
+                "an added token on another's id",
+                Box::new(|j| j["added_tokens"][2]["id"] = 100.into()),
+                "which model.vocab gives to",
+            ),
+            (
+                "duplicate ids",
+                Box::new(move |j| j["model"]["vocab"][tok(&[0x00, 0x00])] = 259.into()),
+                "share id 259",
+            ),
+            (
+                "a gap in the ids",
+                Box::new(move |j| {
+                    j["model"]["vocab"]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove(&tok(&[0xFF, 0xD0]));
+                    j["model"]["merges"] = serde_json::json!([]);
+                }),
+                "no token has id 259",
+            ),
+            (
+                "a merge of an unknown token",
+                Box::new(|j| j["model"]["merges"][1] = "\u{2800}x \u{2801}".into()),
+                "merge 1 uses unknown token",
+            ),
+            (
+                "more merges than u16 tokens",
+                Box::new(|j| {
+                    j["model"]["merges"] = serde_json::Value::Array(vec!["a b".into(); 70_000])
+                }),
+                "70000 merges",
+            ),
+        ];
+        for (what, edit, want) in cases {
+            let mut json = tiny_json(PreTokenize::None);
+            edit(&mut json);
+            let err = Vocab::from_json(json.to_string().as_bytes(), Path::new("dir/v.json"))
+                .err()
+                .unwrap_or_else(|| panic!("{what}: loaded"));
+            assert!(matches!(err, Error::Corrupt { .. }), "{what}: {err:?}");
+            let msg = err.to_string();
+            assert!(
+                msg.contains("dir/v.json")
+                    && msg.contains(want)
+                    && msg.contains("codeclm vocab train"),
+                "{what}: {msg}"
+            );
+        }
+    }
+
+    /// A file far larger than any u16 vocabulary is refused before it is read.
+    #[test]
+    fn a_huge_vocabulary_file_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.json");
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(MAX_VOCAB_FILE_BYTES + 1).unwrap(); // sparse: no disk, no reading
+        let msg = Vocab::load(&path).unwrap_err().to_string();
+        assert!(
+            msg.contains("huge.json")
+                && msg.contains("bytes")
+                && msg.contains("codeclm vocab train"),
+            "{msg}"
         );
     }
 }

@@ -196,6 +196,8 @@ fn roll_forward(dir: &Path) -> Result<()> {
             std::fs::rename(&from, dir.join(name)).map_err(Error::io(&from))?;
         }
     }
+    // The renamed files are durable before the journal that would redo them goes.
+    codeclm_formats::sync_dir(dir)?;
     std::fs::remove_dir_all(&journal).map_err(Error::io(&journal))
 }
 

@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use codeclm_formats::tokens::{
-    for_each_token_row, FrameBuffers, TokenLayout, TokenRow, TokenSet, TokenShard, TokenShardWriter,
+    for_each_token_row, FrameBuffers, ManifestHash, TokenLayout, TokenRow, TokenSet, TokenShard,
+    TokenShardWriter,
 };
 use codeclm_formats::vocab::Vocab;
 use codeclm_formats::{Modality, Split};
@@ -92,6 +93,9 @@ impl SetData {
 pub struct TrainingSet {
     pub root: PathBuf,
     pub hash: String,
+    /// [`ManifestHash`] of `tokens-<hash>.parquet`: which documents, where (a resumed run
+    /// checks it against the one it started on).
+    pub manifest_hash: String,
     pub vocab: Vocab,
     data: Arc<SetData>,
     /// `val` rows, ordered by (hash of sample id, row).
@@ -135,7 +139,9 @@ impl TrainingSet {
         let mut docs = Vec::new();
         let mut val: Vec<(u64, u32)> = Vec::new();
         let mut fit: BinaryHeap<(u64, u32)> = BinaryHeap::new();
+        let mut manifest_hash = ManifestHash::default();
         for_each_token_row(&manifest, |r| {
+            manifest_hash.add(&r);
             let row = docs.len() as u32;
             let shard = match shard_ids.get(r.shard) {
                 Some(&id) => id,
@@ -189,6 +195,7 @@ impl TrainingSet {
         Ok(TrainingSet {
             root: root.to_path_buf(),
             hash: hash.clone(),
+            manifest_hash: manifest_hash.finish(),
             data: Arc::new(SetData {
                 root: root.to_path_buf(),
                 hash,
@@ -1042,6 +1049,8 @@ pub fn write_synthetic_token_set(root: &Path, spec: &SyntheticSpec) -> Result<St
                 offset,
                 n_tokens: len as u64,
                 codec_bytes: len as u64 - 2,
+                // No codec part: nothing to go stale.
+                codec_part_hash: None,
             });
         }
         w.finish()?;

@@ -172,7 +172,13 @@ pub struct TrainerState {
     pub config: TrainConfig,
     pub model: LlamaConfig,
     pub loader: LoaderState,
+    /// The token set's identity (its vocabulary's hash)...
     pub vocab_hash: String,
+    /// ...and the content hash of its manifest (`codeclm_formats::tokens::ManifestHash`): the
+    /// loader's saved position indexes these documents, so a resume on a changed token set
+    /// stops. `None` in states written before it was recorded (resumed with a warning).
+    #[serde(default)]
+    pub token_manifest_hash: Option<String>,
     pub dataset: PathBuf,
     pub tokens_seen: u64,
 }
@@ -459,6 +465,7 @@ pub fn train(start: Start, out: &Path) -> Result<TrainSummary> {
                     out.display(), st.vocab_hash, set.hash
                 )));
             }
+            check_token_manifest(out, &st, &set)?;
             let mut cfg = st.config.clone();
             if let Some(s) = steps {
                 cfg.steps = s;
@@ -568,6 +575,7 @@ pub fn train(start: Start, out: &Path) -> Result<TrainSummary> {
                 model: model_cfg.clone(),
                 loader: loader.state.clone(),
                 vocab_hash: set.hash.clone(),
+                token_manifest_hash: Some(set.manifest_hash.clone()),
                 dataset: std::fs::canonicalize(&set.root).unwrap_or(set.root.clone()),
                 tokens_seen,
             };
@@ -594,6 +602,31 @@ pub fn train(start: Start, out: &Path) -> Result<TrainSummary> {
         tokens_per_second: run_tokens as f64 / secs.max(1e-9),
         seconds: secs,
     })
+}
+
+/// A resumed run must read the documents it started on: its loader position (document row,
+/// token, per-epoch orders over the row count) means nothing in another manifest.
+fn check_token_manifest(out: &Path, st: &TrainerState, set: &TrainingSet) -> Result<()> {
+    let manifest = set.root.join(format!("tokens-{}.parquet", set.hash));
+    match &st.token_manifest_hash {
+        None => {
+            tracing::warn!(
+                "resuming {}: its trainer_state.json records no token manifest hash (written by an older codeclm), so a changed token set cannot be detected; {} now hashes {}",
+                out.display(),
+                manifest.display(),
+                set.manifest_hash
+            );
+            Ok(())
+        }
+        Some(h) if *h == set.manifest_hash => Ok(()),
+        Some(h) => Err(Error::Data(format!(
+            "resuming {}: token set {} changed since the run started: its manifest {} hashed {h} then and hashes {} now (retokenized, or its dataset rebuilt), and the saved loader position indexes the old documents. Fix: resume with --dataset DIR naming a copy of the original token set, or start a new run with `codeclm train --out NEW_DIR`",
+            out.display(),
+            set.hash,
+            manifest.display(),
+            set.manifest_hash
+        ))),
+    }
 }
 
 fn pad_id(set: &TrainingSet) -> Option<u32> {

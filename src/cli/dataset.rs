@@ -1,13 +1,12 @@
 //! `codeclm dataset ...`: build, inspect, verify, export and merge datasets (tokenize and decode
 //! are in [`super::tokens`]).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use codeclm_etl::{BuildOptions, BuildSettings, Isolation};
-use codeclm_formats::tokens::{read_token_rows, TokenLayout, TokenShard};
+use codeclm_formats::tokens::TokenLayout;
 use codeclm_formats::{Dataset, Modality};
 
 use super::flags::{self, AlphaArg, PreprocessArg, ResamplerArg, ResizeArg, SourceKindArg};
@@ -34,7 +33,8 @@ pub enum DatasetCommand {
         inputs: Vec<PathBuf>,
     },
     /// Read every record of every codec shard and check it against the manifest; read every
-    /// frame of every token shard (checksums) and check each document's BOS..EOS span.
+    /// frame of every token shard (checksums) and check each document's BOS..EOS span; report
+    /// token parts tokenized from codec parts that changed since (stale).
     Verify {
         #[arg(long)]
         dataset: PathBuf,
@@ -424,6 +424,7 @@ fn verify(dir: &std::path::Path) -> Result<()> {
         bytes += b.len() as u64;
     }
     println!("verified {checked} samples, {:.2} MB of codec bytes: every record matches its manifest row", bytes as f64 / 1e6);
+    let mut stale = Vec::new();
     for hash in TokenLayout::list(dir) {
         let layout = TokenLayout::new(dir, &hash);
         if !layout.manifest_path().exists() {
@@ -433,61 +434,44 @@ fn verify(dir: &std::path::Path) -> Result<()> {
             );
             continue;
         }
-        let (shards, frames, tokens) = verify_token_set(dir, &layout)?;
-        println!("verified token set {hash}: {shards} shards, {frames} frames, {tokens} tokens: every frame matches its checksum, every document is a BOS..EOS span");
+        let r = ds
+            .verify_token_set(&hash)
+            .with_context(|| format!("verifying token set {hash}"))?;
+        println!(
+            "verified token set {hash}: {} shards, {} frames, {} tokens, {} documents: every frame matches its checksum, every document is a BOS..EOS span{}",
+            r.shards,
+            r.frames,
+            r.tokens,
+            r.docs,
+            if r.stale.is_empty() { "; every part is tokenized from its codec part as it is now".to_string() } else { format!("; {} parts are stale", r.stale.len()) }
+        );
+        stale.extend(
+            r.stale
+                .iter()
+                .map(|p| (hash.clone(), layout.vocab_path(), p.to_string())),
+        );
+    }
+    if !stale.is_empty() {
+        let list: Vec<String> = stale
+            .iter()
+            .map(|(hash, _, p)| format!("token set {hash}: {p}"))
+            .collect();
+        let fixes: std::collections::BTreeSet<String> = stale
+            .iter()
+            .map(|(_, vocab, _)| {
+                format!(
+                    "`codeclm dataset tokenize --dataset {} --vocab {}`",
+                    dir.display(),
+                    vocab.display()
+                )
+            })
+            .collect();
+        bail!(
+            "{} stale token parts (their codec parts changed since they were tokenized):\n  {}\nFix: rerun {}, which re-tokenizes stale parts",
+            stale.len(),
+            list.join("\n  "),
+            fixes.into_iter().collect::<Vec<_>>().join(" and ")
+        );
     }
     Ok(())
-}
-
-/// Every frame of every shard of a token set (checksums, ids in the vocabulary), and every
-/// manifest row's span: inside its shard, BOS first, EOS last. Returns (shards, frames, tokens).
-fn verify_token_set(dir: &std::path::Path, layout: &TokenLayout) -> Result<(u64, u64, u64)> {
-    let vocab = codeclm_formats::vocab::Vocab::load(&layout.vocab_path())?;
-    let rows = read_token_rows(&layout.manifest_path())?;
-    // Per shard: (token position, expected id, sample), in position order.
-    let mut marks: BTreeMap<&str, Vec<(u64, u32, &str)>> = BTreeMap::new();
-    for r in &rows {
-        let m = marks.entry(r.shard.as_str()).or_default();
-        if r.n_tokens < 2 {
-            bail!(
-                "token set {}: sample {} has {} tokens, not a BOS..EOS document; retokenize",
-                layout.hash,
-                r.sample_id,
-                r.n_tokens
-            );
-        }
-        m.push((r.offset, vocab.bos, &r.sample_id));
-        m.push((r.offset + r.n_tokens - 1, vocab.eos, &r.sample_id));
-    }
-    let (mut frames, mut tokens) = (0u64, 0u64);
-    for (shard, marks) in &mut marks {
-        marks.sort_unstable();
-        let path = dir.join(shard);
-        let s = TokenShard::open(&path, Some(&layout.hash))?;
-        if let Some(&(pos, _, id)) = marks.last().filter(|m| m.0 >= s.token_count) {
-            bail!("{}: sample {id} ends at token {pos}, past the shard's {} tokens. Fix: rerun `codeclm dataset tokenize`", path.display(), s.token_count);
-        }
-        let mut next = marks.iter().peekable();
-        s.for_each_frame(|first, t| {
-            while let Some(&&(pos, want, id)) = next.peek() {
-                if pos >= first + t.len() as u64 {
-                    break;
-                }
-                let got = t[(pos - first) as usize] as u32;
-                if got != want {
-                    return Err(codeclm_formats::Error::Invalid(format!(
-                        "{}: sample {id} has token {got} at {pos}, not {} ({}). Fix: rerun `codeclm dataset tokenize`",
-                        path.display(),
-                        want,
-                        if want == vocab.bos { "BOS" } else { "EOS" }
-                    )));
-                }
-                next.next();
-            }
-            Ok(())
-        })?;
-        frames += s.frames().len() as u64;
-        tokens += s.token_count;
-    }
-    Ok((marks.len() as u64, frames, tokens))
 }

@@ -137,7 +137,7 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
         )
     })?;
     println!(
-        "tokenized {} samples: {} tokens from {:.2} MB of codec bytes ({:.3} bytes/token) in {:.2} s = {:.1} MB/s ({:.1} MB/s per worker); parts {} built, {} already done -> {}",
+        "tokenized {} samples: {} tokens from {:.2} MB of codec bytes ({:.3} bytes/token) in {:.2} s = {:.1} MB/s ({:.1} MB/s per worker); parts {} built ({} stale), {} already done, {} removed -> {}",
         s.samples,
         s.tokens,
         s.codec_bytes as f64 / 1e6,
@@ -146,7 +146,9 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
         s.mb_per_second(),
         s.mb_per_second() / workers as f64,
         s.parts_built,
+        s.parts_stale,
         s.parts_skipped,
+        s.parts_removed,
         args.dataset.join(format!("tokens-{}.parquet", s.hash)).display()
     );
     Ok(())

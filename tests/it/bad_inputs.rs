@@ -9,10 +9,7 @@ use crate::common::*;
 fn every_bad_file_is_a_row_with_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    std::fs::create_dir(&src).unwrap();
-    for e in std::fs::read_dir(fixtures("bad")).unwrap().flatten() {
-        std::fs::copy(e.path(), src.join(e.file_name())).unwrap();
-    }
+    copy_files(&fixtures("bad"), &src);
     // Good photos mixed in: they must come through untouched by their neighbours' failures.
     for good in ["chelsea.png", "rocket.jpg"] {
         std::fs::copy(fixtures("images").join(good), src.join(good)).unwrap();

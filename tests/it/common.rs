@@ -53,6 +53,41 @@ pub fn build(images: &Path, out: &Path, extra: &[&str]) -> Output {
     )
 }
 
+/// `codeclm vocab train --dataset DS ARGS --out OUT`.
+pub fn vocab_train(ds: &Path, out: &Path, args: &[&str]) -> Output {
+    run_ok(
+        codeclm()
+            .args(["vocab", "train", "--dataset"])
+            .arg(ds)
+            .args(args)
+            .arg("--out")
+            .arg(out),
+    )
+}
+
+/// `codeclm dataset tokenize --dataset DS --vocab VOCAB ARGS`; its stdout.
+pub fn tokenize(ds: &Path, vocab: &Path, args: &[&str]) -> String {
+    let out = run_ok(
+        codeclm()
+            .args(["dataset", "tokenize", "--dataset"])
+            .arg(ds)
+            .arg("--vocab")
+            .arg(vocab)
+            .args(args),
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Copies the files of the directory `from` (not its subdirectories) into `to`, created.
+pub fn copy_files(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        if e.path().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
 /// Source identity -> stored codec bytes, for every successful sample.
 pub fn codec_by_source(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let ds = Dataset::open(dir).unwrap();
@@ -97,7 +132,8 @@ pub fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
-fn walk(dir: &Path) -> Vec<PathBuf> {
+/// Every file under `dir`, recursively, sorted.
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for e in std::fs::read_dir(dir).unwrap().flatten() {
         let p = e.path();

@@ -10,28 +10,8 @@ fn token_dataset(root: &Path) -> PathBuf {
     let ds = root.join("ds");
     build(&fixtures("images"), &ds, &["--val-fraction", "0.2"]);
     let vocab = root.join("vocab.json");
-    run_ok(
-        codeclm()
-            .args([
-                "vocab",
-                "train",
-                "--modality",
-                "image",
-                "--size",
-                "320",
-                "--dataset",
-            ])
-            .arg(&ds)
-            .arg("--out")
-            .arg(&vocab),
-    );
-    run_ok(
-        codeclm()
-            .args(["dataset", "tokenize", "--dataset"])
-            .arg(&ds)
-            .arg("--vocab")
-            .arg(&vocab),
-    );
+    vocab_train(&ds, &vocab, &["--modality", "image", "--size", "320"]);
+    tokenize(&ds, &vocab, &[]);
     ds
 }
 
@@ -246,4 +226,73 @@ fn device_flag_is_parsed_and_cuda_says_what_is_missing() {
             "{cmd:?}: {err}"
         );
     }
+}
+
+/// Issue 17: `trainer_state.json` records the token manifest's hash; a resume on a changed
+/// token set (here: its manifest rewritten without its first document, so every saved row
+/// index points one document further) stops naming both hashes and the fix, instead of
+/// silently reading other documents. A state from before the hash was recorded resumes with a
+/// warning.
+#[test]
+fn resuming_on_a_changed_token_set_stops_with_both_hashes() {
+    use codeclm_formats::tokens::{read_token_rows, write_token_rows, ManifestHash, TokenLayout};
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = token_dataset(tmp.path());
+    let run = tmp.path().join("run");
+    train(&ds, &run, &["--stop-at", "3"]);
+    let state_path = run.join("trainer_state.json");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    let hash = state["vocab_hash"].as_str().unwrap().to_string();
+    let manifest = TokenLayout::new(&ds, &hash).manifest_path();
+    let recorded = state["token_manifest_hash"]
+        .as_str()
+        .expect("the state records the token manifest's hash")
+        .to_string();
+    assert_eq!(recorded, ManifestHash::of(&manifest).unwrap());
+
+    // An older state (no hash) on the unchanged set: resumes, with a warning.
+    let old = tmp.path().join("old");
+    std::fs::create_dir_all(&old).unwrap();
+    for e in std::fs::read_dir(&run).unwrap().flatten() {
+        std::fs::copy(e.path(), old.join(e.file_name())).unwrap();
+    }
+    let mut stripped = state.clone();
+    stripped
+        .as_object_mut()
+        .unwrap()
+        .remove("token_manifest_hash");
+    std::fs::write(old.join("trainer_state.json"), stripped.to_string()).unwrap();
+    let out = run_ok(
+        codeclm()
+            .args(["train", "--threads", "1", "--resume"])
+            .arg(&old),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("records no token manifest hash") && err.contains(&recorded),
+        "{err}"
+    );
+
+    // The token set changes under the run.
+    let mut rows = read_token_rows(&manifest).unwrap();
+    rows.remove(0);
+    write_token_rows(&rows, &manifest).unwrap();
+    let now = ManifestHash::of(&manifest).unwrap();
+    assert_ne!(now, recorded);
+    let err = run_err(
+        codeclm()
+            .args(["train", "--threads", "1", "--resume"])
+            .arg(&run),
+    );
+    assert!(
+        err.contains(&format!("token set {hash} changed"))
+            && err.contains(&recorded)
+            && err.contains(&now)
+            && err.contains("codeclm train --out"),
+        "{err}"
+    );
+    let after: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    assert_eq!(after["step"], 3, "the refused resume trained nothing");
 }

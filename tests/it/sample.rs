@@ -109,20 +109,8 @@ pub(crate) fn trained_run(root: &Path) -> (std::path::PathBuf, std::path::PathBu
     let ds = root.join("ds");
     build(&fixtures("images"), &ds, &["--val-fraction", "0.2"]);
     let vocab = root.join("vocab.json");
-    run_ok(
-        codeclm()
-            .args(["vocab", "train", "--dataset"])
-            .arg(&ds)
-            .args(["--size", "320", "--out"])
-            .arg(&vocab),
-    );
-    run_ok(
-        codeclm()
-            .args(["dataset", "tokenize", "--dataset"])
-            .arg(&ds)
-            .arg("--vocab")
-            .arg(&vocab),
-    );
+    vocab_train(&ds, &vocab, &["--size", "320"]);
+    tokenize(&ds, &vocab, &[]);
     let run = root.join("run");
     run_ok(
         codeclm()

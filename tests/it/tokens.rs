@@ -15,11 +15,7 @@ use crate::common::*;
 fn dataset(root: &Path) -> PathBuf {
     let src = root.join("media");
     for (sub, dir) in [("images", "a"), ("odd", "b")] {
-        let d = src.join(dir);
-        std::fs::create_dir_all(&d).unwrap();
-        for e in std::fs::read_dir(fixtures(sub)).unwrap().flatten() {
-            std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
-        }
+        copy_files(&fixtures(sub), &src.join(dir));
     }
     let ds = root.join("ds");
     build(&src, &ds, &["--part-size", "7"]);
@@ -132,28 +128,14 @@ fn token_sets_round_trip_coexist_and_need_no_media() {
     // The media are gone: retokenizing must read codec shards only.
     std::fs::remove_dir_all(tmp.path().join("media")).unwrap();
     let (v1, v2) = (tmp.path().join("v1.json"), tmp.path().join("v2.json"));
-    run_ok(
-        codeclm()
-            .args(["vocab", "train", "--dataset"])
-            .arg(&ds)
-            .args(["--size", "320", "--out"])
-            .arg(&v1),
-    );
-    run_ok(
-        codeclm()
-            .args(["vocab", "train", "--dataset"])
-            .arg(&ds)
-            .args(["--size", "400", "--pretokenize", "restart-markers", "--out"])
-            .arg(&v2),
+    vocab_train(&ds, &v1, &["--size", "320"]);
+    vocab_train(
+        &ds,
+        &v2,
+        &["--size", "400", "--pretokenize", "restart-markers"],
     );
     for v in [&v1, &v2] {
-        run_ok(
-            codeclm()
-                .args(["dataset", "tokenize", "--dataset"])
-                .arg(&ds)
-                .arg("--vocab")
-                .arg(v),
-        );
+        tokenize(&ds, v, &[]);
     }
     let d = Dataset::open(&ds).unwrap();
     let ok: Vec<_> = d.rows().iter().filter(|r| r.is_ok()).collect();
@@ -180,14 +162,7 @@ fn token_sets_round_trip_coexist_and_need_no_media() {
     }
     assert_eq!(TokenLayout::list(&ds).len(), 2, "two vocabularies coexist");
     // Rerunning skips finished parts.
-    let out = run_ok(
-        codeclm()
-            .args(["dataset", "tokenize", "--dataset"])
-            .arg(&ds)
-            .arg("--vocab")
-            .arg(&v1),
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("tokenized 0 samples"));
+    assert!(tokenize(&ds, &v1, &[]).contains("tokenized 0 samples"));
 
     // `dataset decode` turns stored token documents back into the exported JPEG files.
     let ids: Vec<String> = ok.iter().take(3).map(|r| r.sample_id.clone()).collect();
@@ -222,21 +197,9 @@ fn python_tokenizers_and_the_reader_snippet_agree_with_rust() {
     let tmp = tempfile::tempdir().unwrap();
     let ds = dataset(tmp.path());
     let vocab_path = tmp.path().join("v.json");
-    run_ok(
-        codeclm()
-            .args(["vocab", "train", "--dataset"])
-            .arg(&ds)
-            .args(["--size", "320", "--out"])
-            .arg(&vocab_path),
-    );
+    vocab_train(&ds, &vocab_path, &["--size", "320"]);
     // Frames of 1,000 tokens: most documents (~4,000 tokens) span several.
-    run_ok(
-        codeclm()
-            .args(["dataset", "tokenize", "--frame-tokens", "1000", "--dataset"])
-            .arg(&ds)
-            .arg("--vocab")
-            .arg(&vocab_path),
-    );
+    tokenize(&ds, &vocab_path, &["--frame-tokens", "1000"]);
     let vocab = Vocab::load(&vocab_path).unwrap();
     // Python: read the manifests and shards with tools/read_tokens.py (numpy + zstandard +
     // polars), re-encode each sample's codec bytes with Python `tokenizers` from the same file,
@@ -279,34 +242,11 @@ fn verify_finds_damaged_and_old_token_shards_and_tokenize_rewrites_them() {
     let ds = tmp.path().join("ds");
     build(&fixtures("images"), &ds, &["--part-size", "5"]);
     let vocab_path = tmp.path().join("v.json");
-    run_ok(
-        codeclm()
-            .args(["vocab", "train", "--dataset"])
-            .arg(&ds)
-            .args(["--size", "300", "--out"])
-            .arg(&vocab_path),
-    );
-    let tokenize = || {
-        run_ok(
-            codeclm()
-                .args(["dataset", "tokenize", "--frame-tokens", "2000", "--dataset"])
-                .arg(&ds)
-                .arg("--vocab")
-                .arg(&vocab_path),
-        )
-    };
+    vocab_train(&ds, &vocab_path, &["--size", "300"]);
+    let tokenize = || tokenize(&ds, &vocab_path, &["--frame-tokens", "2000"]);
     tokenize();
-    let verify = || {
-        let mut c = codeclm();
-        c.args(["dataset", "verify", "--dataset"]).arg(&ds);
-        c
-    };
-    let out = run_ok(&mut verify());
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("every frame matches its checksum"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let out = verify_ok(&ds);
+    assert!(out.contains("every frame matches its checksum"), "{out}");
     let hash = Vocab::load(&vocab_path).unwrap().hash;
     let layout = TokenLayout::new(&ds, &hash);
     let shard = ds.join(layout.shard_rel(0));
@@ -317,7 +257,7 @@ fn verify_finds_damaged_and_old_token_shards_and_tokenize_rewrites_them() {
     let mut bytes = clean.clone();
     bytes[(f.offset + 40) as usize] ^= 0x08;
     std::fs::write(&shard, &bytes).unwrap();
-    let err = run_err(&mut verify());
+    let err = verify_err(&ds);
     assert!(
         err.contains("part-000000.tok")
             && err.contains("frame 2 ")
@@ -328,7 +268,7 @@ fn verify_finds_damaged_and_old_token_shards_and_tokenize_rewrites_them() {
     let mut v1 = clean[..64].to_vec();
     v1[8..12].copy_from_slice(&1u32.to_le_bytes());
     std::fs::write(&shard, &v1).unwrap();
-    let err = run_err(&mut verify());
+    let err = verify_err(&ds);
     assert!(
         err.contains("part-000000.tok")
             && err.contains("version-1 token shard")
@@ -337,10 +277,128 @@ fn verify_finds_damaged_and_old_token_shards_and_tokenize_rewrites_them() {
     );
     let out = tokenize();
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("parts 1 built"),
-        "only the old part is rewritten: {}",
-        String::from_utf8_lossy(&out.stdout)
+        out.contains("parts 1 built"),
+        "only the old part is rewritten: {out}"
     );
     assert_eq!(std::fs::read(&shard).unwrap(), clean, "rewritten as before");
-    run_ok(&mut verify());
+    verify_ok(&ds);
+}
+
+/// Issue 17: a token part records the hash of the codec part it was tokenized from. After that
+/// codec part is rebuilt from a changed source, `dataset verify` reports the stale token part,
+/// a retokenize redoes it (and only it), and the result equals a fresh tokenize.
+#[test]
+fn a_rebuilt_codec_part_makes_its_token_part_stale_and_retokenize_redoes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("media");
+    copy_files(&fixtures("images"), &src);
+    let ds = tmp.path().join("ds");
+    let args = ["--part-size", "5"];
+    build(&src, &ds, &args);
+    let vocab_path = tmp.path().join("v.json");
+    vocab_train(&ds, &vocab_path, &["--size", "300"]);
+    let tokenize = |ds: &Path| tokenize(ds, &vocab_path, &["--frame-tokens", "2000"]);
+    tokenize(&ds);
+    let out = verify_ok(&ds);
+    assert!(
+        out.contains("every part is tokenized from its codec part as it is now"),
+        "{out}"
+    );
+
+    // Part 0 rebuilt after one of its inputs changed (same name, other pixels).
+    let before = Dataset::open(&ds).unwrap();
+    let row = before
+        .rows()
+        .iter()
+        .find(|r| r.part == 0 && r.is_ok())
+        .unwrap()
+        .clone();
+    let old_bytes = before.codec_bytes(&row).unwrap();
+    let parts: std::collections::BTreeSet<u32> = before.rows().iter().map(|r| r.part).collect();
+    assert!(parts.len() >= 2, "{parts:?}");
+    std::fs::copy(
+        fixtures("odd").join("sq256_coffee.png"),
+        src.join(&row.source),
+    )
+    .unwrap();
+    std::fs::remove_file(ds.join("parts/part-000000.parquet")).unwrap();
+    for e in std::fs::read_dir(ds.join("shards")).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with("part-000000-") {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    build(&src, &ds, &args);
+    let after = Dataset::open(&ds).unwrap();
+    let new_row = after.find(&row.sample_id).unwrap();
+    assert_ne!(
+        after.codec_bytes(new_row).unwrap(),
+        old_bytes,
+        "the rebuilt part holds other bytes for {}",
+        row.sample_id
+    );
+
+    let err = verify_err(&ds);
+    assert!(
+        err.contains("1 stale token parts")
+            && err.contains("part 0 was tokenized from codec part hash")
+            && err.contains(&format!(
+                "codeclm dataset tokenize --dataset {}",
+                ds.display()
+            )),
+        "{err}"
+    );
+    let out = tokenize(&ds);
+    assert!(
+        out.contains(&format!(
+            "parts 1 built (1 stale), {} already done",
+            parts.len() - 1
+        )),
+        "only the stale part is redone: {out}"
+    );
+    verify_ok(&ds);
+
+    // A fresh tokenize of the same dataset gives the same manifest and shards.
+    let fresh = tmp.path().join("fresh");
+    for e in walk(&ds) {
+        let rel = e.strip_prefix(&ds).unwrap();
+        if !rel.to_string_lossy().starts_with("tokens") {
+            std::fs::create_dir_all(fresh.join(rel).parent().unwrap()).unwrap();
+            std::fs::copy(&e, fresh.join(rel)).unwrap();
+        }
+    }
+    let out = tokenize(&fresh);
+    assert!(
+        out.contains(&format!(
+            "parts {} built (0 stale), 0 already done",
+            parts.len()
+        )),
+        "{out}"
+    );
+    let hash = Vocab::load(&vocab_path).unwrap().hash;
+    let (a, b) = (
+        TokenLayout::new(&ds, &hash),
+        TokenLayout::new(&fresh, &hash),
+    );
+    assert_eq!(
+        read_token_rows(&a.manifest_path()).unwrap(),
+        read_token_rows(&b.manifest_path()).unwrap()
+    );
+    for &part in &parts {
+        assert_eq!(
+            std::fs::read(ds.join(a.shard_rel(part))).unwrap(),
+            std::fs::read(fresh.join(b.shard_rel(part))).unwrap(),
+            "part {part}"
+        );
+    }
+}
+
+/// `codeclm dataset verify --dataset DS`, which must succeed; its stdout.
+fn verify_ok(ds: &Path) -> String {
+    let out = run_ok(codeclm().args(["dataset", "verify", "--dataset"]).arg(ds));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// `codeclm dataset verify --dataset DS`, which must fail cleanly; its stderr.
+fn verify_err(ds: &Path) -> String {
+    run_err(codeclm().args(["dataset", "verify", "--dataset"]).arg(ds))
 }
