@@ -754,6 +754,7 @@ fn prepare(
         video: job.video,
         path: None,
         src_bytes: 0,
+        max_bytes: cap,
     };
     let (bytes, held) =
         match std::mem::replace(&mut item.payload, source::Payload::Bytes(Vec::new())) {
@@ -782,28 +783,17 @@ fn prepare(
                     return Err(too_large(len));
                 }
                 header.src_bytes = len;
-                if job.video {
-                    // Demuxed from its path by the decoder: a long video is never read whole.
-                    header.path = Some(p);
-                    (Vec::new(), 0)
-                } else {
-                    let held = ctx.budget.acquire(len);
-                    match std::fs::read(&p) {
-                        Ok(b) if b.len() as u64 <= cap => (b, held),
-                        Ok(b) => {
-                            ctx.budget.release(held);
-                            return Err(too_large(b.len() as u64));
-                        }
-                        Err(e) => {
-                            ctx.budget.release(held);
-                            return Err(Outcome::failed(
-                                Status::ReadError,
-                                format!("cannot read {}: {e}", p.display()),
-                                0,
-                            ));
-                        }
-                    }
-                }
+                header.path = Some(p);
+                // Read where it is decoded (a worker process reads its own files: no copy
+                // through the pipe). Videos are demuxed from their path, never read whole.
+                (
+                    Vec::new(),
+                    if job.video {
+                        0
+                    } else {
+                        ctx.budget.acquire(len)
+                    },
+                )
             }
             source::Payload::Bytes(b) => {
                 // The reader acquired these bytes' share of the budget before sending them.
@@ -848,6 +838,13 @@ pub(crate) fn process_item(
         deadline,
         max_frames: Some(max_source_frames(video)),
     };
+    let bytes = match (&header.path, header.video) {
+        (Some(p), false) => match read_capped(p, header.max_bytes) {
+            Ok(b) => b,
+            Err(failed) => return vec![failed],
+        },
+        _ => bytes,
+    };
     if header.video {
         let src = match &header.path {
             Some(p) => codeclm_codec::h264::encode::Source::Path(p),
@@ -871,6 +868,35 @@ pub(crate) fn process_item(
             &limits,
         )],
     }
+}
+
+/// A file's bytes, at most `cap` of them (a file that grew past the cap since it was listed is
+/// `too_large`, not read whole).
+#[allow(clippy::result_large_err)] // the error is the input's row, as in `prepare`
+fn read_capped(path: &std::path::Path, cap: u64) -> Result<Vec<u8>, Outcome> {
+    use std::io::Read;
+    let cannot = |e: std::io::Error| {
+        Outcome::failed(
+            Status::ReadError,
+            format!("cannot read {}: {e}", path.display()),
+            0,
+        )
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(cap.saturating_add(1)).read_to_end(&mut bytes))
+        .map_err(cannot)?;
+    if bytes.len() as u64 > cap {
+        return Err(Outcome::failed(
+            Status::TooLarge,
+            format!(
+                "{} grew past --max-input-bytes {cap} while the build ran",
+                path.display()
+            ),
+            bytes.len() as u64,
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Source frames a video may decode: its kept seconds at up to 1,000 frames per second, plus

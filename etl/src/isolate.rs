@@ -53,8 +53,8 @@ struct Setup {
     item_timeout_ms: Option<u64>,
 }
 
-/// One input: its bytes travel after the header, or the child opens `path` (videos demuxed
-/// from their file, never read whole).
+/// One input: its bytes travel after the header, or the child opens `path` (a file source:
+/// images are read there, videos demuxed from their file, never read whole).
 #[derive(Serialize, Deserialize)]
 pub(crate) struct JobHeader {
     pub identity: String,
@@ -62,6 +62,8 @@ pub(crate) struct JobHeader {
     pub video: bool,
     pub path: Option<PathBuf>,
     pub src_bytes: u64,
+    /// `--max-input-bytes`: a file read from `path` stops there.
+    pub max_bytes: u64,
 }
 
 /// [`Outcome`] on the wire (its codec bytes travel after the JSON, concatenated).
@@ -374,6 +376,13 @@ impl Pool {
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             return Err("the decode worker has no pipes".into());
         };
+        // 1 MiB pipes (Linux's default limit for unprivileged processes) instead of 64 KiB: an
+        // input's bytes cross in a few writes, not dozens of context switches.
+        use std::os::fd::AsRawFd;
+        for fd in [stdin.as_raw_fd(), stdout.as_raw_fd()] {
+            // SAFETY: fcntl on a pipe fd we own; failure leaves the default size.
+            unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, 1 << 20) };
+        }
         let mut proc = Proc {
             child,
             stdin: BufWriter::new(stdin),
