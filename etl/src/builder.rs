@@ -134,6 +134,9 @@ pub struct BuildOptions {
     pub shard_index: u32,
     pub num_shards: u32,
     pub progress: bool,
+    /// Where `shard_index`/`num_shards` came from (`flags`, or the job array's variables), for
+    /// the run summary.
+    pub shard_from: String,
     /// Where the decoders run: worker processes (a native crash costs one row) or threads.
     pub isolation: Isolation,
     /// Per-input deadline (`--item-timeout`): past it an input is a `timeout` row.
@@ -159,6 +162,7 @@ impl BuildOptions {
             shard_index: 0,
             num_shards: 1,
             progress: false,
+            shard_from: "flags".into(),
             isolation: Isolation::Threads,
             item_timeout: Some(Duration::from_secs(60)),
             max_input_bytes: 1 << 30,
@@ -199,6 +203,9 @@ pub struct BuildSummary {
     pub workers: usize,
     pub shard_index: u32,
     pub num_shards: u32,
+    /// Where the shard index and count came from: `flags` or the job array's variables.
+    #[serde(default)]
+    pub shard_from: String,
     /// True when every part of the source is present and `samples.parquet` was written.
     pub complete: bool,
     /// The slowest inputs of this run, slowest first.
@@ -454,6 +461,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
     summary.workers = workers;
     summary.shard_index = opts.shard_index;
     summary.num_shards = opts.num_shards;
+    summary.shard_from = opts.shard_from.clone();
     let present = layout.finished_parts()?;
     summary.complete = present.len() as u32 == parts_total
         && present.iter().enumerate().all(|(i, &p)| p == i as u32);

@@ -63,10 +63,13 @@ pub struct BuildArgs {
     #[arg(long)]
     pub(crate) workers: Option<usize>,
     /// This machine's index among --num-shards workers; each takes parts i, i+n, i+2n, ...
-    #[arg(long, default_value_t = 0)]
-    pub(crate) shard_index: u32,
-    #[arg(long, default_value_t = 1)]
-    pub(crate) num_shards: u32,
+    /// When absent, read from a job array: SLURM_ARRAY_TASK_ID (of SLURM_ARRAY_TASK_COUNT) or
+    /// Kubernetes' JOB_COMPLETION_INDEX (with --num-shards); else 0.
+    #[arg(long)]
+    pub(crate) shard_index: Option<u32>,
+    /// Workers in all (default 1, or SLURM_ARRAY_TASK_COUNT under a Slurm array).
+    #[arg(long)]
+    pub(crate) num_shards: Option<u32>,
     /// What --images is (auto-detected by default).
     #[arg(long, value_enum, default_value_t = SourceKindArg::Auto)]
     pub(crate) source_kind: SourceKindArg,
@@ -245,8 +248,12 @@ fn build(args: BuildArgs) -> Result<()> {
     let workers = flags::workers(args.workers);
     let mut opts = BuildOptions::new(args.out.clone(), settings);
     opts.workers = workers;
-    opts.shard_index = args.shard_index;
-    opts.num_shards = args.num_shards;
+    let shard = flags::shard_choice(args.shard_index, args.num_shards, &|k| {
+        std::env::var(k).ok()
+    })?;
+    opts.shard_index = shard.index;
+    opts.num_shards = shard.count;
+    opts.shard_from = shard.from.clone();
     opts.progress = !args.no_progress;
     opts.isolation = match args.isolation {
         IsolationArg::Threads => Isolation::Threads,
@@ -282,8 +289,11 @@ fn build(args: BuildArgs) -> Result<()> {
             .as_ref()
             .map(|s| format!(" videos {} ({:?})", s.path.display(), s.kind))
             .unwrap_or_default(),
-        if args.num_shards > 1 {
-            format!(", shard {} of {}", args.shard_index, args.num_shards)
+        if shard.count > 1 || shard.from != "flags" {
+            format!(
+                ", shard {} of {} (from {})",
+                shard.index, shard.count, shard.from
+            )
         } else {
             String::new()
         }
@@ -311,6 +321,12 @@ fn build(args: BuildArgs) -> Result<()> {
         s.parts_total,
         s.codec_bytes as f64 / 1e6,
     );
+    if s.shard_from != "flags" {
+        println!(
+            "this worker is shard {} of {}, from the job array: {}",
+            s.shard_index, s.num_shards, s.shard_from
+        );
+    }
     if s.parts_retried > 0 {
         println!(
             "--retry-failed: {} parts redone, {} inputs kept from the earlier build, {} decoded again",

@@ -324,3 +324,120 @@ pub fn source_spec(path: &Path, args: &BuildArgs) -> Result<SourceSpec> {
     spec.column = args.image_column.clone();
     Ok(spec)
 }
+
+/// Which slice of the parts this worker takes, and where that came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShardChoice {
+    pub index: u32,
+    pub count: u32,
+    /// For the run summary: `flags`, or the environment variables read.
+    pub from: String,
+}
+
+/// `--shard-index/--num-shards`, or, when `--shard-index` is absent, the job array's
+/// environment: Slurm's `SLURM_ARRAY_TASK_ID` (less `SLURM_ARRAY_TASK_MIN`, as arrays may start
+/// anywhere) of `SLURM_ARRAY_TASK_COUNT`, or a Kubernetes Indexed Job's `JOB_COMPLETION_INDEX`
+/// (with `--num-shards`, which Kubernetes does not expose). `env` looks a variable up.
+pub fn shard_choice(
+    index: Option<u32>,
+    count: Option<u32>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ShardChoice> {
+    let var = |name: &str| -> Result<Option<u32>> {
+        match env(name) {
+            None => Ok(None),
+            Some(v) => v.trim().parse::<u32>().map(Some).with_context(|| {
+                format!("{name}={v:?} is not a whole number (unset it, or pass --shard-index and --num-shards)")
+            }),
+        }
+    };
+    if let Some(index) = index {
+        return Ok(ShardChoice {
+            index,
+            count: count.unwrap_or(1),
+            from: "flags".into(),
+        });
+    }
+    if let Some(id) = var("SLURM_ARRAY_TASK_ID")? {
+        let min = var("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+        let n = match (count, var("SLURM_ARRAY_TASK_COUNT")?) {
+            (Some(n), _) | (None, Some(n)) => n,
+            (None, None) => anyhow::bail!(
+                "SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not: pass --num-shards"
+            ),
+        };
+        let index = id.checked_sub(min).with_context(|| {
+            format!("SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {min}")
+        })?;
+        return Ok(ShardChoice {
+            index,
+            count: n,
+            from: format!(
+                "SLURM_ARRAY_TASK_ID={id} (min {min}) of SLURM_ARRAY_TASK_COUNT={n}{}",
+                if count.is_some() {
+                    " (--num-shards)"
+                } else {
+                    ""
+                }
+            ),
+        });
+    }
+    if let Some(index) = var("JOB_COMPLETION_INDEX")? {
+        let Some(n) = count else {
+            anyhow::bail!(
+                "JOB_COMPLETION_INDEX is set (a Kubernetes Indexed Job) but --num-shards is not: pass the Job's completions as --num-shards"
+            );
+        };
+        return Ok(ShardChoice {
+            index,
+            count: n,
+            from: format!("JOB_COMPLETION_INDEX={index} of --num-shards {n}"),
+        });
+    }
+    Ok(ShardChoice {
+        index: 0,
+        count: count.unwrap_or(1),
+        from: "flags".into(),
+    })
+}
+
+#[cfg(test)]
+mod shard_tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn job_arrays_pick_the_shard_and_flags_win() {
+        let slurm = [
+            ("SLURM_ARRAY_TASK_ID", "7"),
+            ("SLURM_ARRAY_TASK_MIN", "5"),
+            ("SLURM_ARRAY_TASK_COUNT", "4"),
+        ];
+        let c = shard_choice(None, None, &env(&slurm)).unwrap();
+        assert_eq!((c.index, c.count), (2, 4));
+        assert!(c.from.contains("SLURM_ARRAY_TASK_ID=7"), "{}", c.from);
+        // Explicit flags are never overridden.
+        let c = shard_choice(Some(1), Some(3), &env(&slurm)).unwrap();
+        assert_eq!((c.index, c.count, c.from.as_str()), (1, 3, "flags"));
+
+        let k8s = [("JOB_COMPLETION_INDEX", "9")];
+        let c = shard_choice(None, Some(16), &env(&k8s)).unwrap();
+        assert_eq!((c.index, c.count), (9, 16));
+        let err = shard_choice(None, None, &env(&k8s))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--num-shards"), "{err}");
+
+        let bad = [("SLURM_ARRAY_TASK_ID", "x")];
+        assert!(shard_choice(None, None, &env(&bad)).is_err());
+        let none = shard_choice(None, None, &env(&[])).unwrap();
+        assert_eq!((none.index, none.count), (0, 1));
+    }
+}

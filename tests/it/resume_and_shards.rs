@@ -160,3 +160,75 @@ fn three_workers_and_a_merge_equal_one_run() {
     );
     assert!(err.contains("different settings"), "{err}");
 }
+
+#[test]
+fn job_array_variables_split_the_parts_without_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = mixed_source(tmp.path());
+    let single = tmp.path().join("single");
+    build(&src, &single, FLAGS);
+
+    // A Slurm array 10-12 (ids need not start at 0): each task takes its slice from the
+    // environment, into one shared directory; the last consolidates.
+    let slurm = tmp.path().join("slurm");
+    for id in 10..13 {
+        let out = run_ok(
+            codeclm()
+                .env("SLURM_ARRAY_TASK_ID", id.to_string())
+                .env("SLURM_ARRAY_TASK_MIN", "10")
+                .env("SLURM_ARRAY_TASK_COUNT", "3")
+                .args(["dataset", "build", "--no-progress", "--images"])
+                .arg(&src)
+                .arg("--out")
+                .arg(&slurm)
+                .args(FLAGS),
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains(&format!(
+                "shard {} of 3, from the job array: SLURM_ARRAY_TASK_ID={id}",
+                id - 10
+            )),
+            "{stdout}"
+        );
+    }
+    assert_same_tree(&single, &slurm);
+    let runs = codeclm_formats::DatasetLayout::new(&slurm)
+        .read_runs()
+        .unwrap();
+    assert!(runs
+        .iter()
+        .all(|r| r["shard_from"].as_str().unwrap().starts_with("SLURM")));
+
+    // A Kubernetes Indexed Job gives the index; the count must come from --num-shards.
+    let k8s = tmp.path().join("k8s");
+    let err = run_err(
+        codeclm()
+            .env("JOB_COMPLETION_INDEX", "0")
+            .args(["dataset", "build", "--no-progress", "--images"])
+            .arg(&src)
+            .arg("--out")
+            .arg(&k8s)
+            .args(FLAGS),
+    );
+    assert!(err.contains("--num-shards"), "{err}");
+    for i in 0..2 {
+        run_ok(
+            codeclm()
+                .env("JOB_COMPLETION_INDEX", i.to_string())
+                .args([
+                    "dataset",
+                    "build",
+                    "--no-progress",
+                    "--num-shards",
+                    "2",
+                    "--images",
+                ])
+                .arg(&src)
+                .arg("--out")
+                .arg(&k8s)
+                .args(FLAGS),
+        );
+    }
+    assert_same_tree(&single, &k8s);
+}
