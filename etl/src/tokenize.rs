@@ -52,7 +52,8 @@ pub fn training_sample(ds: &Dataset, modality: Modality, n: usize) -> Vec<&Sampl
         .iter()
         .filter(|r| r.is_ok() && r.modality == modality && r.split == Split::Train)
         .collect();
-    rows.sort_by_key(|r| {
+    // Cached keys: one hash and one id copy per row, not per comparison.
+    rows.sort_by_cached_key(|r| {
         (
             xxhash_rust::xxh3::xxh3_64_with_seed(r.sample_id.as_bytes(), 0x70C3),
             r.sample_id.clone(),

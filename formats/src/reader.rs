@@ -17,7 +17,34 @@ pub struct Dataset {
     pub config: DatasetConfig,
     rows: Vec<SampleRow>,
     jpeg_tables: Option<Vec<u8>>,
-    shards: Mutex<HashMap<String, Arc<CodecShard>>>,
+    shards: Mutex<OpenShards>,
+}
+
+/// Open codec shards, at most `cap` of them (least recently used closed first): a dataset of
+/// thousands of shards never runs into the open-file limit.
+struct OpenShards {
+    cap: usize,
+    tick: u64,
+    open: HashMap<String, (Arc<CodecShard>, u64)>,
+}
+
+/// Codec shards a [`Dataset`] keeps open by default (the common file limit is 1,024).
+pub const MAX_OPEN_SHARDS: usize = 256;
+
+impl OpenShards {
+    fn evict(&mut self) {
+        while self.open.len() > self.cap {
+            let oldest = self
+                .open
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => self.open.remove(&k),
+                None => break,
+            };
+        }
+    }
 }
 
 impl Dataset {
@@ -56,8 +83,28 @@ impl Dataset {
             config,
             rows,
             jpeg_tables,
-            shards: Mutex::new(HashMap::new()),
+            shards: Mutex::new(OpenShards {
+                cap: MAX_OPEN_SHARDS,
+                tick: 0,
+                open: HashMap::new(),
+            }),
         })
+    }
+
+    /// Keeps at most `n` (at least 1) codec shards open.
+    pub fn set_max_open_shards(&self, n: usize) {
+        let mut cache = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+        cache.cap = n.max(1);
+        cache.evict();
+    }
+
+    /// Codec shards open now.
+    pub fn open_shards(&self) -> usize {
+        self.shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .open
+            .len()
     }
 
     pub fn rows(&self) -> &[SampleRow] {
@@ -74,11 +121,15 @@ impl Dataset {
 
     fn shard(&self, rel: &str) -> Result<Arc<CodecShard>> {
         let mut cache = self.shards.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = cache.get(rel) {
+        cache.tick += 1;
+        let tick = cache.tick;
+        if let Some((s, used)) = cache.open.get_mut(rel) {
+            *used = tick;
             return Ok(s.clone());
         }
         let s = Arc::new(CodecShard::open(&self.layout.root.join(rel))?);
-        cache.insert(rel.to_string(), s.clone());
+        cache.open.insert(rel.to_string(), (s.clone(), tick));
+        cache.evict();
         Ok(s)
     }
 

@@ -232,3 +232,27 @@ fn job_array_variables_split_the_parts_without_flags() {
     }
     assert_same_tree(&single, &k8s);
 }
+
+#[test]
+fn a_reader_keeps_a_bounded_number_of_shards_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = mixed_source(tmp.path());
+    let ds_dir = tmp.path().join("ds");
+    // One input per part: a shard per successful input.
+    build(
+        &src,
+        &ds_dir,
+        &["--part-size", "1", "--workers", "2", "--size", "64"],
+    );
+    let ds = codeclm_formats::Dataset::open(&ds_dir).unwrap();
+    let ok: Vec<_> = ds.rows().iter().filter(|r| r.is_ok()).collect();
+    assert!(ok.len() >= 10, "{} shards only", ok.len());
+    ds.set_max_open_shards(3);
+    let first: Vec<Vec<u8>> = ok.iter().map(|r| ds.codec_bytes(r).unwrap()).collect();
+    assert_eq!(ds.open_shards(), 3);
+    // Reads after evictions reopen and still check out against the manifest.
+    for (row, bytes) in ok.iter().rev().zip(first.iter().rev()) {
+        assert_eq!(&ds.codec_bytes(row).unwrap(), bytes);
+        assert!(ds.open_shards() <= 3);
+    }
+}
