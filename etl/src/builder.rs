@@ -1288,6 +1288,32 @@ fn write_one(
 mod tests {
     use super::*;
 
+    /// The in-flight budget: a reader waits while the bytes held would pass it, and one input
+    /// larger than the whole budget still goes through, alone.
+    #[test]
+    fn the_inflight_budget_blocks_until_bytes_are_released() {
+        let budget = Arc::new(Budget::new(100));
+        let a = budget.acquire(60);
+        let b = budget.acquire(40);
+        assert_eq!((a, b), (60, 40));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let budget = budget.clone();
+            std::thread::spawn(move || tx.send(budget.acquire(30)).unwrap())
+        };
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "acquired past the budget"
+        );
+        budget.release(a);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 30);
+        waiter.join().unwrap();
+        budget.release(b);
+        budget.release(30);
+        // Larger than the whole budget: capped to it, granted once nothing else is held.
+        assert_eq!(budget.acquire(1_000), 100);
+    }
+
     /// A manifest must never survive a crash that lost its shard: every part's shard is
     /// renamed and its directory synced before the part's manifest is renamed and the parts
     /// directory synced (the failpoints sit right after each directory sync).
