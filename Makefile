@@ -5,7 +5,8 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON ?= python3
-BIN := target/release/codeclm
+# The binary cargo builds (under $CARGO_TARGET_DIR when that is set).
+BIN := $(or $(CARGO_TARGET_DIR),target)/release/codeclm
 BUNDLED := tests/fixtures/images
 BUNDLED_VIDEOS := tests/fixtures/videos
 
