@@ -171,12 +171,43 @@ pub struct TokenizeSummary {
     pub parts_stale: u32,
     /// Token parts deleted because their codec part no longer has samples to tokenize.
     pub parts_removed: u32,
+    /// Parts left to the other workers (`--shard-index/--num-shards`).
+    pub parts_elsewhere: u32,
+    /// Parts, of any worker, not yet tokenized from their current codec part when this worker
+    /// finished (0: `tokens-<hash>.parquet` was written).
+    pub parts_pending: u32,
+    /// Whether this run wrote `tokens-<hash>.parquet` (every part done).
+    pub consolidated: bool,
     pub seconds: f64,
 }
 
 impl TokenizeSummary {
     pub fn mb_per_second(&self) -> f64 {
         self.codec_bytes as f64 / 1e6 / self.seconds.max(1e-9)
+    }
+
+    fn add(&mut self, o: &TokenizeSummary) {
+        self.samples += o.samples;
+        self.tokens += o.tokens;
+        self.codec_bytes += o.codec_bytes;
+        self.parts_built += o.parts_built;
+        self.parts_skipped += o.parts_skipped;
+        self.parts_stale += o.parts_stale;
+    }
+}
+
+/// Which share of the parts one tokenize worker does: part `p` is worker `p % count`'s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenizeShard {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl TokenizeShard {
+    pub const ALL: TokenizeShard = TokenizeShard { index: 0, count: 1 };
+
+    pub fn owns(self, part: u32) -> bool {
+        part % self.count.max(1) == self.index
     }
 }
 
@@ -188,14 +219,27 @@ impl TokenizeSummary {
 /// (`image`/`video`) limits the token set to those samples: a JPEG vocabulary is for the images
 /// of a mixed dataset, an H.264 one for its videos. `frame_tokens` is the shards' frame size
 /// ([`tokens::FRAME_TOKENS`] unless a test wants documents across frames).
+///
+/// Parts are tokenized in parallel (each part encoded and written by one thread; a dataset of
+/// fewer parts than workers encodes each part's documents in parallel instead). With `shard`
+/// other than [`TokenizeShard::ALL`] this worker does only its parts; whichever worker finds
+/// every part done at its end writes `tokens-<hash>.parquet` (the same file one worker writes),
+/// and rerunning any worker after the others finished writes it too.
 pub fn tokenize_dataset(
     dataset: &Path,
     vocab_path: &Path,
     workers: usize,
     modality: Option<Modality>,
     frame_tokens: u32,
+    shard: TokenizeShard,
 ) -> Result<TokenizeSummary, TokenizeError> {
     let started = Instant::now();
+    if shard.count == 0 || shard.index >= shard.count {
+        return Err(TokenizeError::Invalid(format!(
+            "--shard-index {} is not below --num-shards {}",
+            shard.index, shard.count
+        )));
+    }
     let vocab = Vocab::load(vocab_path)?;
     if vocab.size > tokens::MAX_VOCAB {
         return Err(TokenizeError::Invalid(format!(
@@ -235,7 +279,12 @@ pub fn tokenize_dataset(
         .num_threads(workers.max(1))
         .build()
         .map_err(|e| TokenizeError::Invalid(e.to_string()))?;
-    let total: usize = by_part.values().map(Vec::len).sum();
+    let mine: Vec<(u32, &Vec<&SampleRow>)> = by_part
+        .iter()
+        .filter(|(&p, _)| shard.owns(p))
+        .map(|(&p, rows)| (p, rows))
+        .collect();
+    let total: usize = mine.iter().map(|(_, rows)| rows.len()).sum();
     let progress = indicatif::ProgressBar::new(total as u64);
     progress.set_style(
         indicatif::ProgressStyle::with_template(
@@ -245,23 +294,100 @@ pub fn tokenize_dataset(
     );
     let mut summary = TokenizeSummary {
         hash: vocab.hash.clone(),
+        parts_elsewhere: (by_part.len() - mine.len()) as u32,
         ..TokenizeSummary::default()
     };
-    summary.parts_removed = remove_orphan_parts(dataset, &layout, &by_part)?;
-    for (&part, rows) in &by_part {
-        let shard_path = dataset.join(layout.shard_rel(part));
-        let part_hash = part_hashes[&part];
-        let manifest = layout.part_manifest(part);
-        if manifest.exists() {
-            let current = tokens::shard_version(&shard_path) == Some(tokens::TOKEN_SHARD_VERSION);
-            let recorded = tokens::recorded_part_hash(&manifest).unwrap_or_else(|e| {
-                tracing::warn!("{e}; re-tokenizing part {part}");
-                None
-            });
+    summary.parts_removed = remove_orphan_parts(dataset, &layout, &by_part, shard)?;
+    let job = PartJob {
+        ds: &ds,
+        dataset,
+        layout: &layout,
+        vocab: &vocab,
+        frame_tokens,
+        progress: &progress,
+    };
+    // Parts in parallel when there are enough of them (one part's documents in memory per
+    // thread); otherwise one part at a time, its documents encoded in parallel.
+    let outcomes: Vec<Result<TokenizeSummary, TokenizeError>> = pool.install(|| {
+        if mine.len() >= workers.max(1) {
+            mine.par_iter()
+                .map(|&(part, rows)| job.run(part, rows, part_hashes[&part], false))
+                .collect()
+        } else {
+            mine.iter()
+                .map(|&(part, rows)| job.run(part, rows, part_hashes[&part], true))
+                .collect()
+        }
+    });
+    for o in outcomes {
+        summary.add(&o?);
+    }
+    progress.finish_and_clear();
+    // Every part of every worker current, and no token part left over: the token set is whole.
+    summary.parts_pending = by_part
+        .keys()
+        .filter(|&&p| !job.is_current(p, part_hashes[&p]))
+        .count() as u32;
+    let leftovers = token_parts(&layout)?
+        .into_iter()
+        .filter(|p| !by_part.contains_key(p))
+        .count() as u32;
+    summary.parts_pending += leftovers;
+    if summary.parts_pending == 0 {
+        tokens::consolidate(&layout)?;
+        summary.consolidated = true;
+    }
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// What tokenizing one part needs.
+struct PartJob<'a> {
+    ds: &'a Dataset,
+    dataset: &'a Path,
+    layout: &'a TokenLayout,
+    vocab: &'a Vocab,
+    frame_tokens: u32,
+    progress: &'a indicatif::ProgressBar,
+}
+
+impl PartJob<'_> {
+    /// Whether part `part`'s token part exists, is of the current shard version and records
+    /// the codec part's current hash.
+    fn is_current(&self, part: u32, part_hash: u64) -> bool {
+        self.recorded(part)
+            .is_some_and(|(current, recorded)| current && recorded == Some(part_hash))
+    }
+
+    /// (shard of the current version, recorded codec part hash) of an existing token part.
+    fn recorded(&self, part: u32) -> Option<(bool, Option<u64>)> {
+        let manifest = self.layout.part_manifest(part);
+        if !manifest.exists() {
+            return None;
+        }
+        let shard_path = self.dataset.join(self.layout.shard_rel(part));
+        let current = tokens::shard_version(&shard_path) == Some(tokens::TOKEN_SHARD_VERSION);
+        let recorded = tokens::recorded_part_hash(&manifest).unwrap_or_else(|e| {
+            tracing::warn!("{e}; re-tokenizing part {part}");
+            None
+        });
+        Some((current, recorded))
+    }
+
+    /// Tokenizes one part (unless it is current) into its token shard, then its manifest.
+    fn run(
+        &self,
+        part: u32,
+        rows: &[&SampleRow],
+        part_hash: u64,
+        parallel_docs: bool,
+    ) -> Result<TokenizeSummary, TokenizeError> {
+        let mut summary = TokenizeSummary::default();
+        if let Some((current, recorded)) = self.recorded(part) {
             if current && recorded == Some(part_hash) {
                 summary.parts_skipped += 1;
-                progress.inc(rows.len() as u64);
-                continue;
+                self.progress.inc(rows.len() as u64);
+                return Ok(summary);
             }
             if recorded != Some(part_hash) {
                 tracing::info!(
@@ -271,24 +397,26 @@ pub fn tokenize_dataset(
                 summary.parts_stale += 1;
             }
         }
-        // Encode the part's documents in parallel, then write them in manifest order.
-        let docs: Vec<Result<(Vec<u32>, u64), codeclm_formats::Error>> = pool.install(|| {
-            rows.par_iter()
-                .map(|r| {
-                    let bytes = ds.codec_bytes(r)?;
-                    let mut ids = Vec::with_capacity(bytes.len() + 2);
-                    ids.push(vocab.bos);
-                    vocab.encode(&bytes, &mut ids);
-                    ids.push(vocab.eos);
-                    Ok((ids, bytes.len() as u64))
-                })
-                .collect()
-        });
+        let encode = |r: &&SampleRow| -> Result<(Vec<u32>, u64), codeclm_formats::Error> {
+            let bytes = self.ds.codec_bytes(r)?;
+            let mut ids = Vec::with_capacity(bytes.len() + 2);
+            ids.push(self.vocab.bos);
+            self.vocab.encode(&bytes, &mut ids);
+            ids.push(self.vocab.eos);
+            Ok((ids, bytes.len() as u64))
+        };
+        // Encoded in parallel or not, written in manifest order.
+        let docs: Vec<Result<(Vec<u32>, u64), codeclm_formats::Error>> = if parallel_docs {
+            rows.par_iter().map(encode).collect()
+        } else {
+            rows.iter().map(encode).collect()
+        };
+        let shard_path = self.dataset.join(self.layout.shard_rel(part));
         let mut writer = TokenShardWriter::with_frame_tokens(
             &shard_path,
-            vocab.size,
-            &vocab.hash,
-            frame_tokens,
+            self.vocab.size,
+            &self.vocab.hash,
+            self.frame_tokens,
         )?;
         let mut token_rows = Vec::with_capacity(rows.len());
         for (row, doc) in rows.iter().zip(docs) {
@@ -302,7 +430,7 @@ pub fn tokenize_dataset(
                 modality: row.modality,
                 split: row.split,
                 part,
-                shard: layout.shard_rel(part),
+                shard: self.layout.shard_rel(part),
                 offset,
                 n_tokens: ids.len() as u64,
                 codec_bytes,
@@ -310,14 +438,29 @@ pub fn tokenize_dataset(
             });
         }
         writer.finish()?;
-        tokens::write_token_rows(&token_rows, &layout.part_manifest(part))?;
+        tokens::write_token_rows(&token_rows, &self.layout.part_manifest(part))?;
         summary.parts_built += 1;
-        progress.inc(rows.len() as u64);
+        self.progress.inc(rows.len() as u64);
+        Ok(summary)
     }
-    progress.finish_and_clear();
-    tokens::consolidate(&layout)?;
-    summary.seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
+}
+
+/// The parts that have a token manifest in the token set's `parts/`.
+fn token_parts(layout: &TokenLayout) -> Result<Vec<u32>, TokenizeError> {
+    let dir = layout.parts_dir();
+    let entries = std::fs::read_dir(&dir).map_err(|source| codeclm_formats::Error::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    Ok(entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.strip_prefix("part-")
+                .and_then(|n| n.strip_suffix(".parquet"))
+                .and_then(|n| n.parse::<u32>().ok())
+        })
+        .collect())
 }
 
 /// Deletes the token parts (manifest, then shard) of parts with nothing to tokenize any more (a
@@ -327,29 +470,25 @@ fn remove_orphan_parts(
     dataset: &Path,
     layout: &TokenLayout,
     by_part: &BTreeMap<u32, Vec<&SampleRow>>,
+    shard: TokenizeShard,
 ) -> Result<u32, TokenizeError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| codeclm_formats::Error::Io { path, source }
     };
-    let dir = layout.parts_dir();
     let mut removed = 0;
-    for e in std::fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        let part = name
-            .strip_prefix("part-")
-            .and_then(|n| n.strip_suffix(".parquet"))
-            .and_then(|n| n.parse::<u32>().ok());
-        let Some(part) = part.filter(|p| !by_part.contains_key(p)) else {
+    for part in token_parts(layout)? {
+        if by_part.contains_key(&part) || !shard.owns(part) {
             continue;
-        };
+        }
         tracing::info!(
             "codec part {part} has no samples to tokenize any more: deleting its token part"
         );
-        std::fs::remove_file(e.path()).map_err(io(&e.path()))?;
-        let shard = dataset.join(layout.shard_rel(part));
-        if shard.exists() {
-            std::fs::remove_file(&shard).map_err(io(&shard))?;
+        let manifest = layout.part_manifest(part);
+        std::fs::remove_file(&manifest).map_err(io(&manifest))?;
+        let shard_path = dataset.join(layout.shard_rel(part));
+        if shard_path.exists() {
+            std::fs::remove_file(&shard_path).map_err(io(&shard_path))?;
         }
         removed += 1;
     }

@@ -70,6 +70,15 @@ pub struct TokenizeArgs {
     /// frame boundaries).
     #[arg(long, hide = true, default_value_t = tokens::FRAME_TOKENS)]
     frame_tokens: u32,
+    /// This machine's index among --num-shards workers; each tokenizes parts i, i+n, i+2n, ...
+    /// When absent, read from a job array: SLURM_ARRAY_TASK_ID (of SLURM_ARRAY_TASK_COUNT) or
+    /// Kubernetes' JOB_COMPLETION_INDEX (with --num-shards); else 0. The worker that finds
+    /// every part done writes tokens-<hash>.parquet.
+    #[arg(long)]
+    shard_index: Option<u32>,
+    /// Workers in all (default 1, or SLURM_ARRAY_TASK_COUNT under a Slurm array).
+    #[arg(long)]
+    num_shards: Option<u32>,
 }
 
 #[derive(Args)]
@@ -122,12 +131,19 @@ pub fn train(args: TrainArgs) -> Result<()> {
 
 pub fn tokenize(args: TokenizeArgs) -> Result<()> {
     let workers = flags::workers(args.workers);
+    let shard = flags::shard_choice(args.shard_index, args.num_shards, &|k| {
+        std::env::var(k).ok()
+    })?;
     let s = tokenize::tokenize_dataset(
         &args.dataset,
         &args.vocab,
         workers,
         args.modality.map(Into::into),
         args.frame_tokens,
+        tokenize::TokenizeShard {
+            index: shard.index,
+            count: shard.count,
+        },
     )
     .with_context(|| {
         format!(
@@ -149,8 +165,21 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
         s.parts_stale,
         s.parts_skipped,
         s.parts_removed,
-        args.dataset.join(format!("tokens-{}.parquet", s.hash)).display()
+        if s.consolidated {
+            args.dataset.join(format!("tokens-{}.parquet", s.hash)).display().to_string()
+        } else {
+            format!(
+                "{} parts not done yet, tokens-{}.parquet is written by the worker that finds every part done",
+                s.parts_pending, s.hash
+            )
+        }
     );
+    if shard.count > 1 {
+        println!(
+            "worker {} of {} ({}): {} parts left to the other workers",
+            shard.index, shard.count, shard.from, s.parts_elsewhere
+        );
+    }
     Ok(())
 }
 

@@ -402,3 +402,106 @@ fn verify_ok(ds: &Path) -> String {
 fn verify_err(ds: &Path) -> String {
     run_err(codeclm().args(["dataset", "verify", "--dataset"]).arg(ds))
 }
+
+/// Issue 16: three tokenize workers, their indices from flags, a Slurm array and a Kubernetes
+/// indexed job, each tokenize their parts; the worker that finds every part done writes the
+/// token manifest, and the token set equals one worker's, byte for byte.
+#[test]
+fn tokenize_split_across_three_workers_equals_one_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("media");
+    copy_files(&fixtures("images"), &src);
+    let one = tmp.path().join("one");
+    build(&src, &one, &["--part-size", "3"]);
+    let vocab_path = tmp.path().join("v.json");
+    vocab_train(&one, &vocab_path, &["--size", "300"]);
+    let three = tmp.path().join("three");
+    for e in walk(&one) {
+        let rel = e.strip_prefix(&one).unwrap();
+        std::fs::create_dir_all(three.join(rel).parent().unwrap()).unwrap();
+        std::fs::copy(&e, three.join(rel)).unwrap();
+    }
+    let out = tokenize(&one, &vocab_path, &["--frame-tokens", "2000"]);
+    assert!(out.contains("parts 4 built (0 stale)"), "{out}");
+    let hash = Vocab::load(&vocab_path).unwrap().hash;
+    let (a, b) = (
+        TokenLayout::new(&one, &hash),
+        TokenLayout::new(&three, &hash),
+    );
+
+    let worker = |env: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = codeclm();
+        cmd.args(["dataset", "tokenize", "--dataset"])
+            .arg(&three)
+            .arg("--vocab")
+            .arg(&vocab_path)
+            .args(["--frame-tokens", "2000"])
+            .args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        String::from_utf8_lossy(&run_ok(&mut cmd).stdout).to_string()
+    };
+    // Parts 0..4: worker 1 has part 1, worker 2 part 2, worker 0 parts 0 and 3.
+    let w1 = worker(
+        &[
+            ("SLURM_ARRAY_TASK_ID", "1"),
+            ("SLURM_ARRAY_TASK_COUNT", "3"),
+        ],
+        &[],
+    );
+    assert!(
+        w1.contains("parts 1 built") && w1.contains("3 parts not done yet"),
+        "{w1}"
+    );
+    assert!(w1.contains("worker 1 of 3 (SLURM_ARRAY_TASK_ID=1"), "{w1}");
+    assert!(
+        !b.manifest_path().exists(),
+        "no manifest before every part is done"
+    );
+    let w2 = worker(&[("JOB_COMPLETION_INDEX", "2")], &["--num-shards", "3"]);
+    assert!(
+        w2.contains("parts 1 built") && w2.contains("2 parts not done yet"),
+        "{w2}"
+    );
+    assert!(w2.contains("worker 2 of 3 (JOB_COMPLETION_INDEX=2"), "{w2}");
+    let w0 = worker(&[], &["--shard-index", "0", "--num-shards", "3"]);
+    assert!(w0.contains("parts 2 built"), "{w0}");
+    assert!(
+        w0.contains(&b.manifest_path().display().to_string()),
+        "the last worker writes the manifest: {w0}"
+    );
+
+    assert_eq!(
+        read_token_rows(&a.manifest_path()).unwrap(),
+        read_token_rows(&b.manifest_path()).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(a.manifest_path()).unwrap(),
+        std::fs::read(b.manifest_path()).unwrap()
+    );
+    for part in 0..4 {
+        assert_eq!(
+            std::fs::read(one.join(a.shard_rel(part))).unwrap(),
+            std::fs::read(three.join(b.shard_rel(part))).unwrap(),
+            "part {part}"
+        );
+    }
+    verify_ok(&three);
+    // A worker index past the count is refused.
+    let bad = codeclm()
+        .args(["dataset", "tokenize", "--dataset"])
+        .arg(&three)
+        .arg("--vocab")
+        .arg(&vocab_path)
+        .args(["--shard-index", "3", "--num-shards", "3"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr)
+            .contains("--shard-index 3 is not below --num-shards 3"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
