@@ -449,7 +449,7 @@ pub fn from_dataframe(df: &DataFrame, path: &Path) -> Result<Vec<SampleRow>> {
     Ok(rows)
 }
 
-fn parquet_writer(file: File) -> ParquetWriter<File> {
+pub(crate) fn parquet_writer(file: File) -> ParquetWriter<File> {
     ParquetWriter::new(file).with_compression(ParquetCompression::Zstd(None))
 }
 
@@ -468,7 +468,7 @@ pub fn write_dataframe(df: &mut DataFrame, path: &Path) -> Result<()> {
     sync_and_rename(&tmp, path)
 }
 
-fn sync_and_rename(tmp: &Path, path: &Path) -> Result<()> {
+pub(crate) fn sync_and_rename(tmp: &Path, path: &Path) -> Result<()> {
     File::open(tmp)
         .and_then(|f| f.sync_all())
         .map_err(Error::io(tmp))?;

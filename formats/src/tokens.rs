@@ -791,12 +791,17 @@ pub struct TokenRow {
 }
 
 pub fn write_token_rows(rows: &[TokenRow], path: &Path) -> Result<()> {
+    crate::samples::write_dataframe(&mut token_dataframe(rows, path)?, path)
+}
+
+/// Token rows as the columns of a token manifest (`path` names the file in an error).
+fn token_dataframe(rows: &[TokenRow], path: &Path) -> Result<DataFrame> {
     macro_rules! col {
         ($name:literal, $f:expr) => {
             Column::new($name.into(), rows.iter().map($f).collect::<Vec<_>>())
         };
     }
-    let mut df = DataFrame::new(
+    DataFrame::new(
         rows.len(),
         vec![
             col!("sample_id", |r| r.sample_id.as_str()),
@@ -810,8 +815,7 @@ pub fn write_token_rows(rows: &[TokenRow], path: &Path) -> Result<()> {
             col!("codec_part_hash", |r| r.codec_part_hash),
         ],
     )
-    .map_err(Error::parquet(path))?;
-    crate::samples::write_dataframe(&mut df, path)
+    .map_err(Error::parquet(path))
 }
 
 /// One row of `tokens-<hash>.parquet` borrowed from its columns: a reader of millions of rows
@@ -1019,12 +1023,24 @@ pub fn consolidate(layout: &TokenLayout) -> Result<u64> {
         .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
         .collect();
     parts.sort();
-    let mut rows = Vec::new();
+    // One part in memory at a time: a row group per part.
+    let out = layout.manifest_path();
+    let tmp = crate::tmp_path(&out);
+    let file = std::fs::File::create(&tmp).map_err(Error::io(&tmp))?;
+    let schema = token_dataframe(&[], &out)?.schema().as_ref().clone();
+    let mut writer = crate::samples::parquet_writer(file)
+        .batched(&schema)
+        .map_err(Error::parquet(&tmp))?;
+    let mut total = 0u64;
     for p in &parts {
-        rows.extend(read_token_rows(p)?);
+        let df = token_dataframe(&read_token_rows(p)?, p)?;
+        total += df.height() as u64;
+        writer.write_batch(&df).map_err(Error::parquet(&tmp))?;
     }
-    write_token_rows(&rows, &layout.manifest_path())?;
-    Ok(rows.len() as u64)
+    writer.finish().map_err(Error::parquet(&tmp))?;
+    drop(writer);
+    crate::samples::sync_and_rename(&tmp, &out)?;
+    Ok(total)
 }
 
 #[cfg(test)]
