@@ -324,9 +324,10 @@ pub fn tokenize_dataset(
     }
     progress.finish_and_clear();
     // Every part of every worker current, and no token part left over: the token set is whole.
+    // This worker's own parts are current now (built or skipped); only the others' are read.
     summary.parts_pending = by_part
         .keys()
-        .filter(|&&p| !job.is_current(p, part_hashes[&p]))
+        .filter(|&&p| !shard.owns(p) && !job.is_current(p, part_hashes[&p]))
         .count() as u32;
     let leftovers = token_parts(&layout)?
         .into_iter()
