@@ -14,7 +14,7 @@
 //! Memory is bounded by the channel capacities and the reorder window, not by the source size.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::sync::{Condvar, Mutex};
@@ -36,6 +36,7 @@ use crate::process::{process_image_crops, process_image_within, process_video, O
 use crate::source::{self, Item, SourceSpec};
 use codeclm_codec::h264::VideoConfig;
 use codeclm_codec::Limits;
+use codeclm_formats::plan::{Plan, PlanHeader, PlanWriter};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -72,6 +73,9 @@ pub struct BuildSettings {
     /// a photo goes where the photo goes).
     pub val_fraction: f64,
     pub zstd_level: i32,
+    /// The hash of the frozen plan (`dataset plan`) the parts come from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
 }
 
 impl BuildSettings {
@@ -96,7 +100,45 @@ impl BuildSettings {
             shard_max_bytes: 256 << 20,
             val_fraction: 0.01,
             zstd_level: shard::DEFAULT_ZSTD_LEVEL,
+            plan: None,
         }
+    }
+
+    /// The sources in build order (images, then videos) with their video flag.
+    pub fn sources(&self) -> Vec<(SourceSpec, bool)> {
+        [
+            self.source.clone().map(|s| (s, false)),
+            self.videos.clone().map(|s| (s, true)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    /// The sources as a plan header records them.
+    fn plan_sources(&self) -> Vec<serde_json::Value> {
+        self.sources()
+            .into_iter()
+            .map(|(spec, video)| serde_json::json!({"video": video, "spec": spec}))
+            .collect()
+    }
+
+    /// Takes the sources and part size from a frozen plan (what `dataset build --out DIR`
+    /// does when DIR was planned and no source is given).
+    pub fn use_plan_sources(&mut self, plan: &PlanHeader) -> Result<(), BuildError> {
+        self.source = None;
+        self.videos = None;
+        for s in &plan.sources {
+            let spec: SourceSpec = serde_json::from_value(s["spec"].clone())
+                .map_err(|e| BuildError::Config(format!("the plan's source {s}: {e}")))?;
+            if s["video"].as_bool().unwrap_or(false) {
+                self.videos = Some(spec);
+            } else {
+                self.source = Some(spec);
+            }
+        }
+        self.part_size = plan.part_size;
+        Ok(())
     }
 
     /// The settings a dataset was built with (`build` in its `dataset.json`): the one reader
@@ -285,7 +327,27 @@ enum Msg {
 /// Builds (or resumes) the dataset in `opts.out`.
 pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
     let started = Instant::now();
-    let settings = &opts.settings;
+    let frozen = Plan::open(&opts.out)?;
+    let planned;
+    let settings = match &frozen {
+        None => &opts.settings,
+        Some(plan) => {
+            let h = &plan.header;
+            if h.sources != opts.settings.plan_sources() || h.part_size != opts.settings.part_size {
+                return Err(BuildError::Config(format!(
+                    "{} was planned for other sources or parts ({} part(s) of {} inputs from {}); build it without --images/--videos/--part-size to use its plan, or choose a new --out",
+                    opts.out.display(),
+                    h.parts,
+                    h.part_size,
+                    serde_json::Value::Array(h.sources.clone())
+                )));
+            }
+            let mut s = opts.settings.clone();
+            s.plan = Some(h.hash.clone());
+            planned = s;
+            &planned
+        }
+    };
     settings.image.validate().map_err(BuildError::Config)?;
     settings.video.validate().map_err(BuildError::Config)?;
     if settings.source.is_none() && settings.videos.is_none() {
@@ -333,13 +395,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
     let leases = Arc::new(Leases::new(layout.clone(), opts.lease_ttl));
     let reader = {
         let reader = Reader {
-            sources: [
-                settings.source.clone().map(|s| (s, false)),
-                settings.videos.clone().map(|s| (s, true)),
-            ]
-            .into_iter()
-            .flatten()
-            .collect(),
+            sources: settings.sources(),
+            plan: frozen,
             part_size: settings.part_size,
             shard_index: opts.shard_index,
             num_shards: opts.num_shards,
@@ -488,6 +545,8 @@ struct ReaderTotals {
 /// failed rows).
 struct Reader {
     sources: Vec<(SourceSpec, bool)>,
+    /// The frozen plan of `dataset plan`, when the output has one.
+    plan: Option<codeclm_formats::plan::Plan>,
     part_size: usize,
     shard_index: u32,
     num_shards: u32,
@@ -518,6 +577,33 @@ impl Reader {
             retried: 0,
             kept: 0,
         };
+        let owns = |part: u32| part % self.num_shards == self.shard_index;
+        if let Some(frozen) = &self.plan {
+            // A frozen plan: only this worker's parts are read from it; each part's inputs
+            // are checked against the source before it is built.
+            t.total = frozen.header.parts;
+            let spec_of = |video: bool| {
+                self.sources
+                    .iter()
+                    .find(|(_, v)| *v == video)
+                    .map(|(s, _)| s)
+                    .ok_or_else(|| {
+                        BuildError::Config(format!(
+                            "the plan in {} lists {} parts but the build has no such source; plan again",
+                            self.layout.root.display(),
+                            if video { "video" } else { "image" }
+                        ))
+                    })
+            };
+            frozen.for_each_part(&owns, |part, rows| {
+                let video = rows.first().is_some_and(|r| r.video);
+                let spec = spec_of(video)?;
+                self.part(part, video, &mut t, || {
+                    Ok(source::PartPlan::from_plan_rows(spec, rows)?)
+                })
+            })?;
+            return Ok(t);
+        }
         let plans = self
             .sources
             .iter()
@@ -527,14 +613,32 @@ impl Reader {
             let plan = plan?;
             let part = part as u32;
             t.total += 1;
-            if part % self.num_shards != self.shard_index {
+            if !owns(part) {
                 continue;
             }
+            if self.part(part, video, &mut t, || Ok(plan))?.is_break() {
+                break;
+            }
+        }
+        Ok(t)
+    }
+
+    /// One part this worker owns: skipped when finished (or leased elsewhere), else its items
+    /// fed to the workers; `plan` is made only for a part that is built.
+    fn part(
+        &self,
+        part: u32,
+        video: bool,
+        t: &mut ReaderTotals,
+        plan: impl FnOnce() -> Result<source::PartPlan, BuildError>,
+    ) -> Result<std::ops::ControlFlow<()>, BuildError> {
+        use std::ops::ControlFlow::{Break, Continue};
+        {
             let journal = self.layout.retry_journal(part);
             let done = self.finished.contains(&part);
             if done && !self.retry_failed {
                 t.skipped += 1;
-                continue;
+                return Ok(Continue(()));
             }
             if done
                 && !samples::read_parquet(&self.layout.part_manifest(part))?
@@ -542,10 +646,10 @@ impl Reader {
                     .any(|r| !r.is_ok())
             {
                 t.skipped += 1;
-                continue;
+                return Ok(Continue(()));
             }
             if self.cancel.load(Ordering::Relaxed) {
-                break;
+                return Ok(Break(()));
             }
             match self.leases.try_acquire(part)? {
                 Acquired::Ours => {}
@@ -555,7 +659,7 @@ impl Reader {
                         lease.describe()
                     );
                     t.leased_elsewhere += 1;
-                    continue;
+                    return Ok(Continue(()));
                 }
             }
             let mut earlier = if done {
@@ -589,6 +693,7 @@ impl Reader {
                 None
             };
             let mut items = 0u32;
+            let plan = plan()?;
             for item in source::open(plan, self.max_input_bytes) {
                 let index = items;
                 items += 1;
@@ -604,7 +709,7 @@ impl Reader {
                         seconds: 0.0,
                     };
                     if self.res_tx.send(msg).is_err() {
-                        return Ok(t);
+                        return Ok(Break(()));
                     }
                     continue;
                 }
@@ -620,14 +725,14 @@ impl Reader {
                     held,
                 };
                 if self.work_tx.send(job).is_err() {
-                    return Ok(t);
+                    return Ok(Break(()));
                 }
             }
             if self.res_tx.send(Msg::PartEnd { part, items }).is_err() {
-                break;
+                return Ok(Break(()));
             }
         }
-        Ok(t)
+        Ok(Continue(()))
     }
 
     fn earlier(&self, journal: &std::path::Path) -> Result<Earlier, BuildError> {
@@ -952,6 +1057,56 @@ impl Budget {
 }
 
 /// Checks a resumed dataset's settings against ours, or writes a new dataset.json and tables.
+/// `codeclm dataset plan`: lists the parts of `settings`' sources and their inputs once into
+/// `out`'s `plan.parquet` and `plan.json` (one part's inputs in memory at a time; a directory is
+/// walked in sorted runs, see `walk.rs`), numbered as a build numbers them. `progress` is told
+/// each part planned.
+pub fn write_plan(
+    settings: &BuildSettings,
+    out: &Path,
+    progress: &dyn Fn(u32, u64),
+) -> Result<PlanHeader, BuildError> {
+    if settings.source.is_none() && settings.videos.is_none() {
+        return Err(BuildError::Config(
+            "nothing to plan: give --images SRC, --videos SRC or both".into(),
+        ));
+    }
+    if Plan::open(out)?.is_some() {
+        return Err(BuildError::Config(format!(
+            "{} already has a plan (plan.json): a plan is frozen; plan into a new directory",
+            out.display()
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(|source| codeclm_formats::Error::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let mut writer = PlanWriter::create(out)?;
+    let mut part = 0u32;
+    let mut inputs = 0u64;
+    for (spec, video) in settings.sources() {
+        for p in source::plan(&spec, settings.part_size)? {
+            let rows = p?.to_plan_rows(part, video);
+            inputs += rows.len() as u64;
+            for r in rows {
+                writer.push(r)?;
+            }
+            part += 1;
+            progress(part, inputs);
+        }
+    }
+    Ok(writer.finish(PlanHeader {
+        plan_version: codeclm_formats::plan::PLAN_VERSION,
+        sources: settings.plan_sources(),
+        part_size: settings.part_size,
+        parts: part,
+        rows: 0,
+        inputs,
+        hash: String::new(),
+        created_by: format!("codeclm {}", env!("CARGO_PKG_VERSION")),
+    })?)
+}
+
 fn prepare_config(
     layout: &DatasetLayout,
     settings: &BuildSettings,

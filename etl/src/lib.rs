@@ -13,12 +13,49 @@ pub mod process;
 pub mod resize;
 pub mod source;
 pub mod tokenize;
+pub mod walk;
 
 pub use builder::{build, BuildOptions, BuildSettings, BuildSummary, SlowInput};
 pub use config::{ImageConfig, Preprocess};
 pub use crop::RandomCrops;
 pub use isolate::Isolation;
 pub use source::{SourceKind, SourceSpec};
+
+/// Runs `f` on every item on `threads` plain threads (each takes the next item when it is
+/// done), results in item order; after an `Err` no new item starts. Plain threads, not rayon:
+/// a part's work calls polars, whose pool a rayon worker would wait on by stealing another
+/// part's job onto the same stack (thousands of parts overflow it).
+pub fn on_threads<T: Sync, R: Send, E: Send>(
+    threads: usize,
+    items: &[T],
+    f: impl Fn(&T) -> Result<R, E> + Sync,
+) -> Vec<Result<R, E>> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let results: std::sync::Mutex<Vec<(usize, Result<R, E>)>> = Default::default();
+    std::thread::scope(|s| {
+        for _ in 0..threads.clamp(1, items.len().max(1)) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= items.len() || failed.load(Ordering::Relaxed) {
+                    break;
+                }
+                let r = f(&items[i]);
+                if r.is_err() {
+                    failed.store(true, Ordering::Relaxed);
+                }
+                results
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((i, r));
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
 
 /// Real media for unit tests (this crate's and those of crates above it): the bundled photos
 /// encoded as a dataset encodes them.
@@ -57,5 +94,35 @@ pub mod test_media {
             streams,
             codeclm_codec::jpeg::tables_only(&cfg.jpeg).unwrap(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Results come in item order whatever thread ran them; after an error no new item starts
+    /// (items already running finish).
+    #[test]
+    fn on_threads_keeps_order_and_stops_after_an_error() {
+        let items: Vec<u32> = (0..1000).collect();
+        let out = super::on_threads(4, &items, |&i| Ok::<_, String>(i * 2));
+        assert_eq!(out.len(), 1000);
+        assert!(out.iter().enumerate().all(|(i, r)| r == &Ok(i as u32 * 2)));
+        let started = std::sync::atomic::AtomicUsize::new(0);
+        let out = super::on_threads(2, &items, |&i| {
+            started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if i == 10 {
+                Err(format!("item {i}"))
+            } else {
+                // Slow items: the other thread cannot race far past the failing one.
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                Ok(i)
+            }
+        });
+        assert!(out.contains(&Err("item 10".into())));
+        assert!(
+            started.into_inner() < 20,
+            "items kept starting after the error"
+        );
+        assert!(super::on_threads(3, &[] as &[u32], |&i| Ok::<_, ()>(i)).is_empty());
     }
 }

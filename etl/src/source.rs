@@ -7,6 +7,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
+use codeclm_formats::plan::PlanRow;
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -154,6 +155,149 @@ fn rel_identity(root: &Path, p: &Path) -> String {
         .replace('\\', "/")
 }
 
+/// The directory a source's parts are relative to: the tree itself, or the folder of a list,
+/// of a single tar or of a single Parquet file.
+fn base_of(spec: &SourceSpec) -> PathBuf {
+    let root = &spec.path;
+    match spec.kind {
+        SourceKind::Dir => root.clone(),
+        SourceKind::List => root.parent().map(Path::to_path_buf).unwrap_or_default(),
+        SourceKind::Tar | SourceKind::Parquet if root.is_dir() => root.clone(),
+        SourceKind::Tar | SourceKind::Parquet => {
+            root.parent().map(Path::to_path_buf).unwrap_or_default()
+        }
+    }
+}
+
+/// `mtime_ns` of an input missing at planning (a list entry naming no file).
+const MISSING: i64 = i64::MIN;
+
+/// (size, modification time in ns) of `path` now, following symlinks; missing: (0, MISSING).
+fn stamp(path: &Path) -> (u64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(m) => (
+            m.len(),
+            m.mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.mtime_nsec()),
+        ),
+        Err(_) => (0, MISSING),
+    }
+}
+
+impl PartPlan {
+    /// This part as rows of a frozen plan, each input's size and modification time as now.
+    pub fn to_plan_rows(&self, part: u32, video: bool) -> Vec<PlanRow> {
+        let row = |path: &Path, at: &Path, start: Option<u64>, len: Option<u64>| {
+            let (bytes, mtime_ns) = stamp(at);
+            PlanRow {
+                part,
+                video,
+                path: path.to_path_buf(),
+                start,
+                len,
+                bytes,
+                mtime_ns,
+            }
+        };
+        // Stored relative to the source's root (a plan stays valid where the source is mounted
+        // elsewhere, as long as its path in plan.json is the same); a list's entries as written.
+        let rel = |root: &Path, p: &Path| p.strip_prefix(root).unwrap_or(p).to_path_buf();
+        match self {
+            PartPlan::Files { root, paths, kind } => paths
+                .iter()
+                .map(|p| {
+                    let stored = if *kind == SourceKind::List {
+                        p.clone()
+                    } else {
+                        rel(root, p)
+                    };
+                    row(&stored, &root.join(p), None, None)
+                })
+                .collect(),
+            PartPlan::Tar { root, file } => vec![row(&rel(root, file), file, None, None)],
+            PartPlan::ParquetRows {
+                root,
+                file,
+                start,
+                len,
+                ..
+            } => vec![row(
+                &rel(root, file),
+                file,
+                Some(*start as u64),
+                Some(*len as u64),
+            )],
+        }
+    }
+
+    /// The part a frozen plan lists for `spec`, after checking that every input is as it was
+    /// at planning (size and modification time): a changed source is an error naming the fix.
+    pub fn from_plan_rows(spec: &SourceSpec, rows: Vec<PlanRow>) -> Result<PartPlan, SourceError> {
+        let root = base_of(spec);
+        for r in &rows {
+            let at = root.join(&r.path);
+            let now = stamp(&at);
+            if now != (r.bytes, r.mtime_ns) {
+                let was = if r.mtime_ns == MISSING {
+                    "missing at planning".to_string()
+                } else {
+                    format!("{} bytes at planning", r.bytes)
+                };
+                let is = if now.1 == MISSING {
+                    "gone now".to_string()
+                } else if now.0 != r.bytes || r.mtime_ns == MISSING {
+                    format!("{} bytes now", now.0)
+                } else {
+                    "modified since".to_string()
+                };
+                return Err(bad(
+                    &at,
+                    format!(
+                        "changed since the dataset was planned ({was}, {is}). Fix: restore it, or plan the source again into a new directory (`codeclm dataset plan ... --out NEW_DIR`): a plan is frozen so that every worker builds the same parts"
+                    ),
+                ));
+            }
+        }
+        let malformed = || {
+            bad(
+                &spec.path,
+                "the plan lists a part this source kind cannot have; plan it again",
+            )
+        };
+        Ok(match spec.kind {
+            SourceKind::List => PartPlan::Files {
+                root,
+                paths: rows.into_iter().map(|r| r.path).collect(),
+                kind: spec.kind,
+            },
+            SourceKind::Dir => PartPlan::Files {
+                paths: rows.into_iter().map(|r| root.join(r.path)).collect(),
+                root,
+                kind: spec.kind,
+            },
+            SourceKind::Tar => match <[PlanRow; 1]>::try_from(rows) {
+                Ok([r]) => PartPlan::Tar {
+                    file: root.join(r.path),
+                    root,
+                },
+                Err(_) => return Err(malformed()),
+            },
+            SourceKind::Parquet => match <[PlanRow; 1]>::try_from(rows) {
+                Ok([r]) => PartPlan::ParquetRows {
+                    file: root.join(r.path),
+                    root,
+                    column: spec.column.clone(),
+                    start: r.start.unwrap_or(0) as usize,
+                    len: r.len.unwrap_or(0) as usize,
+                },
+                Err(_) => return Err(malformed()),
+            },
+        })
+    }
+}
+
 /// Plans the source into parts, lazily and deterministically.
 pub fn plan(
     spec: &SourceSpec,
@@ -163,23 +307,21 @@ pub fn plan(
     let root = spec.path.clone();
     match spec.kind {
         SourceKind::Dir => {
-            let walk = walkdir::WalkDir::new(&root)
-                .follow_links(true)
-                .sort_by_file_name()
-                .into_iter();
-            let files = walk.filter_map(move |entry| match entry {
-                Ok(e) if e.file_type().is_file() => {
-                    let hidden = e.file_name().to_string_lossy().starts_with('.');
+            // Sorted in bounded memory (a flat directory of millions of files is merged from
+            // sorted runs on disk, not listed into memory).
+            let files = crate::walk::SortedWalk::new(&root).filter_map(|w| match w {
+                crate::walk::Walked::File(p) => {
+                    let name = p.file_name().unwrap_or_default().to_string_lossy();
+                    let hidden = name.starts_with('.');
                     let sidecar =
-                        matches!(lower_ext(e.path()).as_deref(), Some(x) if SIDECARS.contains(&x));
-                    (!hidden && !sidecar).then(|| Ok(e.into_path()))
+                        matches!(lower_ext(&p).as_deref(), Some(x) if SIDECARS.contains(&x));
+                    (!hidden && !sidecar).then_some(Ok(p))
                 }
-                Ok(_) => None,
                 // An unreadable directory or a symlink loop: the path becomes an input whose
                 // read fails, so the manifest records the error and the build goes on.
-                Err(e) => {
-                    tracing::warn!("{e}");
-                    e.path().map(|p| Ok(p.to_path_buf()))
+                crate::walk::Walked::Unwalkable(p, e) => {
+                    tracing::warn!("{}: {e}", p.display());
+                    Some(Ok(p))
                 }
             });
             Ok(Box::new(chunk_paths(
@@ -192,7 +334,7 @@ pub fn plan(
         SourceKind::List => {
             let file =
                 File::open(&root).map_err(|e| bad(&root, format!("cannot open the list: {e}")))?;
-            let base = root.parent().map(Path::to_path_buf).unwrap_or_default();
+            let base = base_of(spec);
             let list = root.clone();
             let lines = BufReader::new(file)
                 .lines()
@@ -210,11 +352,7 @@ pub fn plan(
         }
         SourceKind::Tar => {
             let files = files_with_ext(&root, "tar")?;
-            let base = if root.is_dir() {
-                root.clone()
-            } else {
-                root.parent().map(Path::to_path_buf).unwrap_or_default()
-            };
+            let base = base_of(spec);
             Ok(Box::new(files.into_iter().map(move |file| {
                 Ok(PartPlan::Tar {
                     root: base.clone(),
@@ -224,11 +362,7 @@ pub fn plan(
         }
         SourceKind::Parquet => {
             let files = files_with_ext(&root, "parquet")?;
-            let base = if root.is_dir() {
-                root.clone()
-            } else {
-                root.parent().map(Path::to_path_buf).unwrap_or_default()
-            };
+            let base = base_of(spec);
             let column = spec.column.clone();
             let mut plans = Vec::new();
             for file in files {

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use codeclm_formats::tokens::{self, TokenLayout, TokenRow, TokenShardWriter};
 use codeclm_formats::vocab::{self, PreTokenize, Vocab};
-use codeclm_formats::{Dataset, Modality, SampleRow, Split};
+use codeclm_formats::{Dataset, Modality, RowFilter, SampleRow, Split};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -46,21 +46,15 @@ pub struct VocabTrainSummary {
 
 /// The samples a vocabulary is trained on: ok rows of the modality in the train split, ordered
 /// by a hash of their id (a fixed pseudo-random sample), the first `n`.
-pub fn training_sample(ds: &Dataset, modality: Modality, n: usize) -> Vec<&SampleRow> {
-    let mut rows: Vec<&SampleRow> = ds
-        .rows()
-        .iter()
-        .filter(|r| r.is_ok() && r.modality == modality && r.split == Split::Train)
-        .collect();
-    // Cached keys: one hash and one id copy per row, not per comparison.
-    rows.sort_by_cached_key(|r| {
-        (
-            xxhash_rust::xxh3::xxh3_64_with_seed(r.sample_id.as_bytes(), 0x70C3),
-            r.sample_id.clone(),
-        )
-    });
-    rows.truncate(n);
-    rows
+pub fn training_sample(
+    ds: &Dataset,
+    modality: Modality,
+    n: usize,
+) -> Result<Vec<SampleRow>, codeclm_formats::Error> {
+    // Only the ids and filter columns are scanned; n candidates kept, the n rows read at the end.
+    ds.lowest_by_key(RowFilter::ok(modality, Some(Split::Train)), n, |id| {
+        xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), 0x70C3)
+    })
 }
 
 /// Trains a vocabulary and returns the tokenizer.json bytes.
@@ -82,7 +76,7 @@ pub fn train_vocab(
         )));
     }
     let ds = Dataset::open(&opts.dataset)?;
-    let rows = training_sample(&ds, opts.modality, opts.samples);
+    let rows = training_sample(&ds, opts.modality, opts.samples)?;
     if rows.is_empty() {
         return Err(TokenizeError::Invalid(format!(
             "{} has no successful {} samples in its train split to learn from",
@@ -259,33 +253,31 @@ pub fn tokenize_dataset(
         })?;
         codeclm_formats::write_atomic(&layout.vocab_path(), &bytes)?;
     }
-    let mut all_by_part: BTreeMap<u32, Vec<&SampleRow>> = BTreeMap::new();
-    for r in ds.rows() {
-        all_by_part.entry(r.part).or_default().push(r);
-    }
-    let part_hashes: BTreeMap<u32, u64> = all_by_part
+    // One scan of the hashed columns: each part's hash, and its rows to tokenize; a part's rows
+    // are read when it is tokenized (one part per thread in memory).
+    let filter = RowFilter {
+        ok_only: true,
+        modality,
+        split: None,
+    };
+    let summaries = ds.part_summaries(filter)?;
+    let part_hashes: BTreeMap<u32, u64> = summaries.iter().map(|(&p, s)| (p, s.hash)).collect();
+    let by_part: BTreeMap<u32, u64> = summaries
         .iter()
-        .map(|(&p, rows)| (p, codeclm_formats::samples::part_hash(rows.iter().copied())))
+        .filter(|(_, s)| s.kept > 0)
+        .map(|(&p, s)| (p, s.kept))
         .collect();
-    let mut by_part: BTreeMap<u32, Vec<&SampleRow>> = BTreeMap::new();
-    for r in ds
-        .rows()
-        .iter()
-        .filter(|r| r.is_ok() && modality.is_none_or(|m| r.modality == m))
-    {
-        by_part.entry(r.part).or_default().push(r);
-    }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(workers.max(1))
         .build()
         .map_err(|e| TokenizeError::Invalid(e.to_string()))?;
-    let mine: Vec<(u32, &Vec<&SampleRow>)> = by_part
+    let mine: Vec<(u32, u64)> = by_part
         .iter()
         .filter(|(&p, _)| shard.owns(p))
-        .map(|(&p, rows)| (p, rows))
+        .map(|(&p, &n)| (p, n))
         .collect();
-    let total: usize = mine.iter().map(|(_, rows)| rows.len()).sum();
-    let progress = indicatif::ProgressBar::new(total as u64);
+    let total: u64 = mine.iter().map(|&(_, n)| n).sum();
+    let progress = indicatif::ProgressBar::new(total);
     progress.set_style(
         indicatif::ProgressStyle::with_template(
             "{bar:30} {pos}/{len} samples  {per_sec}  {elapsed}",
@@ -300,6 +292,7 @@ pub fn tokenize_dataset(
     summary.parts_removed = remove_orphan_parts(dataset, &layout, &by_part, shard)?;
     let job = PartJob {
         ds: &ds,
+        filter,
         dataset,
         layout: &layout,
         vocab: &vocab,
@@ -308,14 +301,15 @@ pub fn tokenize_dataset(
     };
     // Parts in parallel when there are enough of them (one part's documents in memory per
     // thread); otherwise one part at a time, its documents encoded in parallel.
+    // Parts run on plain threads (see `on_threads`); documents on the rayon pool.
     let outcomes: Vec<Result<TokenizeSummary, TokenizeError>> = pool.install(|| {
         if mine.len() >= workers.max(1) {
-            mine.par_iter()
-                .map(|&(part, rows)| job.run(part, rows, part_hashes[&part], false))
-                .collect()
+            crate::on_threads(workers, &mine, |&(part, n)| {
+                job.run(part, n, part_hashes[&part], false)
+            })
         } else {
             mine.iter()
-                .map(|&(part, rows)| job.run(part, rows, part_hashes[&part], true))
+                .map(|&(part, n)| job.run(part, n, part_hashes[&part], true))
                 .collect()
         }
     });
@@ -345,6 +339,7 @@ pub fn tokenize_dataset(
 /// What tokenizing one part needs.
 struct PartJob<'a> {
     ds: &'a Dataset,
+    filter: RowFilter,
     dataset: &'a Path,
     layout: &'a TokenLayout,
     vocab: &'a Vocab,
@@ -379,7 +374,7 @@ impl PartJob<'_> {
     fn run(
         &self,
         part: u32,
-        rows: &[&SampleRow],
+        n_rows: u64,
         part_hash: u64,
         parallel_docs: bool,
     ) -> Result<TokenizeSummary, TokenizeError> {
@@ -387,7 +382,7 @@ impl PartJob<'_> {
         if let Some((current, recorded)) = self.recorded(part) {
             if current && recorded == Some(part_hash) {
                 summary.parts_skipped += 1;
-                self.progress.inc(rows.len() as u64);
+                self.progress.inc(n_rows);
                 return Ok(summary);
             }
             if recorded != Some(part_hash) {
@@ -398,7 +393,9 @@ impl PartJob<'_> {
                 summary.parts_stale += 1;
             }
         }
-        let encode = |r: &&SampleRow| -> Result<(Vec<u32>, u64), codeclm_formats::Error> {
+        let mut rows = self.ds.part_rows(part)?;
+        rows.retain(|r| self.filter.matches(r));
+        let encode = |r: &SampleRow| -> Result<(Vec<u32>, u64), codeclm_formats::Error> {
             let bytes = self.ds.codec_bytes(r)?;
             let mut ids = Vec::with_capacity(bytes.len() + 2);
             ids.push(self.vocab.bos);
@@ -470,7 +467,7 @@ fn token_parts(layout: &TokenLayout) -> Result<Vec<u32>, TokenizeError> {
 fn remove_orphan_parts(
     dataset: &Path,
     layout: &TokenLayout,
-    by_part: &BTreeMap<u32, Vec<&SampleRow>>,
+    by_part: &BTreeMap<u32, u64>,
     shard: TokenizeShard,
 ) -> Result<u32, TokenizeError> {
     let io = |path: &Path| {

@@ -43,6 +43,11 @@ impl DatasetLayout {
         self.root.join("samples.parquet")
     }
 
+    /// The sample-id index (`ids.rs`): a cache of the manifests' ids, sorted, for lookups.
+    pub fn id_index_path(&self) -> PathBuf {
+        self.root.join("samples.ids")
+    }
+
     pub fn parts_dir(&self) -> PathBuf {
         self.root.join("parts")
     }

@@ -7,8 +7,11 @@ pub mod dataset;
 pub mod error;
 #[cfg(test)]
 mod fuzz;
+mod ids;
 pub mod lease;
+pub mod plan;
 pub mod reader;
+pub mod rows;
 pub mod samples;
 pub mod shard;
 pub mod tokens;
@@ -17,6 +20,7 @@ pub mod vocab;
 pub use dataset::{DatasetConfig, DatasetLayout};
 pub use error::{Error, Result};
 pub use reader::Dataset;
+pub use rows::RowFilter;
 pub use samples::{Modality, SampleRow, Split, Status};
 pub use shard::{Codec, CodecShard, CodecShardWriter, RecordLocation};
 

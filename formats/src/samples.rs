@@ -161,6 +161,11 @@ pub struct Crop {
 /// resumed build concatenate with new ones ([`read_dataframe`]).
 const LATER_COLUMNS: [&str; 5] = ["crop_index", "crop_x", "crop_y", "crop_w", "crop_h"];
 
+/// Whether `name` is one of the [`LATER_COLUMNS`] (read as nulls from a manifest without it).
+pub(crate) fn is_later_column(name: &str) -> bool {
+    LATER_COLUMNS.contains(&name)
+}
+
 /// One manifest row. Optional fields are null when the stage that fills them did not run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SampleRow {
@@ -228,20 +233,42 @@ impl SampleRow {
 pub fn part_hash<'a>(rows: impl IntoIterator<Item = &'a SampleRow>) -> u64 {
     let mut h = crate::FieldHash::default();
     for r in rows {
-        for s in [
-            r.sample_id.as_str(),
-            r.status.as_str(),
-            r.modality.as_str(),
-            r.split.as_str(),
-            r.shard.as_deref().unwrap_or(""),
-        ] {
-            h.text(s);
-        }
-        for n in [r.codec_bytes, r.record.map(u64::from), r.checksum] {
-            h.optional(n);
-        }
+        hash_part_row(
+            &mut h,
+            [
+                r.sample_id.as_str(),
+                r.status.as_str(),
+                r.modality.as_str(),
+                r.split.as_str(),
+                r.shard.as_deref().unwrap_or(""),
+            ],
+            [r.codec_bytes, r.record.map(u64::from), r.checksum],
+        );
     }
     h.digest()
+}
+
+/// The columns [`part_hash`] covers, in the order [`hash_part_row`] takes them.
+pub(crate) const PART_HASH_COLUMNS: [&str; 8] = [
+    "sample_id",
+    "status",
+    "modality",
+    "split",
+    "shard",
+    "codec_bytes",
+    "record",
+    "checksum",
+];
+
+/// Adds one row to a part hash: (sample id, status, modality, split, shard) and (codec length,
+/// record, checksum). The one definition [`part_hash`] and the column scans share.
+pub(crate) fn hash_part_row(h: &mut crate::FieldHash, text: [&str; 5], numbers: [Option<u64>; 3]) {
+    for s in text {
+        h.text(s);
+    }
+    for n in numbers {
+        h.optional(n);
+    }
 }
 
 /// Builds the manifest DataFrame. Column order and types are the contract with Python readers.
@@ -291,7 +318,7 @@ pub fn to_dataframe(rows: &[SampleRow]) -> Result<DataFrame> {
 
 /// A manifest written before the [`LATER_COLUMNS`] existed, with them added as nulls in this
 /// version's column order; any other table is returned as it is.
-fn with_later_columns(mut df: DataFrame) -> DataFrame {
+pub(crate) fn with_later_columns(mut df: DataFrame) -> DataFrame {
     let Ok(schema) = to_dataframe(&[]).map(|empty| empty.schema().clone()) else {
         return df;
     };

@@ -906,6 +906,19 @@ pub fn read_token_rows(path: &Path) -> Result<Vec<TokenRow>> {
     Ok(rows)
 }
 
+/// Rows of a token manifest, from its footer.
+pub fn token_row_count(path: &Path) -> Result<usize> {
+    let file = File::open(path).map_err(Error::io(path))?;
+    ParquetReader::new(file)
+        .num_rows()
+        .map_err(|e| Error::Corrupt {
+            path: path.to_path_buf(),
+            what: "token manifest",
+            problem: e.to_string(),
+            fix: "rerun `codeclm dataset tokenize`".into(),
+        })
+}
+
 /// Rows read from a token manifest at a time by [`for_each_token_row`] (Parquet row groups are
 /// skipped, not decoded, outside each slice).
 const MANIFEST_ROWS_PER_READ: usize = 1 << 15;
@@ -923,10 +936,17 @@ pub fn for_each_token_row(
         fix: "rerun `codeclm dataset tokenize`".into(),
     };
     let open = || File::open(path).map_err(Error::io(path));
-    let total = ParquetReader::new(open()?).num_rows().map_err(bad)?;
+    // The footer once (a manifest of thousands of parts has a large one), not per slice.
+    let metadata = ParquetReader::new(open()?)
+        .get_metadata()
+        .map_err(bad)?
+        .clone();
+    let total = metadata.num_rows;
     let mut start = 0;
     while start < total {
-        let df = ParquetReader::new(open()?)
+        let mut reader = ParquetReader::new(open()?);
+        reader.set_metadata(metadata.clone());
+        let df = reader
             .with_slice(Some((start, MANIFEST_ROWS_PER_READ)))
             .finish()
             .map_err(bad)?;

@@ -136,7 +136,9 @@ impl TrainingSet {
         let manifest = layout.manifest_path();
         let mut shards: Vec<String> = Vec::new();
         let mut shard_ids: HashMap<String, u32> = HashMap::new();
-        let mut docs = Vec::new();
+        // Sized once from the manifest's footer: growing by doubling would hold the old and the
+        // new table at once (at 25M documents, 0.4 + 0.8 GB instead of 0.6).
+        let mut docs = Vec::with_capacity(codeclm_formats::tokens::token_row_count(&manifest)?);
         let mut val: Vec<(u64, u32)> = Vec::new();
         let mut fit: BinaryHeap<(u64, u32)> = BinaryHeap::new();
         let mut manifest_hash = ManifestHash::default();
@@ -286,6 +288,17 @@ impl TrainingSet {
                 })
             })
             .collect()
+    }
+
+    /// [`TrainingSet::split`] as u32 rows, sized exactly (a count first): at 25M documents,
+    /// 100 MB rather than a growing `Vec<usize>` and its copy.
+    fn split_rows(&self, split: Split, modality: Option<&str>) -> Vec<u32> {
+        let keep =
+            |d: &DocRef| d.split == split && modality.is_none_or(|m| d.modality.as_str() == m);
+        let docs = &self.data.docs;
+        let mut rows = Vec::with_capacity(docs.iter().filter(|d| keep(d)).count());
+        rows.extend((0..docs.len() as u32).filter(|&i| keep(&docs[i as usize])));
+        rows
     }
 
     /// Indices of the rows of a split, optionally one modality (by name, as mixes name them).
@@ -774,11 +787,7 @@ impl Loader {
         };
         let mut slots = Vec::new();
         for (m, w) in chosen {
-            let rows: Vec<u32> = set
-                .split(Split::Train, Some(&m))
-                .into_iter()
-                .map(|r| r as u32)
-                .collect();
+            let rows: Vec<u32> = set.split_rows(Split::Train, Some(&m));
             if rows.is_empty() {
                 return Err(Error::Data(format!(
                     "the mix asks for modality {m:?}, which has no training documents in token set {} (it has: {}); fix the mix",

@@ -228,13 +228,9 @@ pub fn h264_grammar(
     max_frames: u32,
 ) -> Result<codeclm_codec::h264::H264Grammar, SampleError> {
     let mut streams: Vec<Vec<u8>> = Vec::new();
-    for row in ds.rows().iter().filter(|r| {
-        r.modality == codeclm_formats::Modality::Video && r.status == codeclm_formats::Status::Ok
-    }) {
-        if streams.len() == GRAMMAR_VIDEOS {
-            break;
-        }
-        streams.push(ds.codec_bytes(row)?);
+    let videos = codeclm_formats::RowFilter::ok(codeclm_formats::Modality::Video, None);
+    for row in ds.first_rows(videos, GRAMMAR_VIDEOS)? {
+        streams.push(ds.codec_bytes(&row)?);
     }
     if streams.is_empty() && prompts.is_empty() {
         return Err(SampleError::Run(format!(

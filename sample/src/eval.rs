@@ -414,19 +414,11 @@ pub fn fid_of_run(
     // The held-out originals: their stored streams (prompts) and pixels (the reference set).
     // `n` of them drawn in the order of a hash of the sample id, as validation draws its
     // subset: spread over the split (a photo's crops are adjacent rows), the same everywhere.
-    let mut held_out: Vec<_> = open
-        .ds
-        .rows()
-        .iter()
-        .filter(|r| r.is_ok() && r.modality == Modality::Image && r.split == cfg.split)
-        .collect();
-    held_out.sort_by_key(|r| {
-        (
-            codeclm_model::data::subset_hash(&r.sample_id),
-            r.sample_id.clone(),
-        )
-    });
-    held_out.truncate(cfg.n);
+    let held_out = open.ds.lowest_by_key(
+        codeclm_formats::RowFilter::ok(Modality::Image, Some(cfg.split)),
+        cfg.n,
+        codeclm_model::data::subset_hash,
+    )?;
     if held_out.len() < 2 {
         return Err(SampleError::Invalid(format!(
             "{}: the `{}` split has {} ok images; FID needs at least 2 (pick another --split, or rebuild the dataset with a larger --val-fraction)",
@@ -469,7 +461,7 @@ pub fn fid_of_run(
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let out_root = run.join("eval-fid");
-    let mean_bytes = open.ds.mean_codec_bytes(Modality::Image);
+    let mean_bytes = open.ds.mean_codec_bytes(Modality::Image)?;
     let grammar = jpeg_grammar(&open.ds)?;
     let header = grammar.header().to_vec();
     let medium = Images {

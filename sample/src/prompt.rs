@@ -187,8 +187,8 @@ pub fn video_prompt(
 /// The abbreviated stream for a prompt source: a sample id of the dataset (its stored codec
 /// bytes) or an image file, preprocessed and encoded exactly as the dataset's inputs were.
 pub fn prompt_stream(ds: &Dataset, source: &str) -> Result<(String, Vec<u8>), PromptError> {
-    if let Some(row) = ds.find(source) {
-        return Ok((row.sample_id.clone(), ds.codec_bytes(row)?));
+    if let Some(row) = ds.find(source)? {
+        return Ok((row.sample_id.clone(), ds.codec_bytes(&row)?));
     }
     let path = Path::new(source);
     if !path.is_file() {
@@ -227,8 +227,8 @@ pub fn video_prompt_stream(
     source: &str,
     cfg: &VideoConfig,
 ) -> Result<(String, Vec<u8>), PromptError> {
-    if let Some(row) = ds.find(source) {
-        return Ok((row.sample_id.clone(), ds.codec_bytes(row)?));
+    if let Some(row) = ds.find(source)? {
+        return Ok((row.sample_id.clone(), ds.codec_bytes(&row)?));
     }
     let encoded = h264::encode_file(Path::new(source), cfg).map_err(|e| PromptError::Input {
         path: source.to_string(),

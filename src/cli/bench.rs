@@ -50,6 +50,17 @@ pub enum BenchCommand {
     /// not grow with the dataset); or, with --write-synthetic, write a synthetic token set of
     /// any size to measure it on. Prints one JSON line (tools/bench_loader.py runs both).
     Loader(LoaderArgs),
+    /// The dataset tools at the paper's scale: synthesise a dataset of 25M rows (small
+    /// records), then time `dataset inspect`, `export --ids`, `vocab train`, `dataset tokenize`,
+    /// `dataset decode --ids` and the loader's start as child processes, with peak RSS.
+    Scale(super::scale::ScaleArgs),
+    /// Runs COMMAND and prints its wall time and peak RSS as one JSON line (what `bench scale`
+    /// measures each command with: a child spawned by a small process, so its peak is its own).
+    #[command(hide = true)]
+    PeakRss {
+        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+        command: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Args)]
@@ -160,6 +171,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Train(args) => super::model::bench_train(args),
         BenchCommand::Sample(args) => super::model::bench_sample(args),
         BenchCommand::Loader(args) => loader(args),
+        BenchCommand::Scale(args) => super::scale::scale(args),
+        BenchCommand::PeakRss { command } => super::scale::peak_rss(&command),
     }
 }
 
@@ -379,7 +392,8 @@ fn tokens(args: TokensArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("tokenizers could not load {}: {e}", args.vocab.display()))?;
     let ds = Dataset::open(&args.dataset)
         .with_context(|| format!("opening dataset {}", args.dataset.display()))?;
-    let rows: Vec<_> = ds.rows().iter().filter(|r| r.is_ok()).collect();
+    // A benchmark of the codec bytes in memory: for a dataset that fits (the bundled one).
+    let rows = ds.load_rows(codeclm_formats::RowFilter::OK)?;
     if rows.is_empty() {
         bail!("{} has no successful samples", args.dataset.display());
     }

@@ -17,6 +17,11 @@ pub enum DatasetCommand {
     /// Turn images into JPEG and videos into H.264 codec bytes in shards indexed by Parquet
     /// manifests (resumable).
     Build(Box<BuildArgs>),
+    /// List the parts of a source and their inputs once (`plan.parquet` + `plan.json` in
+    /// --out), in bounded memory: then every `dataset build --out DIR` worker reads only its
+    /// parts, and a source changed since planning is an error. Takes the build's source flags
+    /// (--images, --videos, --source-kind, --image-column, --part-size).
+    Plan(Box<BuildArgs>),
     /// Write samples as standalone files: `<sample_id>.jpg` (tables spliced back) for images,
     /// `<sample_id>.h264` and a playable `<sample_id>.mp4` for videos.
     Export(ExportArgs),
@@ -49,7 +54,7 @@ pub enum DatasetCommand {
 pub struct BuildArgs {
     /// Images: a directory tree, a file list (one path a line), a webdataset .tar (or a
     /// directory of them), or a Parquet file (or directory) with an image-bytes column.
-    #[arg(long, required_unless_present = "videos")]
+    #[arg(long)]
     pub(crate) images: Option<PathBuf>,
     /// Videos, from the same kinds of source as --images; encoded to H.264 with the paper's
     /// x264 settings (byte-identical to its ffmpeg command). Images and videos may share one
@@ -143,9 +148,9 @@ pub struct BuildArgs {
     /// Fraction of inputs in the validation split (all crops of an image share its split).
     #[arg(long, default_value_t = 0.01)]
     pub(crate) val_fraction: f64,
-    /// Inputs per part (the unit of resume and sharding).
-    #[arg(long, default_value_t = 10_000)]
-    pub(crate) part_size: usize,
+    /// Inputs per part (the unit of resume and sharding) [default: 10000, or the plan's].
+    #[arg(long)]
+    pub(crate) part_size: Option<usize>,
     /// Roll a part's shard over to a new file past this many MiB of codec bytes.
     #[arg(long, default_value_t = 256)]
     pub(crate) shard_max_mib: u64,
@@ -203,6 +208,7 @@ pub struct ExportArgs {
 pub fn run(cmd: DatasetCommand) -> Result<()> {
     match cmd {
         DatasetCommand::Build(args) => build(*args),
+        DatasetCommand::Plan(args) => plan(*args),
         DatasetCommand::Export(args) => export(args),
         DatasetCommand::Inspect { dataset } => {
             let ds = open(&dataset)?;
@@ -243,8 +249,49 @@ fn merge(out: &std::path::Path, inputs: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-fn build(args: BuildArgs) -> Result<()> {
+fn plan(args: BuildArgs) -> Result<()> {
     let settings: BuildSettings = flags::build_settings(&args)?;
+    let started = std::time::Instant::now();
+    let bar = indicatif::ProgressBar::new_spinner();
+    if args.no_progress {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let header = codeclm_etl::builder::write_plan(&settings, &args.out, &|parts, inputs| {
+        bar.set_message(format!("{parts} parts, {inputs} inputs"));
+        bar.tick();
+    })
+    .with_context(|| format!("planning into {}", args.out.display()))?;
+    bar.finish_and_clear();
+    println!(
+        "planned {} parts, {} inputs in {:.1} s: {} (hash {}); now run `codeclm dataset build --out {}` on each worker",
+        header.parts,
+        header.inputs,
+        started.elapsed().as_secs_f64(),
+        codeclm_formats::plan::rows_path(&args.out).display(),
+        header.hash,
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn build(args: BuildArgs) -> Result<()> {
+    let mut settings: BuildSettings = flags::build_settings(&args)?;
+    if let Some(plan) = codeclm_formats::plan::Plan::open(&args.out)
+        .with_context(|| format!("reading the plan in {}", args.out.display()))?
+    {
+        // A planned output: its sources and part size come from the plan unless given (and
+        // then they must agree with it; `build` checks).
+        let given = args.images.is_some() || args.videos.is_some();
+        let (images, videos) = (settings.source.clone(), settings.videos.clone());
+        settings.use_plan_sources(&plan.header)?;
+        if given {
+            settings.source = images;
+            settings.videos = videos;
+        }
+        if let Some(n) = args.part_size {
+            settings.part_size = n;
+        }
+    }
     let workers = flags::workers(args.workers);
     let mut opts = BuildOptions::new(args.out.clone(), settings);
     opts.workers = workers;
@@ -373,17 +420,11 @@ fn export(args: ExportArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let rows: Vec<_> = if args.all {
-        ds.rows().iter().filter(|r| r.is_ok()).collect()
-    } else {
-        args.ids
-            .iter()
-            .map(|id| ds.find(id).with_context(|| format!("no sample {id} in {}; `codeclm dataset inspect` lists counts, the manifest lists ids", args.dataset.display())))
-            .collect::<Result<_>>()?
-    };
     let settings = BuildSettings::of(&ds)?;
     let tables = ds.jpeg_tables();
-    for row in &rows {
+    let mut exported = 0u64;
+    let mut export_one = |row: &codeclm_formats::SampleRow| -> Result<()> {
+        exported += 1;
         if row.modality == Modality::Video {
             let h264 = ds
                 .codec_bytes(row)
@@ -400,7 +441,7 @@ fn export(args: ExportArgs) -> Result<()> {
             .with_context(|| {
                 format!("remuxing sample {} ({}) to MP4", row.sample_id, row.source)
             })?;
-            continue;
+            return Ok(());
         }
         let tables =
             tables.context("the dataset has no JPEG tables file (jpeg_tables.jpg): rebuild it")?;
@@ -415,8 +456,32 @@ fn export(args: ExportArgs) -> Result<()> {
                 &abbr,
             )?;
         }
+        Ok(())
+    };
+    if args.all {
+        // Streamed: one slice of rows in memory at a time.
+        ds.for_each_row(codeclm_formats::RowFilter::OK, |row| {
+            export_one(&row)?;
+            Ok::<_, anyhow::Error>(std::ops::ControlFlow::Continue(()))
+        })?;
+    } else {
+        // Each id through the sample-id index (built on the first lookup), not a scan.
+        for id in &args.ids {
+            let row = ds
+                .find(id)
+                .with_context(|| format!("looking up sample {id}"))?
+                .with_context(|| format!("no sample {id} in {}; `codeclm dataset inspect` lists counts, the manifest lists ids", args.dataset.display()))?;
+            if !row.is_ok() {
+                bail!(
+                    "sample {id} has no codec bytes to export: its status is {} ({})",
+                    row.status.as_str(),
+                    row.error.as_deref().unwrap_or("")
+                );
+            }
+            export_one(&row)?;
+        }
     }
-    println!("exported {} samples to {}", rows.len(), args.out.display());
+    println!("exported {exported} samples to {}", args.out.display());
     Ok(())
 }
 
@@ -424,9 +489,9 @@ fn verify(dir: &std::path::Path) -> Result<()> {
     let ds = open(dir)?;
     let mut checked = 0u64;
     let mut bytes = 0u64;
-    for row in ds.rows().iter().filter(|r| r.is_ok()) {
+    ds.for_each_row(codeclm_formats::RowFilter::OK, |row| {
         let b = ds
-            .codec_bytes(row)
+            .codec_bytes(&row)
             .with_context(|| format!("sample {} ({})", row.sample_id, row.source))?;
         if Some(b.len() as u64) != row.codec_bytes {
             bail!(
@@ -438,7 +503,8 @@ fn verify(dir: &std::path::Path) -> Result<()> {
         }
         checked += 1;
         bytes += b.len() as u64;
-    }
+        Ok(std::ops::ControlFlow::Continue(()))
+    })?;
     println!("verified {checked} samples, {:.2} MB of codec bytes: every record matches its manifest row", bytes as f64 / 1e6);
     let mut stale = Vec::new();
     for hash in TokenLayout::list(dir) {

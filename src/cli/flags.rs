@@ -142,7 +142,7 @@ pub fn build_settings(args: &BuildArgs) -> Result<BuildSettings> {
     }
     settings.crops = crops;
     settings.val_fraction = args.val_fraction;
-    settings.part_size = args.part_size;
+    settings.part_size = args.part_size.unwrap_or(10_000);
     settings.shard_max_bytes = args.shard_max_mib.max(1) << 20;
     Ok(settings)
 }

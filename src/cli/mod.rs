@@ -8,6 +8,7 @@ pub mod eval;
 pub mod flags;
 pub mod model;
 pub mod sample;
+pub mod scale;
 pub mod tokens;
 
 use anyhow::Result;

@@ -157,7 +157,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let mut generator = ModelGenerator::new(&mut lm, cfg);
     let mut clock = None;
-    let mean_bytes = open.ds.mean_codec_bytes(modality);
+    let mean_bytes = open.ds.mean_codec_bytes(modality)?;
     let (count, sheet, report_path) = match modality {
         Modality::Video => {
             let build = BuildSettings::of(&open.ds)?;

@@ -212,7 +212,16 @@ pub fn decode(args: DecodeArgs) -> Result<()> {
             sequences.push((format!("seq-{i:04}"), ids));
         }
     } else if !args.ids.is_empty() {
-        let rows = tokens::read_token_rows(&set.layout.manifest_path()).with_context(|| {
+        // One streamed pass over the token manifest keeps the rows asked for (none held else).
+        let wanted: std::collections::HashSet<&str> = args.ids.iter().map(String::as_str).collect();
+        let mut rows: HashMap<String, tokens::TokenRow> = HashMap::new();
+        tokens::for_each_token_row(&set.layout.manifest_path(), |r| {
+            if wanted.contains(r.sample_id) {
+                rows.insert(r.sample_id.to_string(), r.to_owned());
+            }
+            Ok(())
+        })
+        .with_context(|| {
             format!(
                 "no token set {} in the dataset: run `codeclm dataset tokenize` first",
                 vocab.hash
@@ -220,7 +229,7 @@ pub fn decode(args: DecodeArgs) -> Result<()> {
         })?;
         let mut shards: HashMap<String, TokenShard> = HashMap::new();
         for id in &args.ids {
-            let row = rows.iter().find(|r| &r.sample_id == id).with_context(|| {
+            let row = rows.get(id).with_context(|| {
                 format!("sample {id} has no tokens under vocabulary {}", vocab.hash)
             })?;
             if !shards.contains_key(&row.shard) {

@@ -43,13 +43,13 @@ fn every_bad_file_is_a_row_with_a_clear_error() {
     for (name, status, needle) in expect {
         let row = ds
             .rows()
-            .iter()
+            .into_iter()
             .find(|r| r.source == *name)
             .unwrap_or_else(|| panic!("no row for {name}"));
         assert_eq!(row.status, *status, "{name}: {:?}", row.error);
         if *status == Status::Ok {
             assert!(row.error.is_none() && row.codec_bytes.unwrap() > 1000);
-            crate::common::jpeg_file(&ds, row);
+            crate::common::jpeg_file(&ds, &row);
         } else {
             let err = row.error.as_deref().unwrap_or_default();
             assert!(

@@ -4,7 +4,19 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use codeclm_formats::Dataset;
+use codeclm_formats::{Dataset, RowFilter, SampleRow};
+
+/// Every row of a dataset in memory: the tests' datasets are small (commands stream rows).
+pub trait AllRows {
+    fn rows(&self) -> Vec<SampleRow>;
+}
+
+impl AllRows for Dataset {
+    fn rows(&self) -> Vec<SampleRow> {
+        self.load_rows(RowFilter::ALL)
+            .expect("reading the manifest")
+    }
+}
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -85,7 +85,8 @@ fn crops_are_rows_with_their_boxes_split_by_photo_and_rebuild_identically() {
     assert!(!settings.image.dct_scaling);
     let cfg = settings.image;
 
-    let sources = by_source(ds.rows());
+    let rows = ds.rows();
+    let sources = by_source(&rows);
     assert_eq!(sources.len(), 15);
     let mut splits = BTreeMap::new();
     for (source, rows) in &sources {
@@ -257,10 +258,9 @@ fn videos_are_not_cropped() {
         ],
     );
     let ds = Dataset::open(&out).unwrap();
-    let (v, i): (Vec<&SampleRow>, Vec<&SampleRow>) = ds
-        .rows()
-        .iter()
-        .partition(|r| r.modality == Modality::Video);
+    let rows = ds.rows();
+    let (v, i): (Vec<&SampleRow>, Vec<&SampleRow>) =
+        rows.iter().partition(|r| r.modality == Modality::Video);
     assert_eq!((v.len(), i.len()), (1, 2));
     assert!(v[0].is_ok() && v[0].crop.is_none(), "{:?}", v[0]);
     assert_eq!(v[0].sample_id, sample_id(&v[0].source));

@@ -39,9 +39,9 @@ fn build_with(failpoints: &str, src: &Path, out: &Path, extra: &[&str]) -> Comma
     cmd
 }
 
-fn row_of<'a>(ds: &'a Dataset, name: &str) -> &'a codeclm_formats::SampleRow {
+fn row_of(ds: &Dataset, name: &str) -> codeclm_formats::SampleRow {
     ds.rows()
-        .iter()
+        .into_iter()
         .find(|r| r.source == name)
         .unwrap_or_else(|| panic!("no row for {name}"))
 }

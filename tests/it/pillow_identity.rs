@@ -49,7 +49,7 @@ fn compare(inputs: &[PathBuf], flags: &[&str], ref_args: &[&str]) -> Vec<String>
         "the dataset's tables-only stream must equal Pillow's streamtype=1 output"
     );
     let mut mismatches = Vec::new();
-    for row in ds.rows() {
+    for row in &ds.rows() {
         assert!(
             row.is_ok(),
             "{}: {:?} {:?}",

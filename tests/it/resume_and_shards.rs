@@ -245,7 +245,7 @@ fn a_reader_keeps_a_bounded_number_of_shards_open() {
         &["--part-size", "1", "--workers", "2", "--size", "64"],
     );
     let ds = codeclm_formats::Dataset::open(&ds_dir).unwrap();
-    let ok: Vec<_> = ds.rows().iter().filter(|r| r.is_ok()).collect();
+    let ok: Vec<_> = ds.rows().into_iter().filter(|r| r.is_ok()).collect();
     assert!(ok.len() >= 10, "{} shards only", ok.len());
     ds.set_max_open_shards(3);
     let first: Vec<Vec<u8>> = ok.iter().map(|r| ds.codec_bytes(r).unwrap()).collect();
@@ -255,4 +255,160 @@ fn a_reader_keeps_a_bounded_number_of_shards_open() {
         assert_eq!(&ds.codec_bytes(row).unwrap(), bytes);
         assert!(ds.open_shards() <= 3);
     }
+}
+
+/// Every file of a dataset but the plan's and the `plan` entry of dataset.json: what a planned
+/// build must share with an unplanned one.
+fn tree_without_plan(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut t = tree(dir);
+    t.remove("plan.json");
+    t.remove("plan.parquet");
+    t.remove("samples.ids");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&t["dataset.json"]).expect("dataset.json");
+    assert!(config["build"]["plan"].is_string() || config["build"]["plan"].is_null());
+    config["build"].as_object_mut().unwrap().remove("plan");
+    t.insert("dataset.json".into(), serde_json::to_vec(&config).unwrap());
+    t
+}
+
+/// `dataset plan` once, then 3 workers that take their slice from a Slurm array and give no
+/// source: the same dataset as one unplanned run, and dataset.json records the plan's hash.
+#[test]
+fn a_frozen_plan_built_by_three_workers_equals_one_unplanned_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = mixed_source(tmp.path());
+    let single = tmp.path().join("single");
+    build(&src, &single, FLAGS);
+
+    let planned = tmp.path().join("planned");
+    let out = run_ok(
+        codeclm()
+            .args([
+                "dataset",
+                "plan",
+                "--no-progress",
+                "--part-size",
+                "3",
+                "--images",
+            ])
+            .arg(&src)
+            .arg("--out")
+            .arg(&planned),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let parts = codeclm_formats::DatasetLayout::new(&single)
+        .read_config()
+        .unwrap()
+        .parts_total
+        .unwrap();
+    assert!(
+        stdout.contains(&format!("planned {parts} parts")),
+        "{stdout}"
+    );
+    for id in 0..3 {
+        run_ok(
+            codeclm()
+                .env("SLURM_ARRAY_TASK_ID", id.to_string())
+                .env("SLURM_ARRAY_TASK_COUNT", "3")
+                .args(["dataset", "build", "--no-progress", "--workers", "1"])
+                .args(["--shard-max-mib", "1", "--out"])
+                .arg(&planned),
+        );
+    }
+    let plan: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(planned.join("plan.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(planned.join("dataset.json")).unwrap()).unwrap();
+    assert_eq!(config["build"]["plan"], plan["hash"]);
+    let (a, b) = (tree_without_plan(&single), tree_without_plan(&planned));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (name, bytes) in &a {
+        if name != "dataset.json" {
+            assert!(bytes == &b[name], "{name} differs");
+        }
+    }
+
+    // A planned output refuses other sources, and a second plan into it.
+    let err = run_err(
+        codeclm()
+            .args(["dataset", "build", "--no-progress", "--images"])
+            .arg(fixtures("images"))
+            .arg("--out")
+            .arg(&planned),
+    );
+    assert!(err.contains("planned for other sources"), "{err}");
+    let err = run_err(
+        codeclm()
+            .args(["dataset", "plan", "--images"])
+            .arg(&src)
+            .arg("--out")
+            .arg(&planned),
+    );
+    assert!(err.contains("already has a plan"), "{err}");
+}
+
+/// An input that changed (or vanished) after planning stops the build with an error naming the
+/// file and the fix; parts already built stay.
+#[test]
+fn a_source_changed_since_planning_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    copy_files(&fixtures("images"), &src);
+    let out = tmp.path().join("ds");
+    run_ok(
+        codeclm()
+            .args(["dataset", "plan", "--part-size", "4", "--images"])
+            .arg(&src)
+            .arg("--out")
+            .arg(&out),
+    );
+    // The last file (in the last part) grows by a byte.
+    let mut files: Vec<_> = std::fs::read_dir(&src)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    let last = files
+        .iter()
+        .rfind(|p| p.extension().is_some_and(|e| e != "md"))
+        .unwrap()
+        .clone();
+    let mut bytes = std::fs::read(&last).unwrap();
+    bytes.push(0);
+    std::fs::write(&last, bytes).unwrap();
+    let err = run_err(
+        codeclm()
+            .args([
+                "dataset",
+                "build",
+                "--no-progress",
+                "--workers",
+                "1",
+                "--out",
+            ])
+            .arg(&out),
+    );
+    assert!(
+        err.contains(&last.display().to_string())
+            && err.contains("changed since the dataset was planned")
+            && err.contains("codeclm dataset plan"),
+        "{err}"
+    );
+    let done = codeclm_formats::DatasetLayout::new(&out)
+        .finished_parts()
+        .unwrap();
+    assert_eq!(
+        done,
+        vec![0, 1],
+        "the parts before the changed one are built and kept"
+    );
+    std::fs::remove_file(&last).unwrap();
+    let err = run_err(
+        codeclm()
+            .args(["dataset", "build", "--no-progress", "--out"])
+            .arg(&out),
+    );
+    assert!(err.contains("gone now"), "{err}");
 }

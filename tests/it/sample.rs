@@ -221,7 +221,7 @@ fn sample_end_to_end_from_a_trained_run() {
 
     // Prompted: a file and a sample id, one MCU row each (1/16 of the image).
     let ds = Dataset::open(&ds_dir).unwrap();
-    let row = ds.rows().iter().find(|r| r.is_ok()).unwrap();
+    let row = ds.rows().into_iter().find(|r| r.is_ok()).unwrap();
     let file = fixtures("images").join("astronaut.png");
     let p = tmp.path().join("p");
     let out = sample_cmd(

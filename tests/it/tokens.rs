@@ -138,7 +138,7 @@ fn token_sets_round_trip_coexist_and_need_no_media() {
         tokenize(&ds, v, &[]);
     }
     let d = Dataset::open(&ds).unwrap();
-    let ok: Vec<_> = d.rows().iter().filter(|r| r.is_ok()).collect();
+    let ok: Vec<_> = d.rows().into_iter().filter(|r| r.is_ok()).collect();
     for v in [&v1, &v2] {
         let vocab = Vocab::load(v).unwrap();
         let layout = TokenLayout::new(&ds, &vocab.hash);
@@ -329,9 +329,9 @@ fn a_rebuilt_codec_part_makes_its_token_part_stale_and_retokenize_redoes_it() {
     }
     build(&src, &ds, &args);
     let after = Dataset::open(&ds).unwrap();
-    let new_row = after.find(&row.sample_id).unwrap();
+    let new_row = after.find(&row.sample_id).unwrap().unwrap();
     assert_ne!(
-        after.codec_bytes(new_row).unwrap(),
+        after.codec_bytes(&new_row).unwrap(),
         old_bytes,
         "the rebuilt part holds other bytes for {}",
         row.sample_id

@@ -8,7 +8,7 @@ use std::process::Command;
 use codeclm_codec::h264::nal;
 use codeclm_codec::h264::{self as video, VideoConfig};
 
-use crate::common::fixtures;
+use crate::common::{fixtures, AllRows};
 
 fn clips() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(fixtures("videos"))
@@ -244,7 +244,7 @@ fn images_and_videos_in_one_dataset_with_bad_videos_as_rows_and_export_to_mp4() 
     let status_of = |name: &str| {
         let r = ds
             .rows()
-            .iter()
+            .into_iter()
             .find(|r| r.source.ends_with(name))
             .unwrap_or_else(|| panic!("no row for {name}"));
         (r.status, r.error.clone().unwrap_or_default())
@@ -264,7 +264,7 @@ fn images_and_videos_in_one_dataset_with_bad_videos_as_rows_and_export_to_mp4() 
     }
     let videos: Vec<_> = ds
         .rows()
-        .iter()
+        .into_iter()
         .filter(|r| r.modality == codeclm_formats::Modality::Video && r.is_ok())
         .collect();
     let images = ds
