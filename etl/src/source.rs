@@ -76,17 +76,34 @@ impl SourceSpec {
                 _ => SourceKind::List,
             }
         } else {
-            let top: Vec<PathBuf> = std::fs::read_dir(path)
-                .map_err(|e| bad(path, format!("cannot list it: {e}")))?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.is_file())
-                .collect();
-            let count = |x: &str| top.iter().filter(|p| ext(p).as_deref() == Some(x)).count();
-            let media = top.iter().filter(|p| !matches!(ext(p).as_deref(), Some(e) if SIDECARS.contains(&e) || e == "tar")).count();
-            if count("tar") > 0 && media == 0 {
+            // One pass over the top level, stopping at the first media file (then it is a
+            // tree): a flat directory of millions of files is neither collected nor stat'ed.
+            let (mut tars, mut parquets) = (0usize, 0usize);
+            let mut media = false;
+            let entries =
+                std::fs::read_dir(path).map_err(|e| bad(path, format!("cannot list it: {e}")))?;
+            for e in entries.flatten() {
+                let is_file = match e.file_type() {
+                    Ok(t) if t.is_symlink() => e.path().is_file(),
+                    Ok(t) => t.is_file(),
+                    Err(_) => false,
+                };
+                if !is_file {
+                    continue;
+                }
+                match ext(&e.path()).as_deref() {
+                    Some("tar") => tars += 1,
+                    Some("parquet") => parquets += 1,
+                    Some(x) if SIDECARS.contains(&x) => {}
+                    _ => {
+                        media = true;
+                        break;
+                    }
+                }
+            }
+            if tars > 0 && !media {
                 SourceKind::Tar
-            } else if count("parquet") > 0 && media == 0 && count("tar") == 0 {
+            } else if parquets > 0 && !media && tars == 0 {
                 SourceKind::Parquet
             } else {
                 SourceKind::Dir
