@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use codeclm_formats::dataset::{DatasetConfig, DatasetLayout, TablesRef};
 use codeclm_formats::lease::{Acquired, Leases};
 use codeclm_formats::samples::{self, Modality, SampleRow, Split, Status};
-use codeclm_formats::shard::{self, Codec, CodecShard, CodecShardWriter};
+use codeclm_formats::shard::{self, Codec, CodecShard, CodecShardWriter, CompressedRecord};
 use crossbeam_channel::{bounded, Receiver};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::iter::{ParallelBridge, ParallelIterator};
@@ -191,6 +191,9 @@ pub struct BuildOptions {
     pub retry_failed: bool,
     /// How long a part's lease lives without a heartbeat (`--lease-seconds`).
     pub lease_ttl: Duration,
+    /// Writer threads, each writing its own parts (`None`: one per 8 workers). The output does
+    /// not depend on it.
+    pub writers: Option<usize>,
 }
 
 impl BuildOptions {
@@ -211,6 +214,7 @@ impl BuildOptions {
             max_inflight_bytes: 2 << 30,
             retry_failed: false,
             lease_ttl: Duration::from_secs(120),
+            writers: None,
         }
     }
 }
@@ -262,9 +266,45 @@ pub struct BuildSummary {
     /// Inputs whose earlier successful rows were kept by `--retry-failed`, not decoded again.
     #[serde(default)]
     pub kept: u64,
+    /// CPU seconds of the writer thread writing (records appended, rows made, shards and
+    /// manifests finished): one thread writes for all workers. CPU time, not wall time: on a
+    /// machine with more busy threads than cores the writer's wall time counts its waits.
+    #[serde(default)]
+    pub writer_seconds: f64,
+    /// Wall seconds the workers spent on the inputs (decode, resize, encode, compression),
+    /// summed.
+    #[serde(default)]
+    pub worker_seconds: f64,
+    /// Writer threads of the run.
+    #[serde(default)]
+    pub writers: usize,
 }
 
 impl BuildSummary {
+    /// Adds another writer's counts (its parts), keeping the slowest inputs of both.
+    fn absorb(&mut self, o: BuildSummary) {
+        self.processed += o.processed;
+        self.samples += o.samples;
+        self.ok += o.ok;
+        self.failed += o.failed;
+        for (k, n) in o.by_status {
+            *self.by_status.entry(k).or_default() += n;
+        }
+        self.codec_bytes += o.codec_bytes;
+        self.parts_built += o.parts_built;
+        self.writer_seconds += o.writer_seconds;
+        self.worker_seconds += o.worker_seconds;
+        self.slowest.extend(o.slowest);
+        self.slowest.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        self.slowest.truncate(SLOWEST);
+    }
+
+    /// How many workers one writer keeps up with at this run's inputs: the workers' seconds per
+    /// input over the writer's (`None` before anything was written).
+    pub fn workers_per_writer(&self) -> Option<f64> {
+        (self.writer_seconds > 0.0).then(|| self.worker_seconds / self.writer_seconds)
+    }
+
     pub fn images_per_second(&self) -> f64 {
         if self.seconds > 0.0 {
             self.processed as f64 / self.seconds
@@ -300,6 +340,8 @@ struct Job {
     part: u32,
     index: u32,
     video: bool,
+    /// The writer its results go to (the one writing its part).
+    writer: usize,
     item: Item,
     /// Bytes of the in-flight budget this job holds (acquired by the reader for sources that
     /// hand bytes; file inputs acquire theirs when the worker reads them).
@@ -315,6 +357,9 @@ enum Msg {
         video: bool,
         /// One per row: one, or one per crop.
         outcomes: Vec<Outcome>,
+        /// The codec bytes of each ok outcome compressed and checksummed by the worker (the
+        /// writer only appends them); `None` where the writer compresses (kept rows).
+        records: Vec<Option<CompressedRecord>>,
         /// Wall time the input took, reading included.
         seconds: f64,
     },
@@ -390,7 +435,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
     let cancel = Arc::new(AtomicBool::new(false));
     let (work_tx, work_rx) = bounded::<Job>(workers * 4);
     let budget = Arc::new(Budget::new(opts.max_inflight_bytes));
-    let (res_tx, res_rx) = bounded::<Msg>(workers * 8);
+    // One writer per 8 workers by default: one keeps up with 11 to 65 workers depending on the
+    // inputs (docs/performance.md); each writes its own parts, so outputs do not change.
+    let writers = opts.writers.unwrap_or(workers.div_ceil(8)).clamp(1, 64);
+    let (res_txs, res_rxs): (Vec<_>, Vec<_>) =
+        (0..writers).map(|_| bounded::<Msg>(workers * 8)).unzip();
 
     let leases = Arc::new(Leases::new(layout.clone(), opts.lease_ttl));
     let reader = {
@@ -408,7 +457,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
             budget: budget.clone(),
             cancel: cancel.clone(),
             work_tx,
-            res_tx: res_tx.clone(),
+            res_txs: res_txs.clone(),
         };
         std::thread::Builder::new()
             .name("codeclm-reader".into())
@@ -450,6 +499,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
         video: settings.video,
         item_timeout: opts.item_timeout,
         max_input_bytes: opts.max_input_bytes,
+        zstd_level: settings.zstd_level,
         budget: budget.clone(),
         pool: match &opts.isolation {
             Isolation::Threads => None,
@@ -471,18 +521,52 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
             work_rx
                 .into_iter()
                 .par_bridge()
-                .for_each_with(res_tx, |tx, job| {
-                    let _ = tx.send(run_job(job, &ctx));
+                .for_each_with(res_txs, |txs, job| {
+                    let writer = job.writer;
+                    let _ = txs[writer].send(run_job(job, &ctx));
                 })
         })
     });
 
     let progress = progress_bar(opts.progress);
-    let mut writer = Writer::new(layout.clone(), settings, leases.clone(), progress.clone());
-    let write_result = writer.run(&res_rx);
-    if write_result.is_err() {
-        cancel.store(true, Ordering::Relaxed);
-        drop(res_rx); // unblocks the workers and the reader
+    // The writers, each on its own parts; the first error stops the build (its channel is
+    // dropped, which unblocks the workers and the reader).
+    let written: Vec<Result<BuildSummary, BuildError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = res_rxs
+            .into_iter()
+            .map(|rx| {
+                let (layout, leases, progress, cancel) = (
+                    layout.clone(),
+                    leases.clone(),
+                    progress.clone(),
+                    cancel.clone(),
+                );
+                scope.spawn(move || {
+                    let mut writer = Writer::new(layout, settings, leases, progress);
+                    let result = writer.run(&rx);
+                    if result.is_err() {
+                        cancel.store(true, Ordering::Relaxed);
+                    }
+                    drop(rx);
+                    result.map(|()| writer.summary)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(BuildError::Config("a writer thread panicked".into())))
+            })
+            .collect()
+    });
+    let mut write_result = Ok(BuildSummary::default());
+    for w in written {
+        match (&mut write_result, w) {
+            (Ok(total), Ok(s)) => total.absorb(s),
+            (Ok(_), Err(e)) => write_result = Err(e),
+            (Err(_), _) => {}
+        }
     }
     let _ = worker.join();
     let reader_result = reader
@@ -496,7 +580,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
     }
     // Parts left unfinished (an error) are free for the next worker at once.
     leases.release_all();
-    write_result?;
+    let mut summary = write_result?;
     let totals = reader_result??;
     let (parts_total, parts_skipped) = (totals.total, totals.skipped);
     progress.finish_and_clear();
@@ -509,13 +593,13 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
         layout.write_config(&config)?;
     }
 
-    let mut summary = writer.summary;
     summary.parts_skipped = parts_skipped;
     summary.parts_leased_elsewhere = totals.leased_elsewhere;
     summary.parts_retried = totals.retried;
     summary.kept = totals.kept;
     summary.parts_total = parts_total;
     summary.workers = workers;
+    summary.writers = writers;
     summary.shard_index = opts.shard_index;
     summary.num_shards = opts.num_shards;
     summary.shard_from = opts.shard_from.clone();
@@ -540,6 +624,29 @@ struct ReaderTotals {
     kept: u64,
 }
 
+/// A part this worker owns, before it is opened: how to plan its inputs.
+struct Candidate {
+    part: u32,
+    video: bool,
+    plan: Box<dyn FnOnce() -> Result<source::PartPlan, BuildError>>,
+}
+
+/// A part whose inputs are being fed.
+struct OpenPart {
+    part: u32,
+    video: bool,
+    items: Box<dyn Iterator<Item = Item> + Send>,
+    earlier: Option<Earlier>,
+    /// Inputs fed so far (the next input's index).
+    count: u32,
+}
+
+enum Opened {
+    Part(OpenPart),
+    Skipped,
+    Stop,
+}
+
 /// The reader thread: plans the sources into parts and feeds the items of the parts this worker
 /// owns, holds the lease of and has not finished (or, with `--retry-failed`, finished with
 /// failed rows).
@@ -558,7 +665,8 @@ struct Reader {
     budget: Arc<Budget>,
     cancel: Arc<AtomicBool>,
     work_tx: crossbeam_channel::Sender<Job>,
-    res_tx: crossbeam_channel::Sender<Msg>,
+    /// One channel per writer.
+    res_txs: Vec<crossbeam_channel::Sender<Msg>>,
 }
 
 /// An earlier build's rows of a part being retried, grouped by input, in input order, with its
@@ -578,161 +686,242 @@ impl Reader {
             kept: 0,
         };
         let owns = |part: u32| part % self.num_shards == self.shard_index;
-        if let Some(frozen) = &self.plan {
-            // A frozen plan: only this worker's parts are read from it; each part's inputs
-            // are checked against the source before it is built.
-            t.total = frozen.header.parts;
-            let spec_of = |video: bool| {
-                self.sources
-                    .iter()
-                    .find(|(_, v)| *v == video)
-                    .map(|(s, _)| s)
-                    .ok_or_else(|| {
-                        BuildError::Config(format!(
-                            "the plan in {} lists {} parts but the build has no such source; plan again",
-                            self.layout.root.display(),
-                            if video { "video" } else { "image" }
-                        ))
+        // Parts of the source counted so far (unplanned: the lazy plan is walked to its end).
+        let counted = std::cell::Cell::new(0u32);
+        let candidates: Box<dyn Iterator<Item = Result<Candidate, BuildError>> + '_> =
+            if let Some(frozen) = &self.plan {
+                // A frozen plan: only this worker's parts are read from it; each part's
+                // inputs are checked against the source before it is built.
+                counted.set(frozen.header.parts);
+                let parts = frozen.parts(&owns)?;
+                Box::new(parts.map(|next| {
+                    let (part, rows) = next?;
+                    let video = rows.first().is_some_and(|r| r.video);
+                    let spec = self.spec_of(video)?.clone();
+                    Ok(Candidate {
+                        part,
+                        video,
+                        plan: Box::new(move || Ok(source::PartPlan::from_plan_rows(&spec, rows)?)),
                     })
+                }))
+            } else {
+                let plans = self
+                    .sources
+                    .iter()
+                    .map(|(spec, video)| {
+                        Ok(source::plan(spec, self.part_size)?.map(move |p| (p, *video)))
+                    })
+                    .collect::<Result<Vec<_>, source::SourceError>>()?;
+                let counted = &counted;
+                Box::new(plans.into_iter().flatten().enumerate().filter_map(
+                    move |(part, (plan, video))| {
+                        let part = part as u32;
+                        counted.set(part + 1);
+                        match plan {
+                            Err(e) => Some(Err(e.into())),
+                            Ok(plan) if owns(part) => Some(Ok(Candidate {
+                                part,
+                                video,
+                                plan: Box::new(move || Ok(plan)),
+                            })),
+                            Ok(_) => None,
+                        }
+                    },
+                ))
             };
-            frozen.for_each_part(&owns, |part, rows| {
-                let video = rows.first().is_some_and(|r| r.video);
-                let spec = spec_of(video)?;
-                self.part(part, video, &mut t, || {
-                    Ok(source::PartPlan::from_plan_rows(spec, rows)?)
-                })
-            })?;
-            return Ok(t);
-        }
-        let plans = self
-            .sources
-            .iter()
-            .map(|(spec, video)| Ok(source::plan(spec, self.part_size)?.map(move |p| (p, *video))))
-            .collect::<Result<Vec<_>, source::SourceError>>()?;
-        for (part, (plan, video)) in plans.into_iter().flatten().enumerate() {
-            let plan = plan?;
-            let part = part as u32;
-            t.total += 1;
-            if !owns(part) {
-                continue;
-            }
-            if self.part(part, video, &mut t, || Ok(plan))?.is_break() {
-                break;
-            }
-        }
-        Ok(t)
+        let fed = self.feed_parts(candidates, &mut t);
+        t.total = counted.get();
+        fed.map(|()| t)
     }
 
-    /// One part this worker owns: skipped when finished (or leased elsewhere), else its items
-    /// fed to the workers; `plan` is made only for a part that is built.
-    fn part(
+    /// The source of the parts with this video flag (a frozen plan names them by it).
+    fn spec_of(&self, video: bool) -> Result<&SourceSpec, BuildError> {
+        self.sources
+            .iter()
+            .find(|(_, v)| *v == video)
+            .map(|(s, _)| s)
+            .ok_or_else(|| {
+                BuildError::Config(format!(
+                    "the plan in {} lists {} parts but the build has no such source; plan again",
+                    self.layout.root.display(),
+                    if video { "video" } else { "image" }
+                ))
+            })
+    }
+
+    /// Feeds the items of the parts to build, one part open per writer: items are taken from
+    /// the open parts in turn, so each writer gets its part's results while the others get
+    /// theirs. With one writer, parts go one after another.
+    fn feed_parts(
         &self,
-        part: u32,
-        video: bool,
+        mut candidates: Box<dyn Iterator<Item = Result<Candidate, BuildError>> + '_>,
         t: &mut ReaderTotals,
-        plan: impl FnOnce() -> Result<source::PartPlan, BuildError>,
-    ) -> Result<std::ops::ControlFlow<()>, BuildError> {
-        use std::ops::ControlFlow::{Break, Continue};
-        {
-            let journal = self.layout.retry_journal(part);
-            let done = self.finished.contains(&part);
-            if done && !self.retry_failed {
-                t.skipped += 1;
-                return Ok(Continue(()));
-            }
-            if done
-                && !samples::read_parquet(&self.layout.part_manifest(part))?
-                    .iter()
-                    .any(|r| !r.is_ok())
-            {
-                t.skipped += 1;
-                return Ok(Continue(()));
-            }
-            if self.cancel.load(Ordering::Relaxed) {
-                return Ok(Break(()));
-            }
-            match self.leases.try_acquire(part)? {
-                Acquired::Ours => {}
-                Acquired::HeldBy(lease) => {
-                    tracing::info!(
-                        "part {part} is being built by {}: skipped",
-                        lease.describe()
-                    );
-                    t.leased_elsewhere += 1;
-                    return Ok(Continue(()));
-                }
-            }
-            let mut earlier = if done {
-                // Un-finish the part first: from here until its new manifest is written the
-                // dataset is incomplete, and the rows wait in the journal.
-                if self.layout.finished_parts()?.contains(&part) {
-                    std::fs::rename(self.layout.part_manifest(part), &journal).map_err(
-                        |source| codeclm_formats::Error::Io {
-                            path: journal.clone(),
-                            source,
-                        },
-                    )?;
-                    codeclm_formats::sync_dir(&self.layout.parts_dir())?;
-                }
-                let samples = self.layout.samples_path();
-                if samples.exists() {
-                    std::fs::remove_file(&samples).map_err(|source| {
-                        codeclm_formats::Error::Io {
-                            path: samples.clone(),
-                            source,
-                        }
-                    })?;
-                }
-                t.retried += 1;
-                Some(self.earlier(&journal)?)
-            } else if journal.exists() {
-                // A retry that was interrupted: its journal still holds the rows to keep.
-                t.retried += 1;
-                Some(self.earlier(&journal)?)
-            } else {
-                None
-            };
-            let mut items = 0u32;
-            let plan = plan()?;
-            for item in source::open(plan, self.max_input_bytes) {
-                let index = items;
-                items += 1;
-                if let Some(kept) = earlier.as_mut().and_then(|e| e.keep(&item.identity)) {
-                    t.kept += 1;
-                    let msg = Msg::Done {
-                        part,
-                        index,
-                        identity: item.identity,
-                        kind: item.kind,
-                        video,
-                        outcomes: kept,
-                        seconds: 0.0,
+    ) -> Result<(), BuildError> {
+        let mut slots: Vec<Option<OpenPart>> = (0..self.res_txs.len()).map(|_| None).collect();
+        let mut exhausted = false;
+        loop {
+            for slot in slots.iter_mut().filter(|s| s.is_none()) {
+                while !exhausted {
+                    let Some(candidate) = candidates.next() else {
+                        exhausted = true;
+                        break;
                     };
-                    if self.res_tx.send(msg).is_err() {
-                        return Ok(Break(()));
+                    match self.open_part(candidate?, t)? {
+                        Opened::Part(open) => {
+                            *slot = Some(open);
+                            break;
+                        }
+                        Opened::Skipped => {}
+                        Opened::Stop => return Ok(()),
                     }
-                    continue;
-                }
-                let held = match &item.payload {
-                    source::Payload::Bytes(b) => self.budget.acquire(b.len() as u64),
-                    _ => 0,
-                };
-                let job = Job {
-                    part,
-                    index,
-                    video,
-                    item,
-                    held,
-                };
-                if self.work_tx.send(job).is_err() {
-                    return Ok(Break(()));
                 }
             }
-            if self.res_tx.send(Msg::PartEnd { part, items }).is_err() {
-                return Ok(Break(()));
+            if slots.iter().all(Option::is_none) {
+                return Ok(());
+            }
+            for (writer, slot) in slots.iter_mut().enumerate() {
+                let Some(open) = slot else { continue };
+                match open.items.next() {
+                    Some(item) => {
+                        if self.feed_item(writer, open, item, t).is_break() {
+                            return Ok(());
+                        }
+                    }
+                    None => {
+                        let end = Msg::PartEnd {
+                            part: open.part,
+                            items: open.count,
+                        };
+                        if self.res_txs[writer].send(end).is_err() {
+                            return Ok(());
+                        }
+                        *slot = None;
+                    }
+                }
+                if self.cancel.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
             }
         }
-        Ok(Continue(()))
+    }
+
+    /// Opens a part this worker owns: skipped when finished (or leased elsewhere), else leased,
+    /// un-finished for `--retry-failed`, and its inputs opened (`plan` is made only here).
+    fn open_part(&self, c: Candidate, t: &mut ReaderTotals) -> Result<Opened, BuildError> {
+        let part = c.part;
+        let journal = self.layout.retry_journal(part);
+        let done = self.finished.contains(&part);
+        if done && !self.retry_failed {
+            t.skipped += 1;
+            return Ok(Opened::Skipped);
+        }
+        if done
+            && !samples::read_parquet(&self.layout.part_manifest(part))?
+                .iter()
+                .any(|r| !r.is_ok())
+        {
+            t.skipped += 1;
+            return Ok(Opened::Skipped);
+        }
+        if self.cancel.load(Ordering::Relaxed) {
+            return Ok(Opened::Stop);
+        }
+        match self.leases.try_acquire(part)? {
+            Acquired::Ours => {}
+            Acquired::HeldBy(lease) => {
+                tracing::info!(
+                    "part {part} is being built by {}: skipped",
+                    lease.describe()
+                );
+                t.leased_elsewhere += 1;
+                return Ok(Opened::Skipped);
+            }
+        }
+        let earlier = if done {
+            // Un-finish the part first: from here until its new manifest is written the
+            // dataset is incomplete, and the rows wait in the journal.
+            if self.layout.finished_parts()?.contains(&part) {
+                std::fs::rename(self.layout.part_manifest(part), &journal).map_err(|source| {
+                    codeclm_formats::Error::Io {
+                        path: journal.clone(),
+                        source,
+                    }
+                })?;
+                codeclm_formats::sync_dir(&self.layout.parts_dir())?;
+            }
+            let samples = self.layout.samples_path();
+            if samples.exists() {
+                std::fs::remove_file(&samples).map_err(|source| codeclm_formats::Error::Io {
+                    path: samples.clone(),
+                    source,
+                })?;
+            }
+            t.retried += 1;
+            Some(self.earlier(&journal)?)
+        } else if journal.exists() {
+            // A retry that was interrupted: its journal still holds the rows to keep.
+            t.retried += 1;
+            Some(self.earlier(&journal)?)
+        } else {
+            None
+        };
+        let plan = (c.plan)()?;
+        Ok(Opened::Part(OpenPart {
+            part,
+            video: c.video,
+            items: source::open(plan, self.max_input_bytes),
+            earlier,
+            count: 0,
+        }))
+    }
+
+    /// Sends one input of an open part on its way: its kept rows straight to its writer
+    /// (`--retry-failed`), else to the workers. Breaks when the build is stopping.
+    fn feed_item(
+        &self,
+        writer: usize,
+        open: &mut OpenPart,
+        item: Item,
+        t: &mut ReaderTotals,
+    ) -> std::ops::ControlFlow<()> {
+        use std::ops::ControlFlow::{Break, Continue};
+        let (part, video, index) = (open.part, open.video, open.count);
+        open.count += 1;
+        if let Some(kept) = open.earlier.as_mut().and_then(|e| e.keep(&item.identity)) {
+            t.kept += 1;
+            let msg = Msg::Done {
+                part,
+                index,
+                identity: item.identity,
+                kind: item.kind,
+                video,
+                records: vec![None; kept.len()],
+                outcomes: kept,
+                seconds: 0.0,
+            };
+            return if self.res_txs[writer].send(msg).is_err() {
+                Break(())
+            } else {
+                Continue(())
+            };
+        }
+        let held = match &item.payload {
+            source::Payload::Bytes(b) => self.budget.acquire(b.len() as u64),
+            _ => 0,
+        };
+        let job = Job {
+            part,
+            index,
+            video,
+            writer,
+            item,
+            held,
+        };
+        if self.work_tx.send(job).is_err() {
+            Break(())
+        } else {
+            Continue(())
+        }
     }
 
     fn earlier(&self, journal: &std::path::Path) -> Result<Earlier, BuildError> {
@@ -795,6 +984,7 @@ struct JobContext {
     max_input_bytes: u64,
     budget: Arc<Budget>,
     pool: Option<Pool>,
+    zstd_level: i32,
 }
 
 fn run_job(mut job: Job, ctx: &JobContext) -> Msg {
@@ -832,6 +1022,18 @@ fn run_job(mut job: Job, ctx: &JobContext) -> Msg {
             outcomes
         }
     };
+    // Compression and checksums here, on the worker threads: the one writer only appends
+    // (one writer then keeps up with many more workers; docs/performance.md).
+    let mut outcomes = outcomes;
+    let records = outcomes
+        .iter_mut()
+        .map(|o| {
+            let bytes = o.codec.as_deref().filter(|_| o.status() == Status::Ok)?;
+            let record = CompressedRecord::new(bytes, ctx.zstd_level).ok()?;
+            o.codec = None;
+            Some(record)
+        })
+        .collect();
     Msg::Done {
         part,
         index,
@@ -839,6 +1041,7 @@ fn run_job(mut job: Job, ctx: &JobContext) -> Msg {
         kind,
         video,
         outcomes,
+        records,
         seconds: started.elapsed().as_secs_f64(),
     }
 }
@@ -1168,6 +1371,10 @@ fn write_run_summary(layout: &DatasetLayout, summary: &BuildSummary) -> Result<(
             "images_per_second_per_worker".into(),
             (summary.images_per_second() / summary.workers.max(1) as f64).into(),
         );
+        map.insert(
+            "workers_per_writer".into(),
+            summary.workers_per_writer().into(),
+        );
     }
     let path = layout.runs_dir().join(format!(
         "run-{}-{:04}.json",
@@ -1180,12 +1387,34 @@ fn write_run_summary(layout: &DatasetLayout, summary: &BuildSummary) -> Result<(
     Ok(())
 }
 
+/// CPU seconds of the calling thread.
+fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// An input's results waiting for their turn: identity, kind, video, outcomes, their records.
+type Pending = (
+    String,
+    &'static str,
+    bool,
+    Vec<Outcome>,
+    Vec<Option<CompressedRecord>>,
+);
+
 /// One part being written: results arrive in any order and are written in input order.
 struct PartState {
     rows: Vec<SampleRow>,
     /// Items written so far (the next item index to write).
     written: u32,
-    pending: BTreeMap<u32, (String, &'static str, bool, Vec<Outcome>)>,
+    pending: BTreeMap<u32, Pending>,
     expected: Option<u32>,
     shard: Option<CodecShardWriter>,
     shard_seq: u32,
@@ -1227,13 +1456,15 @@ impl<'a> Writer<'a> {
                     kind,
                     video,
                     outcomes,
+                    records,
                     seconds,
                 } => {
                     let status = outcomes.first().map(|o| o.status()).unwrap_or(Status::Ok);
                     self.note_time(&identity, seconds, status);
+                    self.summary.worker_seconds += seconds;
                     self.state(part)?
                         .pending
-                        .insert(index, (identity, kind, video, outcomes));
+                        .insert(index, (identity, kind, video, outcomes, records));
                     part
                 }
                 Msg::PartEnd { part, items } => {
@@ -1241,7 +1472,9 @@ impl<'a> Writer<'a> {
                     part
                 }
             };
+            let t = thread_cpu_seconds();
             self.drain(part)?;
+            self.summary.writer_seconds += thread_cpu_seconds() - t;
         }
         if let Some((&part, state)) = self.parts.iter().next() {
             return Err(BuildError::Config(format!(
@@ -1297,11 +1530,14 @@ impl<'a> Writer<'a> {
         let layout = self.layout.clone();
         let settings = self.settings;
         let state = self.parts.get_mut(&part).expect("state exists");
-        while let Some((identity, kind, video, outcomes)) = state.pending.remove(&state.written) {
+        while let Some((identity, kind, video, outcomes, records)) =
+            state.pending.remove(&state.written)
+        {
             let source_id = sample_id(&identity);
-            for outcome in outcomes {
+            for (outcome, record) in outcomes.into_iter().zip(records) {
                 let row = write_one(
                     &layout, settings, part, state, &source_id, &identity, kind, video, outcome,
+                    record,
                 )?;
                 self.summary.samples += 1;
                 *self
@@ -1369,6 +1605,7 @@ fn write_one(
     kind: &'static str,
     video: bool,
     outcome: Outcome,
+    record: Option<CompressedRecord>,
 ) -> Result<SampleRow, BuildError> {
     let codec = if video { Codec::H264 } else { Codec::Jpeg };
     let id = match outcome.crop {
@@ -1409,9 +1646,14 @@ fn write_one(
         status: outcome.status(),
         error: outcome.error.clone(),
     };
-    if let (Status::Ok, Some(bytes)) = (row.status, outcome.codec.as_deref()) {
+    let record = match (row.status, record, outcome.codec.as_deref()) {
+        (Status::Ok, Some(r), _) => Some(r),
+        (Status::Ok, None, Some(bytes)) => Some(CompressedRecord::new(bytes, settings.zstd_level)?),
+        _ => None,
+    };
+    if let Some(record) = record {
         let roll = state.shard.as_ref().is_some_and(|s| {
-            !s.is_empty() && s.raw_bytes() + bytes.len() as u64 > settings.shard_max_bytes
+            !s.is_empty() && s.raw_bytes() + record.raw_len() > settings.shard_max_bytes
         });
         if roll {
             if let Some(full) = state.shard.take() {
@@ -1428,13 +1670,13 @@ fn write_one(
             )?);
         }
         let shard = state.shard.as_mut().expect("opened above");
-        let loc = shard.append(bytes)?;
+        let loc = shard.append_compressed(&record)?;
         row.codec = Some(codec.name().into());
-        row.codec_bytes = Some(bytes.len() as u64);
+        row.codec_bytes = Some(record.raw_len());
         row.shard = Some(DatasetLayout::shard_rel(part, codec, state.shard_seq));
         row.record = Some(loc.record);
         row.offset = Some(loc.offset);
-        row.checksum = Some(shard::checksum(bytes));
+        row.checksum = Some(record.checksum());
     }
     Ok(row)
 }

@@ -285,56 +285,88 @@ impl Plan {
         Ok(out)
     }
 
-    /// Calls `f` with the rows of every part `owns` keeps, part by part in order (one part's
-    /// rows in memory), until it breaks.
+    /// The rows of every part `owns` keeps, part by part in order, read as the iterator is
+    /// advanced (one part's rows in memory); the `part` column is scanned once here.
+    pub fn parts(&self, owns: &dyn Fn(u32) -> bool) -> Result<PlanParts<'_>> {
+        Ok(PlanParts {
+            plan: self,
+            ranges: self.ranges(owns)?.into_iter(),
+        })
+    }
+
+    /// Calls `f` with the rows of every part `owns` keeps, in order, until it breaks.
     pub fn for_each_part<E: From<Error>>(
         &self,
         owns: &dyn Fn(u32) -> bool,
         mut f: impl FnMut(u32, Vec<PlanRow>) -> std::result::Result<ControlFlow<()>, E>,
     ) -> std::result::Result<(), E> {
-        use std::os::unix::ffi::OsStrExt;
-        for (part, start, end) in self.ranges(owns)? {
-            let mut rows = Vec::with_capacity(end - start);
-            let mut at = start;
-            while at < end {
-                let df = self.read(at, (end - at).min(ROWS_PER_BATCH), None)?;
-                if df.height() == 0 {
-                    break;
-                }
-                let bad = corrupt(&self.path);
-                let c = |n: &str| df.column(n).map_err(&bad);
-                let (video, path) = (
-                    c("video")?.bool().map_err(&bad)?,
-                    c("path")?.binary().map_err(&bad)?,
-                );
-                let (start, len) = (
-                    c("start")?.u64().map_err(&bad)?,
-                    c("len")?.u64().map_err(&bad)?,
-                );
-                let (bytes, mtime) = (
-                    c("bytes")?.u64().map_err(&bad)?,
-                    c("mtime_ns")?.i64().map_err(&bad)?,
-                );
-                for i in 0..df.height() {
-                    rows.push(PlanRow {
-                        part,
-                        video: video.get(i).unwrap_or(false),
-                        path: PathBuf::from(std::ffi::OsStr::from_bytes(
-                            path.get(i).unwrap_or_default(),
-                        )),
-                        start: start.get(i),
-                        len: len.get(i),
-                        bytes: bytes.get(i).unwrap_or_default(),
-                        mtime_ns: mtime.get(i).unwrap_or_default(),
-                    });
-                }
-                at += df.height();
-            }
+        for next in self.parts(owns)? {
+            let (part, rows) = next?;
             if f(part, rows)?.is_break() {
                 break;
             }
         }
         Ok(())
+    }
+
+    fn part_rows(&self, part: u32, start: usize, end: usize) -> Result<Vec<PlanRow>> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut rows = Vec::with_capacity(end - start);
+        let mut at = start;
+        while at < end {
+            let df = self.read(at, (end - at).min(ROWS_PER_BATCH), None)?;
+            if df.height() == 0 {
+                break;
+            }
+            let bad = corrupt(&self.path);
+            let c = |n: &str| df.column(n).map_err(&bad);
+            let (video, path) = (
+                c("video")?.bool().map_err(&bad)?,
+                c("path")?.binary().map_err(&bad)?,
+            );
+            let (start, len) = (
+                c("start")?.u64().map_err(&bad)?,
+                c("len")?.u64().map_err(&bad)?,
+            );
+            let (bytes, mtime) = (
+                c("bytes")?.u64().map_err(&bad)?,
+                c("mtime_ns")?.i64().map_err(&bad)?,
+            );
+            for i in 0..df.height() {
+                rows.push(PlanRow {
+                    part,
+                    video: video.get(i).unwrap_or(false),
+                    path: PathBuf::from(std::ffi::OsStr::from_bytes(
+                        path.get(i).unwrap_or_default(),
+                    )),
+                    start: start.get(i),
+                    len: len.get(i),
+                    bytes: bytes.get(i).unwrap_or_default(),
+                    mtime_ns: mtime.get(i).unwrap_or_default(),
+                });
+            }
+            at += df.height();
+        }
+        Ok(rows)
+    }
+}
+
+/// [`Plan::parts`].
+pub struct PlanParts<'a> {
+    plan: &'a Plan,
+    ranges: std::vec::IntoIter<(u32, usize, usize)>,
+}
+
+impl Iterator for PlanParts<'_> {
+    type Item = Result<(u32, Vec<PlanRow>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (part, start, end) = self.ranges.next()?;
+        Some(
+            self.plan
+                .part_rows(part, start, end)
+                .map(|rows| (part, rows)),
+        )
     }
 }
 

@@ -100,6 +100,61 @@ pub struct CodecShardWriter {
     raw_bytes: u64,
 }
 
+fn record_len(bytes: &[u8]) -> Result<u32> {
+    u32::try_from(bytes.len()).map_err(|_| {
+        Error::Invalid(format!(
+            "record of {} bytes exceeds the 4 GiB record limit",
+            bytes.len()
+        ))
+    })
+}
+
+/// A codec record compressed and checksummed for a shard, by any thread (each keeps one zstd
+/// context per level), to be appended in order with [`CodecShardWriter::append_compressed`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompressedRecord {
+    frame: Vec<u8>,
+    raw_len: u32,
+    checksum: u64,
+}
+
+impl CompressedRecord {
+    pub fn new(bytes: &[u8], zstd_level: i32) -> Result<CompressedRecord> {
+        use std::cell::RefCell;
+        use std::collections::HashMap;
+        thread_local! {
+            static COMPRESSORS: RefCell<HashMap<i32, zstd::bulk::Compressor<'static>>> =
+                RefCell::new(HashMap::new());
+        }
+        let raw_len = record_len(bytes)?;
+        let frame = COMPRESSORS.with(|c| -> std::io::Result<Vec<u8>> {
+            let mut c = c.borrow_mut();
+            let compressor = match c.entry(zstd_level) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(zstd::bulk::Compressor::new(zstd_level)?)
+                }
+            };
+            compressor.compress(bytes)
+        });
+        Ok(CompressedRecord {
+            frame: frame.map_err(|e| Error::Invalid(format!("compressing a codec record: {e}")))?,
+            raw_len,
+            checksum: checksum(bytes),
+        })
+    }
+
+    /// Uncompressed length.
+    pub fn raw_len(&self) -> u64 {
+        self.raw_len as u64
+    }
+
+    /// [`checksum`] of the uncompressed bytes.
+    pub fn checksum(&self) -> u64 {
+        self.checksum
+    }
+}
+
 impl CodecShardWriter {
     pub fn create(path: &Path, codec: Codec, zstd_level: i32) -> Result<Self> {
         let tmp = crate::tmp_path(path);
@@ -121,17 +176,22 @@ impl CodecShardWriter {
     }
 
     pub fn append(&mut self, bytes: &[u8]) -> Result<RecordLocation> {
-        let raw_len = u32::try_from(bytes.len()).map_err(|_| {
-            Error::Invalid(format!(
-                "record of {} bytes exceeds the 4 GiB record limit",
-                bytes.len()
-            ))
-        })?;
+        let raw_len = record_len(bytes)?;
         let frame = self
             .compressor
             .compress(bytes)
             .map_err(Error::io(&self.tmp))?;
-        self.out.write_all(&frame).map_err(Error::io(&self.tmp))?;
+        self.push_frame(&frame, raw_len, checksum(bytes))
+    }
+
+    /// Appends a record compressed elsewhere (a build's worker threads compress and checksum,
+    /// the one writer only appends): the same bytes `append` writes at the same level.
+    pub fn append_compressed(&mut self, record: &CompressedRecord) -> Result<RecordLocation> {
+        self.push_frame(&record.frame, record.raw_len, record.checksum)
+    }
+
+    fn push_frame(&mut self, frame: &[u8], raw_len: u32, checksum: u64) -> Result<RecordLocation> {
+        self.out.write_all(frame).map_err(Error::io(&self.tmp))?;
         let location = RecordLocation {
             record: self.entries.len() as u32,
             offset: self.pos,
@@ -140,10 +200,10 @@ impl CodecShardWriter {
             offset: self.pos,
             compressed_len: frame.len() as u32,
             raw_len,
-            checksum: checksum(bytes),
+            checksum,
         });
         self.pos += frame.len() as u64;
-        self.raw_bytes += bytes.len() as u64;
+        self.raw_bytes += raw_len as u64;
         Ok(location)
     }
 
@@ -398,6 +458,32 @@ mod tests {
             w.append(r).unwrap();
         }
         w.finish().unwrap()
+    }
+
+    /// A record compressed on another thread and appended is the record `append` writes: the
+    /// same shard bytes.
+    #[test]
+    fn records_compressed_elsewhere_write_the_same_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let records: Vec<Vec<u8>> = (0..50u32)
+            .map(|i| (0..i * 37).map(|k| (k * 7 + i) as u8).collect())
+            .collect();
+        let (a, b) = (dir.path().join("a.shard"), dir.path().join("b.shard"));
+        let mut wa = CodecShardWriter::create(&a, Codec::Jpeg, 3).unwrap();
+        let mut wb = CodecShardWriter::create(&b, Codec::Jpeg, 3).unwrap();
+        for r in &records {
+            let la = wa.append(r).unwrap();
+            let compressed = std::thread::scope(|s| {
+                s.spawn(|| CompressedRecord::new(r, 3).unwrap())
+                    .join()
+                    .unwrap()
+            });
+            assert_eq!(compressed.raw_len(), r.len() as u64);
+            assert_eq!(wb.append_compressed(&compressed).unwrap(), la);
+        }
+        wa.finish().unwrap();
+        wb.finish().unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
     }
 
     #[test]

@@ -154,6 +154,10 @@ pub struct BuildArgs {
     /// Roll a part's shard over to a new file past this many MiB of codec bytes.
     #[arg(long, default_value_t = 256)]
     pub(crate) shard_max_mib: u64,
+    /// Writer threads, each writing its own parts (one open part each) [default: one per 8
+    /// workers]. The dataset's bytes do not depend on it.
+    #[arg(long)]
+    pub(crate) writers: Option<usize>,
     /// No progress bar.
     #[arg(long)]
     pub(crate) no_progress: bool,
@@ -323,6 +327,7 @@ fn build(args: BuildArgs) -> Result<()> {
     opts.max_inflight_bytes = args.max_inflight_mib.saturating_mul(1 << 20);
     opts.retry_failed = args.retry_failed;
     opts.lease_ttl = std::time::Duration::from_secs(args.lease_seconds);
+    opts.writers = args.writers;
     tracing::info!(
         "building {} from{}{} with {workers} workers{}",
         args.out.display(),
@@ -368,6 +373,12 @@ fn build(args: BuildArgs) -> Result<()> {
         s.parts_total,
         s.codec_bytes as f64 / 1e6,
     );
+    if let Some(n) = s.workers_per_writer() {
+        println!(
+            "{} writer(s): {:.1} CPU s; at these inputs one writer keeps up with about {n:.0} workers (--writers)",
+            s.writers, s.writer_seconds
+        );
+    }
     if s.shard_from != "flags" {
         println!(
             "this worker is shard {} of {}, from the job array: {}",

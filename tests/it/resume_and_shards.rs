@@ -412,3 +412,35 @@ fn a_source_changed_since_planning_is_an_error() {
     );
     assert!(err.contains("gone now"), "{err}");
 }
+
+/// Several writer threads (each writing its own parts, fed in turn) write the same dataset as
+/// one, and so does a rerun that resumes it.
+#[test]
+fn several_writers_write_the_same_dataset_as_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = mixed_source(tmp.path());
+    let single = tmp.path().join("single");
+    build(&src, &single, FLAGS);
+    let many = tmp.path().join("many");
+    let flags = [
+        "--part-size",
+        "3",
+        "--workers",
+        "2",
+        "--shard-max-mib",
+        "1",
+        "--writers",
+        "3",
+    ];
+    let out = build(&src, &many, &flags);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("3 writer(s)"), "{stdout}");
+    assert_same_tree(&single, &many);
+    // Half the parts removed, then resumed with 3 writers.
+    for part in (0..20).step_by(2) {
+        let _ = std::fs::remove_file(many.join(format!("parts/part-{part:06}.parquet")));
+    }
+    let _ = std::fs::remove_file(many.join("samples.parquet"));
+    build(&src, &many, &flags);
+    assert_same_tree(&single, &many);
+}
