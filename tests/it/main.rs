@@ -9,6 +9,7 @@ mod model;
 mod pillow_identity;
 mod resume_and_shards;
 mod sample;
+mod scale;
 mod sources;
 mod tokens;
 mod transforms;
