@@ -417,6 +417,7 @@ impl PartJob<'_> {
             self.frame_tokens,
         )?;
         let mut token_rows = Vec::with_capacity(rows.len());
+        let shard_rel = self.layout.shard_rel(part);
         for (row, doc) in rows.iter().zip(docs) {
             let (ids, codec_bytes) = doc?;
             let offset = writer.push_doc(&ids)?;
@@ -428,7 +429,7 @@ impl PartJob<'_> {
                 modality: row.modality,
                 split: row.split,
                 part,
-                shard: self.layout.shard_rel(part),
+                shard: shard_rel.clone(),
                 offset,
                 n_tokens: ids.len() as u64,
                 codec_bytes,

@@ -433,7 +433,23 @@ impl CodecShard {
                 )))
             }
         }
-        let raw = zstd::bulk::decompress(&frame, e.raw_len as usize)
+        // One decompression context per thread, reused: creating one per record was half of
+        // `dataset tokenize`'s time on small records (a profile at 1M records).
+        thread_local! {
+            static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let raw = DECOMPRESSOR
+            .with(|d| -> std::io::Result<Vec<u8>> {
+                let mut d = d.borrow_mut();
+                if d.is_none() {
+                    *d = Some(zstd::bulk::Decompressor::new()?);
+                }
+                match d.as_mut() {
+                    Some(d) => d.decompress(&frame, e.raw_len as usize),
+                    None => zstd::bulk::decompress(&frame, e.raw_len as usize),
+                }
+            })
             .map_err(|err| corrupt(format!("record {record} does not decompress: {err}")))?;
         if raw.len() != e.raw_len as usize || checksum(&raw) != e.checksum {
             return Err(corrupt(format!("record {record} fails its checksum")));
