@@ -609,6 +609,8 @@ struct ParquetItems {
     end: usize,
     buffer: std::vec::IntoIter<Item>,
     failed: bool,
+    /// The file's footer and image column, read with the first batch (not once per batch).
+    footer: Option<(polars::io::parquet::metadata::FileMetadataRef, String)>,
 }
 
 const PARQUET_BATCH: usize = 256;
@@ -629,6 +631,7 @@ impl ParquetItems {
             end: start + len,
             buffer: Vec::new().into_iter(),
             failed: false,
+            footer: None,
         }
     }
 
@@ -636,12 +639,23 @@ impl ParquetItems {
         let f = File::open(&self.file)
             .map_err(|e| format!("cannot open {}: {e}", self.file.display()))?;
         let mut reader = ParquetReader::new(f);
-        let schema = reader.schema().map_err(|e| e.to_string())?;
-        let column = match &self.column {
-            Some(c) => c.clone(),
-            None => pick_image_column(&schema).ok_or_else(|| {
-                format!("{}: no image column found (a struct with a `bytes` field, or a binary column); name it with --image-column", self.file.display())
-            })?,
+        let column = match &self.footer {
+            Some((metadata, column)) => {
+                reader.set_metadata(metadata.clone());
+                column.clone()
+            }
+            None => {
+                let schema = reader.schema().map_err(|e| e.to_string())?;
+                let column = match &self.column {
+                    Some(c) => c.clone(),
+                    None => pick_image_column(&schema).ok_or_else(|| {
+                        format!("{}: no image column found (a struct with a `bytes` field, or a binary column); name it with --image-column", self.file.display())
+                    })?,
+                };
+                let metadata = reader.get_metadata().map_err(|e| e.to_string())?.clone();
+                self.footer = Some((metadata, column.clone()));
+                column
+            }
         };
         let n = PARQUET_BATCH.min(self.end - self.next_row);
         let df = reader
