@@ -534,29 +534,39 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
     let written: Vec<Result<BuildSummary, BuildError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = res_rxs
             .into_iter()
-            .map(|rx| {
+            .enumerate()
+            .map(|(i, rx)| {
                 let (layout, leases, progress, cancel) = (
                     layout.clone(),
                     leases.clone(),
                     progress.clone(),
                     cancel.clone(),
                 );
-                scope.spawn(move || {
-                    let mut writer = Writer::new(layout, settings, leases, progress);
-                    let result = writer.run(&rx);
-                    if result.is_err() {
-                        cancel.store(true, Ordering::Relaxed);
-                    }
-                    drop(rx);
-                    result.map(|()| writer.summary)
-                })
+                std::thread::Builder::new()
+                    .name(format!("codeclm-writer-{i}"))
+                    .spawn_scoped(scope, move || {
+                        let mut writer = Writer::new(layout, settings, leases, progress);
+                        let result = writer.run(&rx);
+                        if result.is_err() {
+                            cancel.store(true, Ordering::Relaxed);
+                        }
+                        drop(rx);
+                        result.map(|()| writer.summary)
+                    })
             })
             .collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(BuildError::Config("a writer thread panicked".into())))
+            .map(|h| match h {
+                Ok(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Err(BuildError::Config("a writer thread panicked".into()))),
+                Err(e) => {
+                    cancel.store(true, Ordering::Relaxed);
+                    Err(BuildError::Config(format!(
+                        "cannot start a writer thread: {e}"
+                    )))
+                }
             })
             .collect()
     });
