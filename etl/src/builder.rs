@@ -123,8 +123,8 @@ impl BuildSettings {
             .collect()
     }
 
-    /// Takes the sources and part size from a frozen plan (what `dataset build --out DIR`
-    /// does when DIR was planned and no source is given).
+    /// Takes the sources from a frozen plan (what `dataset build --out DIR` does when DIR was
+    /// planned and no source is given).
     pub fn use_plan_sources(&mut self, plan: &PlanHeader) -> Result<(), BuildError> {
         self.source = None;
         self.videos = None;
@@ -137,7 +137,6 @@ impl BuildSettings {
                 self.source = Some(spec);
             }
         }
-        self.part_size = plan.part_size;
         Ok(())
     }
 

@@ -248,14 +248,8 @@ impl Plan {
     }
 
     fn read(&self, start: usize, len: usize, columns: Option<&[&str]>) -> Result<DataFrame> {
-        let file = File::open(&self.path).map_err(Error::io(&self.path))?;
-        let mut reader = ParquetReader::new(file);
-        reader.set_metadata(self.metadata.clone());
-        reader
-            .with_columns(columns.map(|c| c.iter().map(|s| s.to_string()).collect()))
-            .with_slice(Some((start, len)))
-            .finish()
-            .map_err(corrupt(&self.path))
+        let bad = corrupt(&self.path);
+        crate::rows::read_slice(&self.path, &self.metadata, columns, (start, len), &bad)
     }
 
     /// The row range of every part `owns` keeps, from one scan of the `part` column.

@@ -114,6 +114,27 @@ pub(crate) fn corrupt(path: &Path) -> impl Fn(PolarsError) -> Error + '_ {
     }
 }
 
+/// Rows `start..start + len` of the Parquet file at `path` whose footer was read before
+/// (`metadata`), only `columns` when given: the one slice read of the manifest, token manifest
+/// and plan readers (a file of thousands of row groups has its footer parsed once, not per slice).
+/// `bad` names the file's fix when polars cannot read it.
+pub(crate) fn read_slice(
+    path: &Path,
+    metadata: &FileMetadataRef,
+    columns: Option<&[&str]>,
+    (start, len): (usize, usize),
+    bad: &dyn Fn(PolarsError) -> Error,
+) -> Result<DataFrame> {
+    let file = File::open(path).map_err(Error::io(path))?;
+    let mut reader = ParquetReader::new(file);
+    reader.set_metadata(metadata.clone());
+    reader
+        .with_columns(columns.map(|c| c.iter().map(|s| s.to_string()).collect()))
+        .with_slice(Some((start, len)))
+        .finish()
+        .map_err(bad)
+}
+
 /// The bytes of a Parquet file's footer (metadata + its length + `PAR1`).
 fn footer_bytes(path: &Path) -> Result<Vec<u8>> {
     let mut f = File::open(path).map_err(Error::io(path))?;
@@ -215,20 +236,19 @@ impl Manifests {
         columns: Option<&[&str]>,
     ) -> Result<DataFrame> {
         let f = &self.files[i];
-        let file = File::open(&f.path).map_err(Error::io(&f.path))?;
-        let mut reader = ParquetReader::new(file);
-        reader.set_metadata(f.metadata.clone());
         let (present, missing): (Vec<&str>, Vec<&str>) = match columns {
             Some(cols) => cols
                 .iter()
                 .partition(|c| f.columns.iter().any(|have| have == *c)),
             None => (Vec::new(), Vec::new()),
         };
-        let df = reader
-            .with_columns(columns.map(|_| present.iter().map(|c| c.to_string()).collect()))
-            .with_slice(Some((start as usize, len)))
-            .finish()
-            .map_err(corrupt(&f.path))?;
+        let df = read_slice(
+            &f.path,
+            &f.metadata,
+            columns.map(|_| present.as_slice()),
+            (start as usize, len),
+            &corrupt(&f.path),
+        )?;
         let mut df = match columns {
             None => samples::with_later_columns(df),
             Some(_) => df,

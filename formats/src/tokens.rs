@@ -944,12 +944,8 @@ pub fn for_each_token_row(
     let total = metadata.num_rows;
     let mut start = 0;
     while start < total {
-        let mut reader = ParquetReader::new(open()?);
-        reader.set_metadata(metadata.clone());
-        let df = reader
-            .with_slice(Some((start, MANIFEST_ROWS_PER_READ)))
-            .finish()
-            .map_err(bad)?;
+        let df =
+            crate::rows::read_slice(path, &metadata, None, (start, MANIFEST_ROWS_PER_READ), &bad)?;
         if df.height() == 0 {
             break;
         }

@@ -285,15 +285,11 @@ fn build(args: BuildArgs) -> Result<()> {
     {
         // A planned output: its sources and part size come from the plan unless given (and
         // then they must agree with it; `build` checks).
-        let given = args.images.is_some() || args.videos.is_some();
-        let (images, videos) = (settings.source.clone(), settings.videos.clone());
-        settings.use_plan_sources(&plan.header)?;
-        if given {
-            settings.source = images;
-            settings.videos = videos;
+        if args.images.is_none() && args.videos.is_none() {
+            settings.use_plan_sources(&plan.header)?;
         }
-        if let Some(n) = args.part_size {
-            settings.part_size = n;
+        if args.part_size.is_none() {
+            settings.part_size = plan.header.part_size;
         }
     }
     let workers = flags::workers(args.workers);
