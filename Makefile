@@ -55,7 +55,7 @@ deps:
 	  else echo "please install: $(FFMPEG_PKGS)"; exit 1; fi; }
 
 pydeps:
-	@$(PYTHON) -c "import PIL, polars, numpy, zstandard; assert PIL.__version__ == '13.0.0', PIL.__version__" 2>/dev/null || \
+	@$(PYTHON) -c "import PIL, polars, numpy, zstandard; assert PIL.__version__ == '13.0.0', PIL.__version__" 2>/dev/null && command -v moto_server >/dev/null || \
 	  $(PYTHON) -m pip install -q -r tools/requirements.txt
 
 build: deps

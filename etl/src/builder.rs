@@ -44,6 +44,8 @@ pub enum BuildError {
     Format(#[from] codeclm_formats::Error),
     #[error(transparent)]
     Source(#[from] source::SourceError),
+    #[error(transparent)]
+    Remote(#[from] crate::objects::ObjectError),
     #[error("{0}")]
     Config(String),
 }
@@ -193,6 +195,9 @@ pub struct BuildOptions {
     /// Writer threads, each writing its own parts (`None`: one per 8 workers). The output does
     /// not depend on it.
     pub writers: Option<usize>,
+    /// The dataset lives in object storage and `out` is its local stage: finished parts are
+    /// uploaded (shards, then the manifest) and the bucket says which parts are done.
+    pub mirror: Option<Arc<crate::mirror::Mirror>>,
 }
 
 impl BuildOptions {
@@ -214,6 +219,7 @@ impl BuildOptions {
             retry_failed: false,
             lease_ttl: Duration::from_secs(120),
             writers: None,
+            mirror: None,
         }
     }
 }
@@ -428,8 +434,22 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
         tracing::info!("removed {swept} temp files left by an interrupted run");
     }
     let mut config = prepare_config(&layout, settings)?;
-
-    let finished: HashSet<u32> = layout.finished_parts()?.into_iter().collect();
+    let mirror = opts.mirror.clone();
+    let finished: HashSet<u32> = match &mirror {
+        Some(m) => {
+            if opts.retry_failed {
+                return Err(BuildError::Config(format!(
+                    "--retry-failed rewrites finished parts in place, which {} (object storage) cannot do. Fix: `codeclm dataset pull {} DIR`, retry into DIR",
+                    m.url(),
+                    m.url()
+                )));
+            }
+            m.push_if_absent("jpeg_tables.jpg")?;
+            m.push_if_absent("dataset.json")?;
+            m.sync_parts()?.into_iter().collect()
+        }
+        None => layout.finished_parts()?.into_iter().collect(),
+    };
     let workers = opts.workers.max(1);
     let cancel = Arc::new(AtomicBool::new(false));
     let (work_tx, work_rx) = bounded::<Job>(workers * 4);
@@ -535,16 +555,18 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
             .into_iter()
             .enumerate()
             .map(|(i, rx)| {
-                let (layout, leases, progress, cancel) = (
+                let (layout, leases, progress, cancel, mirror) = (
                     layout.clone(),
                     leases.clone(),
                     progress.clone(),
                     cancel.clone(),
+                    mirror.clone(),
                 );
                 std::thread::Builder::new()
                     .name(format!("codeclm-writer-{i}"))
                     .spawn_scoped(scope, move || {
                         let mut writer = Writer::new(layout, settings, leases, progress);
+                        writer.mirror = mirror;
                         let result = writer.run(&rx);
                         if result.is_err() {
                             cancel.store(true, Ordering::Relaxed);
@@ -600,6 +622,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
         }
         config.parts_total = Some(parts_total);
         layout.write_config(&config)?;
+        if let Some(m) = &mirror {
+            m.push("dataset.json")?;
+        }
     }
 
     summary.parts_skipped = parts_skipped;
@@ -612,14 +637,23 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
     summary.shard_index = opts.shard_index;
     summary.num_shards = opts.num_shards;
     summary.shard_from = opts.shard_from.clone();
-    let present = layout.finished_parts()?;
-    summary.complete = present.len() as u32 == parts_total
-        && present.iter().enumerate().all(|(i, &p)| p == i as u32);
-    if summary.complete {
-        layout.consolidate()?;
-    }
+    summary.complete = match &mirror {
+        Some(m) => m.complete(parts_total)?,
+        None => {
+            let present = layout.finished_parts()?;
+            let complete = present.len() as u32 == parts_total
+                && present.iter().enumerate().all(|(i, &p)| p == i as u32);
+            if complete {
+                layout.consolidate()?;
+            }
+            complete
+        }
+    };
     summary.seconds = started.elapsed().as_secs_f64();
-    write_run_summary(&layout, &summary)?;
+    let run = write_run_summary(&layout, &summary)?;
+    if let Some(m) = &mirror {
+        m.push(&format!("runs/{run}"))?;
+    }
     Ok(summary)
 }
 
@@ -1130,6 +1164,22 @@ fn prepare(
                 header.src_bytes = len;
                 (b, job.held)
             }
+            source::Payload::Object(remote) => match remote.get_capped("", cap) {
+                // Fetched on the worker, so GETs run as many at once as there are workers.
+                Ok(Ok(b)) => {
+                    header.src_bytes = b.len() as u64;
+                    let held = ctx.budget.acquire(b.len() as u64);
+                    (b, held)
+                }
+                Ok(Err(len)) => return Err(too_large(len)),
+                Err(e) => {
+                    return Err(Outcome::failed(
+                        Status::ReadError,
+                        format!("cannot read {e}"),
+                        0,
+                    ))
+                }
+            },
             source::Payload::Failed(m) => return Err(Outcome::failed(Status::ReadError, m, 0)),
             source::Payload::Oversized(len) => return Err(too_large(len)),
         };
@@ -1365,7 +1415,8 @@ fn progress_bar(enabled: bool) -> ProgressBar {
     pb
 }
 
-fn write_run_summary(layout: &DatasetLayout, summary: &BuildSummary) -> Result<(), BuildError> {
+/// Writes `runs/run-<ms>-<shard>.json`; returns its file name.
+fn write_run_summary(layout: &DatasetLayout, summary: &BuildSummary) -> Result<String, BuildError> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -1385,15 +1436,11 @@ fn write_run_summary(layout: &DatasetLayout, summary: &BuildSummary) -> Result<(
             summary.workers_per_writer().into(),
         );
     }
-    let path = layout.runs_dir().join(format!(
-        "run-{}-{:04}.json",
-        now.as_millis(),
-        summary.shard_index
-    ));
+    let name = format!("run-{}-{:04}.json", now.as_millis(), summary.shard_index);
     let text =
         serde_json::to_string_pretty(&value).map_err(|e| BuildError::Config(e.to_string()))?;
-    codeclm_formats::write_atomic(&path, text.as_bytes())?;
-    Ok(())
+    codeclm_formats::write_atomic(&layout.runs_dir().join(&name), text.as_bytes())?;
+    Ok(name)
 }
 
 /// CPU seconds of the calling thread.
@@ -1431,6 +1478,7 @@ struct PartState {
 
 struct Writer<'a> {
     layout: DatasetLayout,
+    mirror: Option<Arc<crate::mirror::Mirror>>,
     leases: Arc<Leases>,
     settings: &'a BuildSettings,
     parts: BTreeMap<u32, PartState>,
@@ -1447,6 +1495,7 @@ impl<'a> Writer<'a> {
     ) -> Self {
         Writer {
             layout,
+            mirror: None,
             leases,
             settings,
             parts: BTreeMap::new(),
@@ -1592,6 +1641,9 @@ impl<'a> Writer<'a> {
                 })?;
             }
             self.leases.release(part)?;
+            if let Some(m) = &self.mirror {
+                m.push_part(part)?;
+            }
             self.summary.parts_built += 1;
             self.progress.set_message(format!(
                 "{} ok, {} failed, {} parts",

@@ -8,6 +8,8 @@ pub mod config;
 pub mod crop;
 pub mod decode;
 pub mod isolate;
+pub mod mirror;
+pub mod objects;
 pub mod pillow_resample;
 pub mod process;
 pub mod resize;

@@ -2,12 +2,18 @@
 //! files with an image-bytes column (Hugging Face layout). A source is planned into *parts* —
 //! the unit of work, resume and multi-machine sharding — in a deterministic order, lazily, so
 //! memory stays bounded however many inputs there are. Opening a part yields its items.
+//!
+//! Every kind can also live in object storage (`s3://`, `gs://`, `az://`, `http(s)://`, see
+//! [`crate::objects`]): a prefix is a tree (listed in key order), an object a list, a tar or a
+//! Parquet file, and a list (local or remote) may name objects by URL.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use codeclm_formats::plan::PlanRow;
+
+use crate::objects::{self, Remote};
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -63,6 +69,13 @@ impl SourceSpec {
     /// Works out the kind from the path: `.tar` or a directory of them is webdataset, `.parquet`
     /// or a directory of them is Parquet, another regular file is a list, any other directory a tree.
     pub fn detect(path: &Path) -> Result<SourceSpec, SourceError> {
+        if let Some(url) = url_of(path) {
+            return Ok(SourceSpec {
+                kind: detect_remote(path, url)?,
+                path: path.to_path_buf(),
+                column: None,
+            });
+        }
         let meta = std::fs::metadata(path)
             .map_err(|e| bad(path, format!("cannot read it ({e}); check the path")))?;
         let ext = |p: &Path| {
@@ -117,6 +130,69 @@ impl SourceSpec {
     }
 }
 
+/// The URL a source path names, when it is one (`s3://...`) rather than a local path.
+pub fn url_of(path: &Path) -> Option<&str> {
+    path.to_str().filter(|s| objects::is_url(s))
+}
+
+fn remote_of(path: &Path, url: &str) -> Result<Remote, SourceError> {
+    objects::locate(url).map_err(|e| bad(path, e.to_string()))
+}
+
+/// A name a tree walk skips: hidden, or a sidecar (captions, metadata).
+fn skipped_name(name: &str) -> bool {
+    name.starts_with('.')
+        || matches!(lower_ext(Path::new(name)).as_deref(), Some(x) if SIDECARS.contains(&x))
+}
+
+/// [`SourceSpec::detect`] for a URL: an object is a tar, a Parquet file or a list by its name;
+/// a prefix is listed up to its first media object (then it is a tree), else it is webdataset
+/// or Parquet by what it holds.
+fn detect_remote(path: &Path, url: &str) -> Result<SourceKind, SourceError> {
+    let remote = remote_of(path, url)?;
+    let ext = lower_ext(path);
+    let err = |e: objects::ObjectError| {
+        bad(path, format!("{e}. Fix: check the URL (bucket and prefix), the endpoint and the credentials (AWS_*, GOOGLE_*, AZURE_*)"))
+    };
+    let is_object =
+        !remote.is_root() && !url.ends_with('/') && remote.head("").map_err(err)?.is_some();
+    if is_object {
+        return Ok(match ext.as_deref() {
+            Some("tar") => SourceKind::Tar,
+            Some("parquet") => SourceKind::Parquet,
+            _ => SourceKind::List,
+        });
+    }
+    let (mut tars, mut parquets, mut any, mut media) = (0usize, 0usize, false, false);
+    for listed in remote.list() {
+        let listed = listed.map_err(err)?;
+        any = true;
+        let name = listed.rel.rsplit('/').next().unwrap_or_default();
+        match lower_ext(Path::new(name)).as_deref() {
+            Some("tar") => tars += 1,
+            Some("parquet") => parquets += 1,
+            _ if skipped_name(name) => {}
+            _ => {
+                media = true;
+                break;
+            }
+        }
+    }
+    if !any {
+        return Err(bad(
+            path,
+            "no object has this name or prefix. Fix: check the URL, and that the credentials (AWS_*, GOOGLE_*, AZURE_*) may list the bucket",
+        ));
+    }
+    Ok(if tars > 0 && !media {
+        SourceKind::Tar
+    } else if parquets > 0 && !media && tars == 0 {
+        SourceKind::Parquet
+    } else {
+        SourceKind::Dir
+    })
+}
+
 /// One input: its identity (stable across runs and machines) and how to get its bytes.
 #[derive(Debug)]
 pub struct Item {
@@ -133,6 +209,8 @@ pub enum Payload {
     /// Read by the worker (parallel I/O for directory sources).
     File(PathBuf),
     Bytes(Vec<u8>),
+    /// An object in object storage, fetched by the worker (parallel GETs).
+    Object(Remote),
     /// The source itself failed for this input (unreadable archive member, bad row).
     Failed(String),
     /// An archive member over the size cap, not read: its size.
@@ -158,6 +236,62 @@ pub enum PartPlan {
         start: usize,
         len: usize,
     },
+    /// Objects of a remote tree (keys under `base`) or of a list (entries as written: keys
+    /// relative to the list's folder, or URLs), with their listing's (size, mtime) when known.
+    Objects {
+        base: Remote,
+        items: Vec<Entry>,
+        kind: SourceKind,
+    },
+    /// One remote webdataset shard, streamed.
+    TarObject {
+        base: Remote,
+        rel: String,
+        stamp: Option<(u64, i64)>,
+    },
+    /// One remote Parquet file, a part of its own (spooled to a temporary file when built).
+    ParquetObject {
+        base: Remote,
+        rel: String,
+        column: Option<String>,
+        stamp: Option<(u64, i64)>,
+    },
+}
+
+/// Where a list entry is: a URL as written, else a key under the list's folder.
+fn resolve(base: &Remote, entry: &str) -> Result<Remote, objects::ObjectError> {
+    if objects::is_url(entry) {
+        objects::locate(entry)
+    } else {
+        Ok(base.join(entry))
+    }
+}
+
+/// (size, mtime) of objects now, in order; missing or unreadable: (0, MISSING).
+fn remote_stamps(base: &Remote, entries: &[String]) -> Vec<(u64, i64)> {
+    let now = |r: Result<Option<objects::Listed>, objects::ObjectError>| match r {
+        Ok(Some(l)) => (l.size, l.mtime_ns),
+        _ => (0, MISSING),
+    };
+    if entries.iter().any(|e| objects::is_url(e)) {
+        return entries
+            .iter()
+            .map(|e| now(resolve(base, e).and_then(|r| r.head(""))))
+            .collect();
+    }
+    base.head_many(entries).into_iter().map(now).collect()
+}
+
+/// The remote location a remote source's parts are relative to (as [`base_of`]).
+fn remote_base(spec: &SourceSpec, url: &str) -> Result<Remote, SourceError> {
+    let remote = remote_of(&spec.path, url)?;
+    let single = match spec.kind {
+        SourceKind::Dir => false,
+        SourceKind::List => true,
+        SourceKind::Tar => lower_ext(&spec.path).as_deref() == Some("tar"),
+        SourceKind::Parquet => lower_ext(&spec.path).as_deref() == Some("parquet"),
+    };
+    Ok(if single { remote.parent() } else { remote })
 }
 
 fn lower_ext(p: &Path) -> Option<String> {
@@ -234,6 +368,46 @@ impl PartPlan {
                 })
                 .collect(),
             PartPlan::Tar { root, file } => vec![row(&rel(root, file), file, None, None)],
+            PartPlan::Objects { base, items, .. } => {
+                let unknown: Vec<String> = items
+                    .iter()
+                    .filter(|(_, s)| s.is_none())
+                    .map(|(e, _)| e.clone())
+                    .collect();
+                let mut heads = remote_stamps(base, &unknown).into_iter();
+                items
+                    .iter()
+                    .map(|(entry, known)| {
+                        let (bytes, mtime_ns) =
+                            known.or_else(|| heads.next()).unwrap_or((0, MISSING));
+                        PlanRow {
+                            part,
+                            video,
+                            path: PathBuf::from(entry),
+                            start: None,
+                            len: None,
+                            bytes,
+                            mtime_ns,
+                        }
+                    })
+                    .collect()
+            }
+            PartPlan::TarObject { base, rel, stamp }
+            | PartPlan::ParquetObject {
+                base, rel, stamp, ..
+            } => {
+                let (bytes, mtime_ns) =
+                    stamp.unwrap_or_else(|| remote_stamps(base, std::slice::from_ref(rel))[0]);
+                vec![PlanRow {
+                    part,
+                    video,
+                    path: PathBuf::from(rel),
+                    start: None,
+                    len: None,
+                    bytes,
+                    mtime_ns,
+                }]
+            }
             PartPlan::ParquetRows {
                 root,
                 file,
@@ -252,29 +426,15 @@ impl PartPlan {
     /// The part a frozen plan lists for `spec`, after checking that every input is as it was
     /// at planning (size and modification time): a changed source is an error naming the fix.
     pub fn from_plan_rows(spec: &SourceSpec, rows: Vec<PlanRow>) -> Result<PartPlan, SourceError> {
+        if let Some(url) = url_of(&spec.path) {
+            return from_remote_plan_rows(spec, url, rows);
+        }
         let root = base_of(spec);
         for r in &rows {
             let at = root.join(&r.path);
             let now = stamp(&at);
             if now != (r.bytes, r.mtime_ns) {
-                let was = if r.mtime_ns == MISSING {
-                    "missing at planning".to_string()
-                } else {
-                    format!("{} bytes at planning", r.bytes)
-                };
-                let is = if now.1 == MISSING {
-                    "gone now".to_string()
-                } else if now.0 != r.bytes || r.mtime_ns == MISSING {
-                    format!("{} bytes now", now.0)
-                } else {
-                    "modified since".to_string()
-                };
-                return Err(bad(
-                    &at,
-                    format!(
-                        "changed since the dataset was planned ({was}, {is}). Fix: restore it, or plan the source again into a new directory (`codeclm dataset plan ... --out NEW_DIR`): a plan is frozen so that every worker builds the same parts"
-                    ),
-                ));
+                return Err(bad(&at, changed((r.bytes, r.mtime_ns), now)));
             }
         }
         let malformed = || {
@@ -315,12 +475,187 @@ impl PartPlan {
     }
 }
 
+/// The text of a changed-input error (planned as `was`, found as `now`).
+fn changed(was: (u64, i64), now: (u64, i64)) -> String {
+    let was_s = if was.1 == MISSING {
+        "missing at planning".to_string()
+    } else {
+        format!("{} bytes at planning", was.0)
+    };
+    let is = if now.1 == MISSING {
+        "gone now".to_string()
+    } else if now.0 != was.0 || was.1 == MISSING {
+        format!("{} bytes now", now.0)
+    } else {
+        "modified since".to_string()
+    };
+    format!(
+        "changed since the dataset was planned ({was_s}, {is}). Fix: restore it, or plan the source again into a new directory (`codeclm dataset plan ... --out NEW_DIR`): a plan is frozen so that every worker builds the same parts"
+    )
+}
+
+fn from_remote_plan_rows(
+    spec: &SourceSpec,
+    url: &str,
+    rows: Vec<PlanRow>,
+) -> Result<PartPlan, SourceError> {
+    let base = remote_base(spec, url)?;
+    let entries: Vec<String> = rows
+        .iter()
+        .map(|r| r.path.to_string_lossy().to_string())
+        .collect();
+    for ((r, entry), now) in rows
+        .iter()
+        .zip(&entries)
+        .zip(remote_stamps(&base, &entries))
+    {
+        if now != (r.bytes, r.mtime_ns) {
+            let at = resolve(&base, entry)
+                .map(|r| r.url().to_string())
+                .unwrap_or_else(|_| entry.clone());
+            return Err(bad(Path::new(&at), changed((r.bytes, r.mtime_ns), now)));
+        }
+    }
+    let stamps: Vec<_> = rows.iter().map(|r| Some((r.bytes, r.mtime_ns))).collect();
+    let one = |entries: Vec<String>| match <[String; 1]>::try_from(entries) {
+        Ok([rel]) => Ok(rel),
+        Err(_) => Err(bad(
+            &spec.path,
+            "the plan lists a part this source kind cannot have; plan it again",
+        )),
+    };
+    Ok(match spec.kind {
+        SourceKind::Dir | SourceKind::List => PartPlan::Objects {
+            base,
+            items: entries.into_iter().zip(stamps).collect(),
+            kind: spec.kind,
+        },
+        SourceKind::Tar => PartPlan::TarObject {
+            base,
+            rel: one(entries)?,
+            stamp: stamps[0],
+        },
+        SourceKind::Parquet => PartPlan::ParquetObject {
+            base,
+            rel: one(entries)?,
+            column: spec.column.clone(),
+            stamp: stamps[0],
+        },
+    })
+}
+
+/// An object of a remote part: its key or list entry, and its (size, mtime) when listed.
+type Entry = (String, Option<(u64, i64)>);
+
+/// A remote source's parts: a tree listed in key order, a list read as it streams, and one
+/// part per tar or Parquet object.
+fn plan_remote(
+    spec: &SourceSpec,
+    url: &str,
+    part_size: usize,
+) -> Result<Box<dyn Iterator<Item = Result<PartPlan, SourceError>>>, SourceError> {
+    let base = remote_base(spec, url)?;
+    let path = spec.path.clone();
+    let err = move |e: objects::ObjectError| bad(&path, e.to_string());
+    let chunked = |entries: Box<dyn Iterator<Item = Result<Entry, SourceError>>>,
+                   base: Remote,
+                   kind: SourceKind| {
+        let mut entries = entries;
+        std::iter::from_fn(move || {
+            let mut chunk = Vec::with_capacity(part_size.min(4096));
+            for e in entries.by_ref() {
+                match e {
+                    Ok(e) => chunk.push(e),
+                    Err(e) => return Some(Err(e)),
+                }
+                if chunk.len() == part_size {
+                    break;
+                }
+            }
+            (!chunk.is_empty()).then(|| {
+                Ok(PartPlan::Objects {
+                    base: base.clone(),
+                    items: std::mem::take(&mut chunk),
+                    kind,
+                })
+            })
+        })
+    };
+    match spec.kind {
+        SourceKind::Dir => {
+            let listed = base.list().filter_map(move |l| match l {
+                Ok(l) if skipped_name(l.rel.rsplit('/').next().unwrap_or_default()) => None,
+                Ok(l) => Some(Ok((l.rel, Some((l.size, l.mtime_ns))))),
+                Err(e) => Some(Err(err(e))),
+            });
+            Ok(Box::new(chunked(Box::new(listed), base, SourceKind::Dir)))
+        }
+        SourceKind::List => {
+            let list = remote_of(&spec.path, url)?;
+            let reader = list.reader("").map_err(&err)?;
+            let at = spec.path.clone();
+            let lines = BufReader::with_capacity(1 << 20, reader)
+                .lines()
+                .filter_map(move |line| match line {
+                    Ok(l) if l.trim().is_empty() || l.trim_start().starts_with('#') => None,
+                    Ok(l) => Some(Ok((l.trim().to_string(), None))),
+                    Err(e) => Some(Err(bad(&at, format!("cannot read the list: {e}")))),
+                });
+            Ok(Box::new(chunked(Box::new(lines), base, SourceKind::List)))
+        }
+        SourceKind::Tar | SourceKind::Parquet => {
+            let ext = if spec.kind == SourceKind::Tar {
+                "tar"
+            } else {
+                "parquet"
+            };
+            let objects: Vec<Entry> = if lower_ext(&spec.path).as_deref() == Some(ext) {
+                let object = remote_of(&spec.path, url)?;
+                vec![(object.name(), None)]
+            } else {
+                let mut found = Vec::new();
+                for l in base.list() {
+                    let l = l.map_err(&err)?;
+                    if lower_ext(Path::new(&l.rel)).as_deref() == Some(ext) {
+                        found.push((l.rel, Some((l.size, l.mtime_ns))));
+                    }
+                }
+                if found.is_empty() {
+                    return Err(bad(&spec.path, format!("no .{ext} objects found")));
+                }
+                found
+            };
+            let column = spec.column.clone();
+            let tar = spec.kind == SourceKind::Tar;
+            Ok(Box::new(objects.into_iter().map(move |(rel, stamp)| {
+                Ok(if tar {
+                    PartPlan::TarObject {
+                        base: base.clone(),
+                        rel,
+                        stamp,
+                    }
+                } else {
+                    PartPlan::ParquetObject {
+                        base: base.clone(),
+                        rel,
+                        column: column.clone(),
+                        stamp,
+                    }
+                })
+            })))
+        }
+    }
+}
+
 /// Plans the source into parts, lazily and deterministically.
 pub fn plan(
     spec: &SourceSpec,
     part_size: usize,
 ) -> Result<Box<dyn Iterator<Item = Result<PartPlan, SourceError>>>, SourceError> {
     let part_size = part_size.max(1);
+    if let Some(url) = url_of(&spec.path) {
+        return plan_remote(spec, url, part_size);
+    }
     let root = spec.path.clone();
     match spec.kind {
         SourceKind::Dir => {
@@ -459,6 +794,9 @@ fn chunk_paths(
 pub fn open(plan: PartPlan, max_bytes: u64) -> Box<dyn Iterator<Item = Item> + Send> {
     match plan {
         PartPlan::Files { root, paths, kind } => Box::new(paths.into_iter().map(move |p| {
+            if let Some(url) = url_of(&p).filter(|_| kind == SourceKind::List) {
+                return object_item(url.to_string(), objects::locate(url));
+            }
             let (identity, path) = match kind {
                 SourceKind::List => (
                     p.to_string_lossy().to_string(),
@@ -485,6 +823,50 @@ pub fn open(plan: PartPlan, max_bytes: u64) -> Box<dyn Iterator<Item = Item> + S
             start,
             len,
         } => Box::new(ParquetItems::new(&root, &file, column, start, len)),
+        PartPlan::Objects { base, items, .. } => {
+            Box::new(items.into_iter().map(move |(entry, _)| {
+                let at = resolve(&base, &entry);
+                object_item(entry, at)
+            }))
+        }
+        PartPlan::TarObject { base, rel, .. } => {
+            let (tx, rx) = crossbeam_channel::bounded(16);
+            std::thread::spawn(move || {
+                let at = base.url_of(&rel);
+                match base.reader(&rel) {
+                    Ok(r) => read_archive(&rel, &at, r, max_bytes, &tx),
+                    Err(e) => {
+                        let _ = tx.send(Item {
+                            identity: format!("{rel}#"),
+                            kind: "tar",
+                            ext: None,
+                            payload: Payload::Failed(format!("cannot open {at}: {e}")),
+                        });
+                    }
+                }
+            });
+            Box::new(TarItems { rx })
+        }
+        PartPlan::ParquetObject {
+            base, rel, column, ..
+        } => {
+            let mut items = ParquetItems::new(Path::new(""), Path::new(&rel), column, 0, 0);
+            items.fetch = Some(base.join(&rel));
+            Box::new(items)
+        }
+    }
+}
+
+/// An object as an input: fetched by the worker; identity as the listing or the list names it.
+fn object_item(identity: String, at: Result<Remote, objects::ObjectError>) -> Item {
+    Item {
+        ext: lower_ext(Path::new(&identity)),
+        payload: match at {
+            Ok(remote) => Payload::Object(remote),
+            Err(e) => Payload::Failed(e.to_string()),
+        },
+        identity,
+        kind: "file",
     }
 }
 
@@ -520,13 +902,30 @@ fn read_tar(name: &str, file: &Path, max_bytes: u64, tx: &crossbeam_channel::Sen
             return;
         }
     };
-    let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, f));
+    read_archive(name, &file.display().to_string(), f, max_bytes, tx);
+}
+
+/// The samples of one tar archive read front to back from `r` (`at` names it in messages).
+fn read_archive(
+    name: &str,
+    at: &str,
+    r: impl Read,
+    max_bytes: u64,
+    tx: &crossbeam_channel::Sender<Item>,
+) {
+    let failed = |key: &str, message: String| Item {
+        identity: format!("{name}#{key}"),
+        kind: "tar",
+        ext: None,
+        payload: Payload::Failed(message),
+    };
+    let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, r));
     let entries = match archive.entries() {
         Ok(e) => e,
         Err(e) => {
             let _ = tx.send(failed(
                 "",
-                format!("{} is not a readable tar archive: {e}", file.display()),
+                format!("{at} is not a readable tar archive: {e}"),
             ));
             return;
         }
@@ -539,10 +938,7 @@ fn read_tar(name: &str, file: &Path, max_bytes: u64, tx: &crossbeam_channel::Sen
             Err(e) => {
                 let _ = tx.send(failed(
                     &format!("{last_key}~damaged"),
-                    format!(
-                        "tar archive {} is damaged after member {last_key:?}: {e}",
-                        file.display()
-                    ),
+                    format!("tar archive {at} is damaged after member {last_key:?}: {e}"),
                 ));
                 return;
             }
@@ -611,6 +1007,12 @@ struct ParquetItems {
     failed: bool,
     /// The file's footer and image column, read with the first batch (not once per batch).
     footer: Option<(polars::io::parquet::metadata::FileMetadataRef, String)>,
+    /// The file as messages name it (its path, or its URL when it is remote).
+    shown: String,
+    /// A remote file not fetched yet: spooled whole to a temporary file on the first read
+    /// (polars reads a non-file source whole into memory; a spool keeps memory at a batch).
+    fetch: Option<Remote>,
+    spool: Option<tempfile::NamedTempFile>,
 }
 
 const PARQUET_BATCH: usize = 256;
@@ -632,12 +1034,41 @@ impl ParquetItems {
             buffer: Vec::new().into_iter(),
             failed: false,
             footer: None,
+            shown: file.display().to_string(),
+            fetch: None,
+            spool: None,
         }
     }
 
+    /// Downloads the remote file and takes all its rows as this part.
+    fn spool(&mut self, remote: Remote) -> Result<(), String> {
+        self.shown = remote.url().to_string();
+        let mut spool = tempfile::NamedTempFile::new().map_err(|e| {
+            format!(
+                "cannot create a temporary file for {} ({e}); set TMPDIR to a writable disk",
+                self.shown
+            )
+        })?;
+        let mut reader = remote.reader("").map_err(|e| e.to_string())?;
+        std::io::copy(&mut reader, spool.as_file_mut()).map_err(|e| {
+            format!(
+                "cannot download {} to {} ({e}); check TMPDIR's free space",
+                self.shown,
+                spool.path().display()
+            )
+        })?;
+        let rows = File::open(spool.path())
+            .map_err(|e| e.to_string())
+            .and_then(|f| ParquetReader::new(f).num_rows().map_err(|e| e.to_string()))
+            .map_err(|e| format!("cannot read the Parquet metadata of {}: {e}", self.shown))?;
+        self.file = spool.path().to_path_buf();
+        self.spool = Some(spool);
+        self.end = self.next_row + rows;
+        Ok(())
+    }
+
     fn read_batch(&mut self) -> Result<Vec<Item>, String> {
-        let f = File::open(&self.file)
-            .map_err(|e| format!("cannot open {}: {e}", self.file.display()))?;
+        let f = File::open(&self.file).map_err(|e| format!("cannot open {}: {e}", self.shown))?;
         let mut reader = ParquetReader::new(f);
         let column = match &self.footer {
             Some((metadata, column)) => {
@@ -649,7 +1080,7 @@ impl ParquetItems {
                 let column = match &self.column {
                     Some(c) => c.clone(),
                     None => pick_image_column(&schema).ok_or_else(|| {
-                        format!("{}: no image column found (a struct with a `bytes` field, or a binary column); name it with --image-column", self.file.display())
+                        format!("{}: no image column found (a struct with a `bytes` field, or a binary column); name it with --image-column", self.shown)
                     })?,
                 };
                 let metadata = reader.get_metadata().map_err(|e| e.to_string())?.clone();
@@ -667,7 +1098,7 @@ impl ParquetItems {
                     "cannot read rows {}..{} of {}: {e}",
                     self.next_row,
                     self.next_row + n,
-                    self.file.display()
+                    self.shown
                 )
             })?;
         let col = df.column(&column).map_err(|e| e.to_string())?;
@@ -722,6 +1153,17 @@ impl Iterator for ParquetItems {
     fn next(&mut self) -> Option<Item> {
         if let Some(item) = self.buffer.next() {
             return Some(item);
+        }
+        if let Some(remote) = self.fetch.take() {
+            if let Err(message) = self.spool(remote) {
+                self.failed = true;
+                return Some(Item {
+                    identity: format!("{}#", self.name),
+                    kind: "parquet",
+                    ext: None,
+                    payload: Payload::Failed(message),
+                });
+            }
         }
         if self.failed || self.next_row >= self.end {
             return None;

@@ -48,6 +48,9 @@ pub enum DatasetCommand {
     Tokenize(tokens::TokenizeArgs),
     /// Turn token sequences back into files (JPEG with the tables spliced back).
     Decode(tokens::DecodeArgs),
+    /// Copy a dataset from object storage (`s3://bucket/ds`, as `build --out` wrote it) into a
+    /// local directory, for the commands that read one; a second pull fetches only what is new.
+    Pull { url: String, dir: PathBuf },
 }
 
 #[derive(Args)]
@@ -61,9 +64,14 @@ pub struct BuildArgs {
     /// dataset.
     #[arg(long)]
     pub(crate) videos: Option<PathBuf>,
-    /// The dataset directory (created; rerunning with the same arguments resumes it).
+    /// The dataset directory (created; rerunning with the same arguments resumes it), or an
+    /// `s3://bucket/prefix` (built through a local stage, each part uploaded when it is done).
     #[arg(long)]
     pub(crate) out: PathBuf,
+    /// The local stage of an `s3://` --out (default: $TMPDIR/codeclm-stage/<hash of the URL>):
+    /// holds the manifests and about one part's shards per writer.
+    #[arg(long)]
+    pub(crate) stage: Option<PathBuf>,
     /// Worker threads (default: every core).
     #[arg(long)]
     pub(crate) workers: Option<usize>,
@@ -223,7 +231,36 @@ pub fn run(cmd: DatasetCommand) -> Result<()> {
         DatasetCommand::Verify { dataset } => verify(&dataset),
         DatasetCommand::Tokenize(args) => tokens::tokenize(args),
         DatasetCommand::Decode(args) => tokens::decode(args),
+        DatasetCommand::Pull { url, dir } => pull(&url, &dir),
     }
+}
+
+/// The local stage of an object-storage --out, with its top-level files pulled.
+fn mirror(args: &BuildArgs) -> Result<Option<std::sync::Arc<codeclm_etl::mirror::Mirror>>> {
+    let Some(url) = codeclm_etl::source::url_of(&args.out) else {
+        return Ok(None);
+    };
+    let m = codeclm_etl::mirror::Mirror::open(url, args.stage.clone())
+        .with_context(|| format!("opening {url} and its local stage"))?;
+    tracing::info!("{url}: staged in {}", m.stage().display());
+    Ok(Some(std::sync::Arc::new(m)))
+}
+
+fn pull(url: &str, dir: &std::path::Path) -> Result<()> {
+    let started = std::time::Instant::now();
+    // The directory is the mirror's stage: its top-level files come first, then the rest.
+    let m = codeclm_etl::mirror::Mirror::open(url, Some(dir.to_path_buf()))
+        .with_context(|| format!("opening {url}"))?;
+    let (files, bytes) = m
+        .pull_all(dir)
+        .with_context(|| format!("pulling {url} into {}", dir.display()))?;
+    println!(
+        "pulled {files} files ({:.2} MB) from {url} into {} in {:.1} s",
+        bytes as f64 / 1e6,
+        dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// Opens a dataset with the error every command gives for it.
@@ -260,11 +297,21 @@ fn plan(args: BuildArgs) -> Result<()> {
     if args.no_progress {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let header = codeclm_etl::builder::write_plan(&settings, &args.out, &|parts, inputs| {
+    let mirror = mirror(&args)?;
+    let out = mirror
+        .as_ref()
+        .map_or(args.out.clone(), |m| m.stage().to_path_buf());
+    let header = codeclm_etl::builder::write_plan(&settings, &out, &|parts, inputs| {
         bar.set_message(format!("{parts} parts, {inputs} inputs"));
         bar.tick();
     })
     .with_context(|| format!("planning into {}", args.out.display()))?;
+    if let Some(m) = &mirror {
+        // The rows first: plan.json is what says a plan exists.
+        m.push("plan.parquet")
+            .and_then(|()| m.push("plan.json"))
+            .with_context(|| format!("uploading the plan to {}", m.url()))?;
+    }
     bar.finish_and_clear();
     println!(
         "planned {} parts, {} inputs in {:.1} s: {} (hash {}); now run `codeclm dataset build --out {}` on each worker",
@@ -280,7 +327,11 @@ fn plan(args: BuildArgs) -> Result<()> {
 
 fn build(args: BuildArgs) -> Result<()> {
     let mut settings: BuildSettings = flags::build_settings(&args)?;
-    if let Some(plan) = codeclm_formats::plan::Plan::open(&args.out)
+    let mirror = mirror(&args)?;
+    let out = mirror
+        .as_ref()
+        .map_or(args.out.clone(), |m| m.stage().to_path_buf());
+    if let Some(plan) = codeclm_formats::plan::Plan::open(&out)
         .with_context(|| format!("reading the plan in {}", args.out.display()))?
     {
         // A planned output: its sources and part size come from the plan unless given (and
@@ -293,7 +344,8 @@ fn build(args: BuildArgs) -> Result<()> {
         }
     }
     let workers = flags::workers(args.workers);
-    let mut opts = BuildOptions::new(args.out.clone(), settings);
+    let mut opts = BuildOptions::new(out, settings);
+    opts.mirror = mirror;
     opts.workers = workers;
     let shard = flags::shard_choice(args.shard_index, args.num_shards, &|k| {
         std::env::var(k).ok()

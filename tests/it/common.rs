@@ -100,6 +100,51 @@ pub fn copy_files(from: &Path, to: &Path) {
     }
 }
 
+/// Writes webdataset shards `00000.tar`, ... of `per_shard` photos each into `dir` (created),
+/// as img2dataset writes them: `key.ext` + `key.json`. Returns the shards' paths.
+pub fn write_wds_shards(dir: &Path, photos: &[PathBuf], per_shard: usize) -> Vec<PathBuf> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut shards = Vec::new();
+    for (i, chunk) in photos.chunks(per_shard).enumerate() {
+        let at = dir.join(format!("{i:05}.tar"));
+        let mut tar = tar::Builder::new(std::fs::File::create(&at).unwrap());
+        for p in chunk {
+            let stem = p.file_stem().unwrap().to_string_lossy();
+            let ext = p.extension().unwrap().to_string_lossy();
+            tar.append_path_with_name(p, format!("{stem}.{ext}"))
+                .unwrap();
+            let json = format!("{{\"key\": \"{stem}\", \"status\": \"success\"}}");
+            let mut header = tar::Header::new_gnu();
+            header.set_size(json.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            tar.append_data(&mut header, format!("{stem}.json"), json.as_bytes())
+                .unwrap();
+        }
+        tar.finish().unwrap();
+        shards.push(at);
+    }
+    shards
+}
+
+/// Writes `photos` as a Hugging Face datasets Parquet file with Python polars: a `label`
+/// column and `image` = struct {bytes, path}, `row_group` rows a row group.
+pub fn write_hf_parquet(photos: &[PathBuf], out: &Path, row_group: usize) {
+    let script = format!(
+        "import polars as pl, pathlib\nfiles = [{}]\npl.DataFrame({{'label': list(range(len(files))), 'image': [{{'bytes': pathlib.Path(f).read_bytes(), 'path': pathlib.Path(f).name}} for f in files]}}).write_parquet({:?}, row_group_size={row_group})",
+        photos.iter().map(|p| format!("{:?}", p.display().to_string())).collect::<Vec<_>>().join(", "),
+        out.display().to_string()
+    );
+    let status = Command::new("python3")
+        .args(["-c", &script])
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "writing the Parquet source needs Python polars (`pip install -r tools/requirements.txt`)"
+    );
+}
+
 /// Source identity -> stored codec bytes, for every successful sample.
 pub fn codec_by_source(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let ds = Dataset::open(dir).unwrap();

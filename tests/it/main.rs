@@ -6,6 +6,7 @@ mod crops;
 mod fid;
 mod hardening;
 mod model;
+mod object_storage;
 mod pillow_identity;
 mod resume_and_shards;
 mod sample;

@@ -50,25 +50,7 @@ fn dir_list_tar_and_parquet_sources_agree() {
 
     // webdataset: two shards of key.ext + key.json, as img2dataset writes them.
     let shards = t.join("wds");
-    std::fs::create_dir(&shards).unwrap();
-    for (i, chunk) in photos.chunks(5).enumerate() {
-        let file = std::fs::File::create(shards.join(format!("{i:05}.tar"))).unwrap();
-        let mut tar = tar::Builder::new(file);
-        for p in chunk {
-            let stem = p.file_stem().unwrap().to_string_lossy();
-            let ext = p.extension().unwrap().to_string_lossy();
-            tar.append_path_with_name(p, format!("{stem}.{ext}"))
-                .unwrap();
-            let json = format!("{{\"key\": \"{stem}\", \"status\": \"success\"}}");
-            let mut header = tar::Header::new_gnu();
-            header.set_size(json.len() as u64);
-            header.set_mode(0o644);
-            header.set_cksum();
-            tar.append_data(&mut header, format!("{stem}.json"), json.as_bytes())
-                .unwrap();
-        }
-        tar.finish().unwrap();
-    }
+    assert_eq!(write_wds_shards(&shards, &photos, 5).len(), 2);
     build(&shards, &t.join("tar"), &[]);
     let from_tar = codec_by_source(&t.join("tar"));
     assert!(
@@ -82,19 +64,7 @@ fn dir_list_tar_and_parquet_sources_agree() {
 
     // Hugging Face datasets layout: column `image` = struct {bytes, path}, written by Python polars.
     let parquet = t.join("hf.parquet");
-    let script = format!(
-        "import polars as pl, pathlib\nfiles = [{}]\npl.DataFrame({{'label': list(range(len(files))), 'image': [{{'bytes': pathlib.Path(f).read_bytes(), 'path': pathlib.Path(f).name}} for f in files]}}).write_parquet({:?})",
-        photos.iter().map(|p| format!("{:?}", p.display().to_string())).collect::<Vec<_>>().join(", "),
-        parquet.display().to_string()
-    );
-    let status = std::process::Command::new("python3")
-        .args(["-c", &script])
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "writing the Parquet source needs Python polars (`pip install -r tools/requirements.txt`)"
-    );
+    write_hf_parquet(&photos, &parquet, 512);
     build(&parquet, &t.join("pq"), &["--part-size", "4"]);
     let from_pq = codec_by_source(&t.join("pq"));
     // Parquet rows are named file#row; map them back to the photo order.

@@ -1,0 +1,232 @@
+//! A dataset in object storage (`--out s3://bucket/ds`), built through a local stage.
+//!
+//! Object stores have no rename, so the local commit protocol (temp file, rename, the part
+//! manifest last) becomes: a part is built in the stage exactly as a local build builds it,
+//! then its shards are uploaded, then its manifest: the manifest object is the commit, and a
+//! part without one is built again (its shards overwritten with the same bytes). Every PUT makes
+//! an object appear whole or not at all. The bucket is the truth: opening a mirror brings the
+//! stage's `dataset.json`, tables and plan up to date with it, and forgets any part the stage
+//! finished but the bucket has no manifest of. The stage keeps manifests (small) and frees each
+//! part's shards once they are uploaded, so it holds about one part per writer.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use codeclm_formats::DatasetLayout;
+
+use crate::builder::BuildError;
+use crate::objects::{self, ObjectError, Remote};
+
+/// The top-level files a build reads before it starts (the rest is per part).
+const TOP: &[&str] = &[
+    "dataset.json",
+    "jpeg_tables.jpg",
+    "plan.json",
+    "plan.parquet",
+];
+
+/// A dataset at a URL and its local stage.
+#[derive(Debug)]
+pub struct Mirror {
+    remote: Remote,
+    layout: DatasetLayout,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
+    move |source| {
+        BuildError::Format(codeclm_formats::Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// `parts/part-NNNNNN.parquet` -> NNNNNN.
+fn part_of(rel: &str) -> Option<u32> {
+    rel.strip_prefix("parts/part-")?
+        .strip_suffix(".parquet")?
+        .parse()
+        .ok()
+}
+
+impl Mirror {
+    /// The dataset at `url`, staged in `stage` (default: `$TMPDIR/codeclm-stage/<hash of the
+    /// URL>`, so reruns on one machine share it), with the stage's top-level files pulled.
+    pub fn open(url: &str, stage: Option<PathBuf>) -> Result<Mirror, BuildError> {
+        let url = url.trim_end_matches('/');
+        let remote = objects::locate(url)?;
+        let stage = stage.unwrap_or_else(|| {
+            std::env::temp_dir().join("codeclm-stage").join(format!(
+                "{:016x}",
+                xxhash_rust::xxh3::xxh3_64(url.as_bytes())
+            ))
+        });
+        let mirror = Mirror {
+            remote,
+            layout: DatasetLayout::new(stage),
+        };
+        mirror.layout.create_dirs()?;
+        mirror.pull_top()?;
+        Ok(mirror)
+    }
+
+    pub fn url(&self) -> &str {
+        self.remote.url()
+    }
+
+    /// The local stage: a dataset directory the builder writes as it writes any other.
+    pub fn stage(&self) -> &Path {
+        &self.layout.root
+    }
+
+    /// The stage's `dataset.json`, tables and plan, as the bucket has them (absent there:
+    /// removed here).
+    fn pull_top(&self) -> Result<(), BuildError> {
+        for name in TOP {
+            let local = self.layout.root.join(name);
+            match self.remote.get(name) {
+                Ok(bytes) => codeclm_formats::write_atomic(&local, &bytes)?,
+                Err(ObjectError::NotFound { .. }) => match std::fs::remove_file(&local) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(io(&local)(e))
+                    }
+                    _ => {}
+                },
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Parts whose manifest is in the bucket, sorted.
+    pub fn finished(&self) -> Result<Vec<u32>, BuildError> {
+        let mut parts = BTreeSet::new();
+        for listed in self.remote.join("parts").list() {
+            let listed = listed?;
+            if let Some(p) = part_of(&format!("parts/{}", listed.rel)) {
+                parts.insert(p);
+            }
+        }
+        Ok(parts.into_iter().collect())
+    }
+
+    /// The finished parts, after forgetting those the stage finished and the bucket did not
+    /// receive (a run killed between the two): they are built again.
+    pub fn sync_parts(&self) -> Result<Vec<u32>, BuildError> {
+        let finished = self.finished()?;
+        for p in self.layout.finished_parts()? {
+            if finished.binary_search(&p).is_err() {
+                let manifest = self.layout.part_manifest(p);
+                std::fs::remove_file(&manifest).map_err(io(&manifest))?;
+                tracing::info!(
+                    "part {p} was finished here but never reached {}: building it again",
+                    self.url()
+                );
+            }
+        }
+        Ok(finished)
+    }
+
+    /// Uploads a stage file (a path relative to the dataset root) as the same key.
+    pub fn push(&self, rel: &str) -> Result<(), BuildError> {
+        Ok(self.remote.put_file(rel, &self.layout.root.join(rel))?)
+    }
+
+    /// Uploads the stage's file `rel` unless the bucket has that key already.
+    pub fn push_if_absent(&self, rel: &str) -> Result<(), BuildError> {
+        if self.remote.head(rel)?.is_none() {
+            self.push(rel)?;
+        }
+        Ok(())
+    }
+
+    /// Commits a part the stage finished: its shards, then its manifest, then the stage's
+    /// copies of the shards are freed.
+    pub fn push_part(&self, part: u32) -> Result<(), BuildError> {
+        let shards = self.layout.shards_of_part(part)?;
+        for s in &shards {
+            let rel = s
+                .strip_prefix(&self.layout.root)
+                .expect("shards are under the root")
+                .to_string_lossy()
+                .to_string();
+            self.push(&rel)?;
+        }
+        // Test failpoint: die as a killed worker would, the shards uploaded, not the manifest.
+        fail::fail_point!("etl::kill-before-remote-manifest", |_| {
+            std::process::abort()
+        });
+        self.push(&format!("parts/part-{part:06}.parquet"))?;
+        for s in &shards {
+            std::fs::remove_file(s).map_err(io(s))?;
+        }
+        Ok(())
+    }
+
+    /// When every part of `parts_total` has its manifest in the bucket: fetches the manifests
+    /// the stage lacks, writes `samples.parquet` and uploads it. Whether the dataset is complete.
+    pub fn complete(&self, parts_total: u32) -> Result<bool, BuildError> {
+        let finished = self.finished()?;
+        if finished.len() as u32 != parts_total
+            || !finished.iter().enumerate().all(|(i, &p)| p == i as u32)
+        {
+            return Ok(false);
+        }
+        for &p in &finished {
+            let local = self.layout.part_manifest(p);
+            if !local.exists() {
+                let bytes = self.remote.get(&format!("parts/part-{p:06}.parquet"))?;
+                codeclm_formats::write_atomic(&local, &bytes)?;
+            }
+        }
+        self.layout.consolidate()?;
+        self.push("samples.parquet")?;
+        Ok(true)
+    }
+
+    /// Copies every object of the dataset into `dir` (for the commands that read a local
+    /// dataset), each written atomically; returns (files, bytes) fetched. A shard already there
+    /// with the same size is kept (a shard's name fixes its bytes), so a second pull fetches
+    /// the new shards and every smaller file again.
+    pub fn pull_all(&self, dir: &Path) -> Result<(u64, u64), BuildError> {
+        let (mut files, mut bytes) = (0u64, 0u64);
+        for listed in self.remote.list() {
+            let listed = listed?;
+            let to = dir.join(&listed.rel);
+            let immutable = listed.rel.starts_with("shards/") || TOP.contains(&listed.rel.as_str());
+            if immutable && std::fs::metadata(&to).is_ok_and(|m| m.len() == listed.size) {
+                continue;
+            }
+            let parent = to.parent().unwrap_or(dir);
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+            let mut tmp = tempfile::NamedTempFile::new_in(parent).map_err(io(parent))?;
+            let mut reader = self.remote.reader(&listed.rel)?;
+            std::io::copy(&mut reader, tmp.as_file_mut()).map_err(io(&to))?;
+            tmp.as_file().sync_all().map_err(io(&to))?;
+            tmp.persist(&to).map_err(|e| io(&to)(e.error))?;
+            codeclm_formats::sync_dir(parent)?;
+            files += 1;
+            bytes += listed.size;
+        }
+        if files == 0 && !dir.join("dataset.json").exists() {
+            return Err(BuildError::Config(format!(
+                "{} holds no dataset (no dataset.json). Fix: check the URL, and that the credentials may list it",
+                self.url()
+            )));
+        }
+        Ok((files, bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_manifest_keys_parse() {
+        assert_eq!(part_of("parts/part-000012.parquet"), Some(12));
+        assert_eq!(part_of("parts/part-000012.lease"), None);
+        assert_eq!(part_of("parts/part-x.parquet"), None);
+        assert_eq!(part_of("shards/part-000001-jpeg-000.shard"), None);
+    }
+}
