@@ -5,6 +5,7 @@
 
 pub mod dataset;
 pub mod error;
+pub mod export;
 #[cfg(test)]
 mod fuzz;
 mod ids;

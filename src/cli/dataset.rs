@@ -48,6 +48,10 @@ pub enum DatasetCommand {
     Tokenize(tokens::TokenizeArgs),
     /// Turn token sequences back into files (JPEG with the tables spliced back).
     Decode(tokens::DecodeArgs),
+    /// Write a token set's documents in other trainers' files: nanoGPT's uint16 `train.bin` /
+    /// `val.bin` (+ `meta.pkl` with the vocabulary size) or Megatron-LM's indexed datasets
+    /// (`train.bin` + `train.idx`, `val.bin` + `val.idx`).
+    ExportTokens(tokens::ExportTokensArgs),
     /// Copy a dataset from object storage (`s3://bucket/ds`, as `build --out` wrote it) into a
     /// local directory, for the commands that read one; a second pull fetches only what is new.
     Pull { url: String, dir: PathBuf },
@@ -231,6 +235,7 @@ pub fn run(cmd: DatasetCommand) -> Result<()> {
         DatasetCommand::Verify { dataset } => verify(&dataset),
         DatasetCommand::Tokenize(args) => tokens::tokenize(args),
         DatasetCommand::Decode(args) => tokens::decode(args),
+        DatasetCommand::ExportTokens(args) => tokens::export_tokens(args),
         DatasetCommand::Pull { url, dir } => pull(&url, &dir),
     }
 }

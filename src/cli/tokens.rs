@@ -81,6 +81,32 @@ pub struct TokenizeArgs {
     num_shards: Option<u32>,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ExportFormatArg {
+    /// nanoGPT: `train.bin`/`val.bin`, uint16 tokens back to back (np.memmap), and `meta.pkl`.
+    Nanogpt,
+    /// Megatron-LM: indexed datasets `train.bin`/`.idx`, `val.bin`/`.idx` (--data-path DIR/train).
+    Megatron,
+}
+
+#[derive(Args)]
+pub struct ExportTokensArgs {
+    #[arg(long)]
+    dataset: PathBuf,
+    /// The token set: its hash (or a unique prefix) or vocabulary json; may be left out when
+    /// the dataset has one.
+    #[arg(long)]
+    vocab: Option<String>,
+    #[arg(long, value_enum)]
+    format: ExportFormatArg,
+    /// Only this modality's documents (default: all, in manifest order).
+    #[arg(long, value_enum)]
+    modality: Option<ModalityArg>,
+    /// The directory the files go in (created).
+    #[arg(long)]
+    out: PathBuf,
+}
+
 #[derive(Args)]
 pub struct DecodeArgs {
     #[arg(long)]
@@ -180,6 +206,82 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
             shard.index, shard.count, shard.from, s.parts_elsewhere
         );
     }
+    Ok(())
+}
+
+/// nanoGPT's `meta.pkl`, which its `train.py` reads for the model's vocabulary size: the
+/// pickle (protocol 2) of `{'vocab_size': n}`.
+fn nanogpt_meta(vocab_size: u32) -> Vec<u8> {
+    let mut p = vec![0x80, 2, b'}', b'q', 0, b'X'];
+    p.extend_from_slice(&10u32.to_le_bytes());
+    p.extend_from_slice(b"vocab_size");
+    p.extend_from_slice(&[b'q', 1, b'J']);
+    p.extend_from_slice(&(vocab_size as i32).to_le_bytes());
+    p.extend_from_slice(b"s.");
+    p
+}
+
+pub fn export_tokens(args: ExportTokensArgs) -> Result<()> {
+    use codeclm_formats::export::{ExportFormat, TokenExport};
+    use codeclm_formats::Split;
+    let started = std::time::Instant::now();
+    let set = TokenSet::resolve(&args.dataset, args.vocab.as_deref())?;
+    set.require_tokens()?;
+    let format = match args.format {
+        ExportFormatArg::Nanogpt => ExportFormat::NanoGpt,
+        ExportFormatArg::Megatron => ExportFormat::Megatron,
+    };
+    let modality = args.modality.map(codeclm_formats::Modality::from);
+    let create = |name| {
+        TokenExport::create(&args.out, name, format)
+            .with_context(|| format!("creating the {name} files in {}", args.out.display()))
+    };
+    let (mut train, mut val) = (create("train")?, create("val")?);
+    // Rows come shard by shard: one open shard at a time.
+    let mut shard: Option<(String, TokenShard)> = None;
+    tokens::for_each_token_row(&set.layout.manifest_path(), |r| {
+        if modality.is_some_and(|m| m != r.modality) {
+            return Ok(());
+        }
+        if shard.as_ref().is_none_or(|(name, _)| name != r.shard) {
+            let opened = TokenShard::open(&args.dataset.join(r.shard), Some(&set.hash))?;
+            shard = Some((r.shard.to_string(), opened));
+        }
+        let (_, s) = shard.as_ref().expect("opened above");
+        let doc = s.read_range(r.offset, r.n_tokens)?;
+        match r.split {
+            Split::Train => train.push(&doc),
+            Split::Val => val.push(&doc),
+        }
+    })
+    .with_context(|| {
+        format!(
+            "reading token set {} of {}",
+            set.hash,
+            args.dataset.display()
+        )
+    })?;
+    let (train, val) = (train.finish()?, val.finish()?);
+    if format == ExportFormat::NanoGpt {
+        codeclm_formats::write_atomic(&args.out.join("meta.pkl"), &nanogpt_meta(set.vocab.size))?;
+    }
+    println!(
+        "exported token set {} ({} ids, BOS {}, EOS {}) for {}: train {} documents, {} tokens; val {} documents, {} tokens; in {} ({:.1} s)",
+        set.hash,
+        set.vocab.size,
+        set.vocab.bos,
+        set.vocab.eos,
+        match format {
+            ExportFormat::NanoGpt => "nanoGPT",
+            ExportFormat::Megatron => "Megatron-LM",
+        },
+        train.docs,
+        train.tokens,
+        val.docs,
+        val.tokens,
+        args.out.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

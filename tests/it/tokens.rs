@@ -505,3 +505,116 @@ fn tokenize_split_across_three_workers_equals_one_run() {
         String::from_utf8_lossy(&bad.stderr)
     );
 }
+
+/// Reads `export-tokens` output the way the trainers do: nanoGPT's `train.py` memory-maps
+/// `{split}.bin` as uint16 and takes `vocab_size` from `meta.pkl`; Megatron core's
+/// `_IndexReader` checks the `.idx` header and takes lengths, pointers and document indices
+/// with `numpy.frombuffer`, and `_MMapBinReader` reads each sequence at its pointer.
+const READ_EXPORTS: &str = r#"
+import json, os, pickle, struct, sys
+import numpy as np
+out = sys.argv[1]
+res = {}
+with open(os.path.join(out, "nanogpt", "meta.pkl"), "rb") as f:
+    res["vocab_size"] = pickle.load(f)["vocab_size"]
+for split in ("train", "val"):
+    data = np.memmap(os.path.join(out, "nanogpt", f"{split}.bin"), dtype=np.uint16, mode="r")
+    res[f"nanogpt_{split}"] = data.tolist()
+    idx = os.path.join(out, "megatron", f"{split}.idx")
+    with open(idx, "rb") as s:
+        assert s.read(9) == b"MMIDIDX\x00\x00", "bad header"
+        assert struct.unpack("<Q", s.read(8))[0] == 1, "bad version"
+        code = struct.unpack("<B", s.read(1))[0]
+        assert code == 8, code  # numpy.uint16 in Megatron's DType
+        seqs = struct.unpack("<Q", s.read(8))[0]
+        docs = struct.unpack("<Q", s.read(8))[0]
+        offset = s.tell()
+    buf = memoryview(np.memmap(idx, mode="r", order="C"))
+    lengths = np.frombuffer(buf, dtype=np.int32, count=seqs, offset=offset)
+    pointers = np.frombuffer(buf, dtype=np.int64, count=seqs, offset=offset + lengths.nbytes)
+    doc_idx = np.frombuffer(buf, dtype=np.int64, count=docs, offset=offset + lengths.nbytes + pointers.nbytes)
+    assert offset + lengths.nbytes + pointers.nbytes + doc_idx.nbytes == os.path.getsize(idx)
+    binbuf = memoryview(np.memmap(os.path.join(out, "megatron", f"{split}.bin"), mode="r", order="C").data)
+    res[f"megatron_{split}"] = [np.frombuffer(binbuf, dtype=np.uint16, count=int(n), offset=int(p)).tolist() for n, p in zip(lengths, pointers)]
+    res[f"megatron_{split}_documents"] = doc_idx.tolist()
+print(json.dumps(res))
+"#;
+
+/// `dataset export-tokens`: nanoGPT's and Megatron-LM's files hold exactly the token set's
+/// documents, per split, in manifest order, read back the way those projects read them.
+#[test]
+fn exported_tokens_read_back_as_nanogpt_and_megatron_read_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = tmp.path().join("ds");
+    build(
+        &fixtures("images"),
+        &ds,
+        &["--val-fraction", "0.3", "--part-size", "4"],
+    );
+    let vocab_path = tmp.path().join("v.json");
+    vocab_train(&ds, &vocab_path, &["--size", "300"]);
+    tokenize(&ds, &vocab_path, &["--frame-tokens", "1000"]);
+    let vocab = Vocab::load(&vocab_path).unwrap();
+    let out = tmp.path().join("export");
+    for format in ["nanogpt", "megatron"] {
+        let stdout = run_ok(
+            codeclm()
+                .args(["dataset", "export-tokens", "--dataset"])
+                .arg(&ds)
+                .args(["--format", format, "--out"])
+                .arg(out.join(format)),
+        );
+        let stdout = String::from_utf8_lossy(&stdout.stdout);
+        assert!(stdout.contains("exported token set"), "{stdout}");
+    }
+    // The documents, from the manifest and shards.
+    let rows = read_token_rows(&TokenLayout::new(&ds, &vocab.hash).manifest_path()).unwrap();
+    let docs = |split: codeclm_formats::Split| -> Vec<Vec<u16>> {
+        rows.iter()
+            .filter(|r| r.split == split)
+            .map(|r| {
+                TokenShard::open(&ds.join(&r.shard), Some(&vocab.hash))
+                    .unwrap()
+                    .read_range(r.offset, r.n_tokens)
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (train, val) = (
+        docs(codeclm_formats::Split::Train),
+        docs(codeclm_formats::Split::Val),
+    );
+    assert!(
+        train.len() >= 5 && !val.is_empty(),
+        "{} {}",
+        train.len(),
+        val.len()
+    );
+    let py = std::process::Command::new("python3")
+        .args(["-c", READ_EXPORTS])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        py.status.success(),
+        "reading the exports with numpy failed:\n{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
+    assert_eq!(got["vocab_size"], vocab.size);
+    for (name, split) in [("train", &train), ("val", &val)] {
+        let flat: Vec<u16> = split.iter().flatten().copied().collect();
+        let nanogpt: Vec<u16> =
+            serde_json::from_value(got[format!("nanogpt_{name}")].clone()).unwrap();
+        assert_eq!(nanogpt, flat, "nanoGPT {name}.bin");
+        let megatron: Vec<Vec<u16>> =
+            serde_json::from_value(got[format!("megatron_{name}")].clone()).unwrap();
+        assert_eq!(&megatron, split, "Megatron {name} sequences");
+        let documents: Vec<u64> =
+            serde_json::from_value(got[format!("megatron_{name}_documents")].clone()).unwrap();
+        assert_eq!(documents, (0..=split.len() as u64).collect::<Vec<_>>());
+        assert!(split
+            .iter()
+            .all(|d| d[0] == vocab.bos as u16 && *d.last().unwrap() == vocab.eos as u16));
+    }
+}
