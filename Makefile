@@ -24,7 +24,7 @@ else
 VAL_FRACTION ?= 0.01
 endif
 
-.PHONY: all help setup deps pydeps build dataset demo test fuzz-corpus bench bench-video bench-tokens bench-loader train sample fid-weights fid-ref bench-fid eval fmt clippy clean
+.PHONY: all help setup deps pydeps build dataset demo test pytest fuzz-corpus bench bench-video bench-tokens bench-loader train sample fid-weights fid-ref bench-fid eval fmt clippy clean
 
 all: build
 
@@ -55,7 +55,7 @@ deps:
 	  else echo "please install: $(FFMPEG_PKGS)"; exit 1; fi; }
 
 pydeps:
-	@$(PYTHON) -c "import PIL, polars, numpy, zstandard; assert PIL.__version__ == '13.0.0', PIL.__version__" 2>/dev/null && command -v moto_server >/dev/null || \
+	@$(PYTHON) -c "import PIL, polars, numpy, zstandard, pytest; assert PIL.__version__ == '13.0.0', PIL.__version__" 2>/dev/null && command -v moto_server >/dev/null || \
 	  $(PYTHON) -m pip install -q -r tools/requirements.txt
 
 build: deps
@@ -80,6 +80,13 @@ endif
 ## ffmpeg CLI, the model and FID checks against their reference dumps (fetches the FID network)
 test: deps pydeps fid-weights
 	$(CARGO) test --release --workspace
+	$(MAKE) pytest
+
+## pytest: the Python package (`pip install ./python`: maturin builds the extension) against the
+## CLI, Hugging Face tokenizers and the pure-Python token reader
+pytest: build
+	$(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore ./python
+	CODECLM_BIN=$(abspath $(BIN)) $(PYTHON) -m pytest -q python/tests
 
 ## fuzz-corpus: ~14,600 hostile files derived from the bundled media (truncations, bit flips,
 ## marker/chunk/box edits, huge dimensions, container swaps, playlists) through `dataset build`;
@@ -168,9 +175,11 @@ sample: build
 
 fmt:
 	$(CARGO) fmt --all
+	cd python && $(CARGO) fmt
 
 clippy:
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+	cd python && $(CARGO) clippy --release -- -D warnings
 
 ## demo: the whole pipeline at a size where learning shows on 2 cores in ~15 minutes: the bundled
 ## photos as DEMO_CROPS random-resized crops each at DEMO_SIZE px (demo/data; the held-out crops

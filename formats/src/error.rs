@@ -29,6 +29,7 @@ pub enum Error {
         want: u32,
         fix: String,
     },
+    #[cfg(feature = "manifests")]
     #[error("Parquet error on {path}: {source}")]
     Parquet {
         path: PathBuf,
@@ -53,6 +54,7 @@ impl Error {
         move |source| Error::Io { path, source }
     }
 
+    #[cfg(feature = "manifests")]
     pub(crate) fn parquet(
         path: impl Into<PathBuf>,
     ) -> impl FnOnce(polars::error::PolarsError) -> Error {

@@ -3,25 +3,38 @@
 //! these formats, `model` and `sample` read them; no other crate defines a file format. What is
 //! inside a codec record (JPEG, H.264) is `codeclm-codec`'s business.
 
+#[cfg(feature = "manifests")]
 pub mod dataset;
 pub mod error;
 pub mod export;
 #[cfg(test)]
 mod fuzz;
+#[cfg(feature = "manifests")]
 mod ids;
+#[cfg(feature = "manifests")]
 pub mod lease;
+#[cfg(feature = "manifests")]
 pub mod plan;
+#[cfg(feature = "manifests")]
 pub mod reader;
+#[cfg(feature = "manifests")]
 pub mod rows;
+#[cfg(feature = "manifests")]
 pub mod samples;
 pub mod shard;
+#[cfg(feature = "manifests")]
+mod token_manifest;
 pub mod tokens;
 pub mod vocab;
 
+#[cfg(feature = "manifests")]
 pub use dataset::{DatasetConfig, DatasetLayout};
 pub use error::{Error, Result};
+#[cfg(feature = "manifests")]
 pub use reader::Dataset;
+#[cfg(feature = "manifests")]
 pub use rows::RowFilter;
+#[cfg(feature = "manifests")]
 pub use samples::{Modality, SampleRow, Split, Status};
 pub use shard::{Codec, CodecShard, CodecShardWriter, RecordLocation};
 

@@ -1,0 +1,170 @@
+//! The native part of `import codeclm`: the formats that are not Parquet (Python polars reads
+//! the manifests). Token data crosses as little-endian `uint16` bytes, which the Python layer
+//! views as numpy arrays without a copy; reads run with the interpreter released.
+
+use std::path::PathBuf;
+
+use codeclm_formats::{shard, tokens, vocab};
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+fn err(e: codeclm_formats::Error) -> PyErr {
+    match e {
+        codeclm_formats::Error::Io { .. } => PyOSError::new_err(e.to_string()),
+        e => PyValueError::new_err(e.to_string()),
+    }
+}
+
+fn u16_bytes(ids: impl IntoIterator<Item = u16>) -> Vec<u8> {
+    ids.into_iter().flat_map(u16::to_le_bytes).collect()
+}
+
+/// A byte-level BPE vocabulary (`tokenizer.json` as `codeclm vocab train` writes it): the same
+/// ids as Hugging Face `tokenizers` on the same file, and the exact inverse.
+#[pyclass(module = "codeclm._native", frozen)]
+struct Vocab {
+    inner: vocab::Vocab,
+}
+
+#[pymethods]
+impl Vocab {
+    #[new]
+    fn new(path: PathBuf) -> PyResult<Self> {
+        Ok(Vocab {
+            inner: vocab::Vocab::load(&path).map_err(err)?,
+        })
+    }
+
+    /// xxh3-64 of the file's bytes, 16 hex digits: the name of its token sets.
+    #[getter]
+    fn hash(&self) -> String {
+        self.inner.hash.clone()
+    }
+
+    #[getter]
+    fn size(&self) -> u32 {
+        self.inner.size
+    }
+
+    #[getter]
+    fn bos(&self) -> u32 {
+        self.inner.bos
+    }
+
+    #[getter]
+    fn eos(&self) -> u32 {
+        self.inner.eos
+    }
+
+    /// The ids of `data` (no BOS/EOS), as little-endian uint16 bytes.
+    fn encode_u16<'py>(&self, py: Python<'py>, data: &[u8]) -> Bound<'py, PyBytes> {
+        let mut ids = Vec::new();
+        py.detach(|| self.inner.encode(data, &mut ids));
+        PyBytes::new(py, &u16_bytes(ids.into_iter().map(|i| i as u16)))
+    }
+
+    /// The bytes `ids` (little-endian uint16 bytes) stand for; special tokens stand for none.
+    fn decode_u16<'py>(&self, py: Python<'py>, ids: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        if ids.len() % 2 != 0 {
+            return Err(PyValueError::new_err(
+                "ids must be uint16: an even number of bytes",
+            ));
+        }
+        let ids: Vec<u32> = ids
+            .chunks_exact(2)
+            .map(|c| u32::from(u16::from_le_bytes([c[0], c[1]])))
+            .collect();
+        let bytes = py.detach(|| self.inner.decode(&ids)).map_err(err)?;
+        Ok(PyBytes::new(py, &bytes))
+    }
+}
+
+/// A token shard: documents (BOS ... EOS) of one dataset part under one vocabulary, in
+/// checksummed zstd frames; a range read decompresses only the frames it covers.
+#[pyclass(module = "codeclm._native", frozen)]
+struct TokenShard {
+    inner: tokens::TokenShard,
+}
+
+#[pymethods]
+impl TokenShard {
+    /// Opens and checks the shard (header, footer, frame index); with `vocab_hash`, also that it
+    /// belongs to that vocabulary.
+    #[new]
+    #[pyo3(signature = (path, vocab_hash = None))]
+    fn new(path: PathBuf, vocab_hash: Option<&str>) -> PyResult<Self> {
+        Ok(TokenShard {
+            inner: tokens::TokenShard::open(&path, vocab_hash).map_err(err)?,
+        })
+    }
+
+    #[getter]
+    fn vocab_hash(&self) -> String {
+        self.inner.vocab_hash.clone()
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> u32 {
+        self.inner.vocab_size
+    }
+
+    #[getter]
+    fn docs(&self) -> u64 {
+        self.inner.docs
+    }
+
+    #[getter]
+    fn tokens(&self) -> u64 {
+        self.inner.token_count
+    }
+
+    /// Tokens `offset .. offset + n` as little-endian uint16 bytes (frame checksums checked).
+    fn read_u16<'py>(&self, py: Python<'py>, offset: u64, n: u64) -> PyResult<Bound<'py, PyBytes>> {
+        let ids = py
+            .detach(|| self.inner.read_range(offset, n))
+            .map_err(err)?;
+        Ok(PyBytes::new(py, &u16_bytes(ids)))
+    }
+}
+
+/// A codec shard: zstd-compressed JPEG or H.264 records with a checksummed index.
+#[pyclass(module = "codeclm._native", frozen)]
+struct CodecShard {
+    inner: shard::CodecShard,
+}
+
+#[pymethods]
+impl CodecShard {
+    #[new]
+    fn new(path: PathBuf) -> PyResult<Self> {
+        Ok(CodecShard {
+            inner: shard::CodecShard::open(&path).map_err(err)?,
+        })
+    }
+
+    /// `jpeg` or `h264`.
+    #[getter]
+    fn codec(&self) -> &'static str {
+        self.inner.codec().name()
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// The codec bytes of record `record` (the manifest's `record` column), checksum checked.
+    fn read<'py>(&self, py: Python<'py>, record: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let bytes = py.detach(|| self.inner.read(record)).map_err(err)?;
+        Ok(PyBytes::new(py, &bytes))
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Vocab>()?;
+    m.add_class::<TokenShard>()?;
+    m.add_class::<CodecShard>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
