@@ -30,6 +30,33 @@ const TOP: &[&str] = &[
 pub struct Mirror {
     remote: Remote,
     layout: DatasetLayout,
+    /// The stage's lock (`.lock`, flock'ed while this mirror lives): one process per stage, so
+    /// one never forgets a part another has finished and not yet uploaded.
+    _lock: std::fs::File,
+}
+
+/// Locks `dir/.lock` (created) for this process; `None` when another process holds it.
+fn lock_stage(dir: &Path) -> Result<Option<std::fs::File>, BuildError> {
+    use std::os::unix::io::AsRawFd;
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let path = dir.join(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(&path))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is shared.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(Some(f));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(None)
+    } else {
+        Err(io(&path)(e))
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
@@ -55,15 +82,47 @@ impl Mirror {
     pub fn open(url: &str, stage: Option<PathBuf>) -> Result<Mirror, BuildError> {
         let url = url.trim_end_matches('/');
         let remote = objects::locate(url)?;
-        let stage = stage.unwrap_or_else(|| {
-            std::env::temp_dir().join("codeclm-stage").join(format!(
-                "{:016x}",
-                xxhash_rust::xxh3::xxh3_64(url.as_bytes())
-            ))
-        });
+        let (stage, lock) = match stage {
+            Some(dir) => match lock_stage(&dir)? {
+                Some(lock) => (dir, lock),
+                None => {
+                    return Err(BuildError::Config(format!(
+                        "the stage {} is in use by another process. Fix: give this one its own --stage DIR",
+                        dir.display()
+                    )))
+                }
+            },
+            // The default stage of this URL, or the next free one when another process on this
+            // machine builds the same URL.
+            None => {
+                let base = std::env::temp_dir().join("codeclm-stage").join(format!(
+                    "{:016x}",
+                    xxhash_rust::xxh3::xxh3_64(url.as_bytes())
+                ));
+                let mut found = None;
+                for i in 0..64 {
+                    let dir = if i == 0 {
+                        base.clone()
+                    } else {
+                        base.with_extension(i.to_string())
+                    };
+                    if let Some(lock) = lock_stage(&dir)? {
+                        found = Some((dir, lock));
+                        break;
+                    }
+                }
+                found.ok_or_else(|| {
+                    BuildError::Config(format!(
+                        "64 processes on this machine already stage {url} under {}. Fix: give this one its own --stage DIR",
+                        base.display()
+                    ))
+                })?
+            }
+        };
         let mirror = Mirror {
             remote,
             layout: DatasetLayout::new(stage),
+            _lock: lock,
         };
         mirror.layout.create_dirs()?;
         mirror.pull_top()?;
@@ -183,44 +242,56 @@ impl Mirror {
         self.push("samples.parquet")?;
         Ok(true)
     }
+}
 
-    /// Copies every object of the dataset into `dir` (for the commands that read a local
-    /// dataset), each written atomically; returns (files, bytes) fetched. A shard already there
-    /// with the same size is kept (a shard's name fixes its bytes), so a second pull fetches
-    /// the new shards and every smaller file again.
-    pub fn pull_all(&self, dir: &Path) -> Result<(u64, u64), BuildError> {
-        let (mut files, mut bytes) = (0u64, 0u64);
-        for listed in self.remote.list() {
-            let listed = listed?;
-            let to = dir.join(&listed.rel);
-            let immutable = listed.rel.starts_with("shards/") || TOP.contains(&listed.rel.as_str());
-            if immutable && std::fs::metadata(&to).is_ok_and(|m| m.len() == listed.size) {
-                continue;
-            }
-            let parent = to.parent().unwrap_or(dir);
-            std::fs::create_dir_all(parent).map_err(io(parent))?;
-            let mut tmp = tempfile::NamedTempFile::new_in(parent).map_err(io(parent))?;
-            let mut reader = self.remote.reader(&listed.rel)?;
-            std::io::copy(&mut reader, tmp.as_file_mut()).map_err(io(&to))?;
-            tmp.as_file().sync_all().map_err(io(&to))?;
-            tmp.persist(&to).map_err(|e| io(&to)(e.error))?;
-            codeclm_formats::sync_dir(parent)?;
-            files += 1;
-            bytes += listed.size;
+/// Copies every object of the dataset at `url` into `dir` (for the commands that read a local
+/// dataset), each written atomically; returns (files, bytes) fetched. A shard already there with
+/// the same size is kept (a shard's name fixes its bytes), so a second pull fetches the new
+/// shards and every smaller file again.
+pub fn pull(url: &str, dir: &Path) -> Result<(u64, u64), BuildError> {
+    let remote = objects::locate(url.trim_end_matches('/'))?;
+    let (mut files, mut bytes) = (0u64, 0u64);
+    for listed in remote.list() {
+        let listed = listed?;
+        let to = dir.join(&listed.rel);
+        if listed.rel.starts_with("shards/")
+            && std::fs::metadata(&to).is_ok_and(|m| m.len() == listed.size)
+        {
+            continue;
         }
-        if files == 0 && !dir.join("dataset.json").exists() {
-            return Err(BuildError::Config(format!(
-                "{} holds no dataset (no dataset.json). Fix: check the URL, and that the credentials may list it",
-                self.url()
-            )));
-        }
-        Ok((files, bytes))
+        let parent = to.parent().unwrap_or(dir);
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+        let mut tmp = tempfile::NamedTempFile::new_in(parent).map_err(io(parent))?;
+        let mut reader = remote.reader(&listed.rel)?;
+        std::io::copy(&mut reader, tmp.as_file_mut()).map_err(io(&to))?;
+        tmp.as_file().sync_all().map_err(io(&to))?;
+        tmp.persist(&to).map_err(|e| io(&to)(e.error))?;
+        codeclm_formats::sync_dir(parent)?;
+        files += 1;
+        bytes += listed.size;
     }
+    if !dir.join("dataset.json").exists() {
+        return Err(BuildError::Config(format!(
+            "{url} holds no dataset (no dataset.json). Fix: check the URL, and that the credentials may list it"
+        )));
+    }
+    Ok((files, bytes))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stage_takes_one_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = lock_stage(dir.path()).unwrap();
+        assert!(first.is_some());
+        // flock is per open file description: a second open in this process contends too.
+        assert!(lock_stage(dir.path()).unwrap().is_none());
+        drop(first);
+        assert!(lock_stage(dir.path()).unwrap().is_some());
+    }
 
     #[test]
     fn part_manifest_keys_parse() {

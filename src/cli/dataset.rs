@@ -253,11 +253,7 @@ fn mirror(args: &BuildArgs) -> Result<Option<std::sync::Arc<codeclm_etl::mirror:
 
 fn pull(url: &str, dir: &std::path::Path) -> Result<()> {
     let started = std::time::Instant::now();
-    // The directory is the mirror's stage: its top-level files come first, then the rest.
-    let m = codeclm_etl::mirror::Mirror::open(url, Some(dir.to_path_buf()))
-        .with_context(|| format!("opening {url}"))?;
-    let (files, bytes) = m
-        .pull_all(dir)
+    let (files, bytes) = codeclm_etl::mirror::pull(url, dir)
         .with_context(|| format!("pulling {url} into {}", dir.display()))?;
     println!(
         "pulled {files} files ({:.2} MB) from {url} into {} in {:.1} s",
