@@ -24,10 +24,11 @@ from typing import Iterator, Optional, Tuple, Union
 import numpy as np
 import polars as pl
 
+from . import jpeg
 from ._native import CodecShard, TokenShard, __version__
 from ._native import Vocab as _Vocab
 
-__all__ = ["Dataset", "Tokens", "Vocab", "CodecShard", "TokenShard", "__version__"]
+__all__ = ["Dataset", "Tokens", "Vocab", "CodecShard", "TokenShard", "jpeg", "__version__"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -128,6 +129,14 @@ class Dataset:
         if row["status"] != "ok":
             raise ValueError(f"{self.path}: sample {sample_id} failed ({row['status']}: {row['error']})")
         return self._shards.get(self.path / row["shard"]).read(row["record"])
+
+    def jpeg(self, sample_id: str) -> bytes:
+        """A standalone JPEG of an image sample: its abbreviated stream with the dataset's
+        tables spliced back (the bytes `codeclm dataset export` writes)."""
+        tables = self.jpeg_tables()
+        if tables is None:
+            raise FileNotFoundError(f"{self.path} has no jpeg_tables.jpg (a dataset without images?)")
+        return jpeg.splice_tables(self.codec_bytes(sample_id), tables)
 
     def jpeg_tables(self) -> Optional[bytes]:
         """The tables-only JPEG stream every abbreviated image record shares."""

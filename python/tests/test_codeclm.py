@@ -66,7 +66,11 @@ def test_codec_bytes_equal_the_cli_export(built, tmp_path):
     ids = ds.samples().select("sample_id").collect()["sample_id"].to_list()
     run("dataset", "export", "--dataset", str(ds_path), "--out", str(tmp_path), "--all", "--abbreviated")
     for sample_id in ids:
-        assert ds.codec_bytes(sample_id) == (tmp_path / f"{sample_id}.abbr.jpg").read_bytes()
+        abbreviated = ds.codec_bytes(sample_id)
+        assert abbreviated == (tmp_path / f"{sample_id}.abbr.jpg").read_bytes()
+        full = ds.jpeg(sample_id)
+        assert full == (tmp_path / f"{sample_id}.jpg").read_bytes()
+        assert codeclm.jpeg.strip_tables(full) == abbreviated
     tables = ds.jpeg_tables()
     assert tables[:2] == b"\xff\xd8" and tables[-2:] == b"\xff\xd9"
     with pytest.raises(KeyError, match="no sample"):
@@ -111,6 +115,28 @@ def test_documents_equal_the_reference_reader_and_frame_the_codec_bytes(built):
     train = [s for s, _ in toks.documents(split="train")]
     val = [s for s, _ in toks.documents(split="val")]
     assert sorted(train + val) == sorted(docs) and val
+
+
+def test_generated_ids_clean_as_the_cli_decodes_them(built, tmp_path):
+    """Ids with junk around a document (as a sampler may emit) decode, tidy and splice to the
+    same JPEG as `codeclm dataset decode --tokens`."""
+    ds_path, vocab_path = built
+    ds = codeclm.Dataset(ds_path)
+    toks = ds.tokens()
+    vocab = codeclm.Vocab(vocab_path)
+    lines, ours = [], []
+    for i, (sample_id, doc) in enumerate(toks.documents()):
+        ids = doc.tolist()
+        junk = vocab.encode(b"\x00\x01garbage")
+        ids = junk.tolist() + ids[: len(ids) - 3 * i] + junk.tolist()
+        lines.append(" ".join(map(str, ids)))
+        ours.append(codeclm.jpeg.splice_tables(codeclm.jpeg.tidy(vocab.decode(ids)), ds.jpeg_tables()))
+    (tmp_path / "ids.txt").write_text("\n".join(lines) + "\n")
+    run("dataset", "decode", "--dataset", str(ds_path), "--vocab", str(vocab_path),
+        "--tokens", str(tmp_path / "ids.txt"), "--out", str(tmp_path / "out"))
+    for i, jpeg in enumerate(ours):
+        assert jpeg == (tmp_path / "out" / f"seq-{i:04}.jpg").read_bytes(), i
+    assert codeclm.jpeg.tidy(b"xx\xff\xd8ab") == b"\xff\xd8ab\xff\xd9"
 
 
 def test_errors_name_the_fix(tmp_path, built):

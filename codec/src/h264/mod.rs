@@ -3,11 +3,15 @@
 //! the bytes alone ([`nal`]), and the byte grammar constrained sampling keeps generated streams
 //! in ([`grammar`]).
 
+#[cfg(feature = "native")]
 pub mod decode;
+#[cfg(feature = "native")]
 pub mod encode;
 pub mod grammar;
 pub mod nal;
 
+#[cfg(feature = "native")]
 pub use decode::{annexb_to_mp4, decode_h264, DecodedVideo};
+#[cfg(feature = "native")]
 pub use encode::{encode_bytes, encode_file, EncodedVideo, VideoConfig, VideoError};
 pub use grammar::{H264Grammar, H264GrammarError, H264State};

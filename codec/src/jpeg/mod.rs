@@ -3,11 +3,13 @@
 
 pub mod grammar;
 pub mod markers;
+#[cfg(feature = "native")]
 pub mod mozjpeg;
 pub mod scan;
 
 pub use grammar::{JpegGrammar, JpegState};
 pub use markers::{splice_tables, strip_tables, tidy_generated, MarkerError};
+#[cfg(feature = "native")]
 pub use mozjpeg::{
     decode, decode_lenient, encode, read_info, tables_only, DecodeDamage, DecodeOptions,
     DecodedJpeg, JpegError, JpegInfo, JpegSettings, Subsampling,
