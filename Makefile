@@ -85,7 +85,8 @@ test: deps pydeps fid-weights
 ## pytest: the Python package (`pip install ./python`: maturin builds the extension) against the
 ## CLI, Hugging Face tokenizers and the pure-Python token reader
 pytest: build
-	$(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore ./python
+	@start=$$(date +%s); $(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore ./python \
+	  && echo "python package (maturin build + install) took $$(( $$(date +%s) - start )) s"
 	CODECLM_BIN=$(abspath $(BIN)) $(PYTHON) -m pytest -q python/tests
 
 ## fuzz-corpus: ~14,600 hostile files derived from the bundled media (truncations, bit flips,
