@@ -82,11 +82,15 @@ test: deps pydeps fid-weights
 	$(CARGO) test --release --workspace
 	$(MAKE) pytest
 
-## pytest: the Python package (`pip install ./python`: maturin builds the extension) against the
-## CLI, Hugging Face tokenizers and the pure-Python token reader
+## pytest: the Python package's abi3 wheel (maturin, into target/wheels), installed, then tested
+## against the CLI, Hugging Face tokenizers and the pure-Python token reader
+PIP := $(PYTHON) -m pip --disable-pip-version-check
 pytest: build
-	@start=$$(date +%s); $(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore ./python \
-	  && echo "python package (maturin build + install) took $$(( $$(date +%s) - start )) s"
+	@rm -f target/wheels/codeclm-*.whl; start=$$(date +%s); \
+	  $(PIP) wheel -q --no-deps -w target/wheels ./python \
+	  && ls target/wheels/codeclm-*-abi3-*.whl >/dev/null \
+	  && $(PIP) install -q --force-reinstall --no-deps --root-user-action=ignore target/wheels/codeclm-*.whl \
+	  && echo "python package: $$(basename target/wheels/codeclm-*.whl) built and installed in $$(( $$(date +%s) - start )) s"
 	CODECLM_BIN=$(abspath $(BIN)) $(PYTHON) -m pytest -q python/tests
 
 ## fuzz-corpus: ~14,600 hostile files derived from the bundled media (truncations, bit flips,
