@@ -11,6 +11,7 @@ pub mod export;
 mod fuzz;
 #[cfg(feature = "manifests")]
 mod ids;
+pub mod kinds;
 #[cfg(feature = "manifests")]
 pub mod lease;
 #[cfg(feature = "manifests")]
@@ -30,12 +31,13 @@ pub mod vocab;
 #[cfg(feature = "manifests")]
 pub use dataset::{DatasetConfig, DatasetLayout};
 pub use error::{Error, Result};
+pub use kinds::{Modality, Split};
 #[cfg(feature = "manifests")]
 pub use reader::Dataset;
 #[cfg(feature = "manifests")]
 pub use rows::RowFilter;
 #[cfg(feature = "manifests")]
-pub use samples::{Modality, SampleRow, Split, Status};
+pub use samples::{SampleRow, Status};
 pub use shard::{Codec, CodecShard, CodecShardWriter, RecordLocation};
 
 /// Writes `bytes` to `path` atomically: a temp file beside it, fsync, then rename, so a reader

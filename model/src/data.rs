@@ -1,17 +1,8 @@
-//! Training data from a dataset's token shards (`tokens-<hash>.parquet` + `tokens/<hash>/*.tok`),
-//! read on demand: frames are decompressed as the stream reaches them, so memory does not grow
-//! with the dataset's tokens (a few decoded frames, a few open shards, 24 bytes per document).
-//!
-//! Training stream: documents (each already `BOS + tokens + EOS` in the shards) of the `train`
-//! split, concatenated and cut into windows of `context + 1` tokens that overlap by one (inputs
-//! are the first `context`, targets the last `context`). The next document is drawn as follows:
-//! pick a modality (`image`, `video`) with probability proportional to its weight, then take
-//! that modality's next document in an order shuffled per epoch from `(seed, modality, epoch)`:
-//! position `i` of the epoch is document [`Permutation::apply`]`(i)`, a seeded bijection computed
-//! on the fly, so no order is ever stored. Everything that decides the stream is in
-//! [`LoaderState`], which checkpoints save: a resumed run sees exactly the batches an
-//! uninterrupted run would. Windows are prepared on a read-ahead thread; the state the loader
-//! shows is that of the last window handed out, never one prepared ahead.
+//! Training data from a dataset's token shards (`tokens-<hash>.parquet` + `tokens/<hash>/*.tok`):
+//! [`TrainingSet`] reads the manifest into the loader's [`DocTable`] (24 bytes a document) and
+//! reads documents on demand; [`Loader`] is the training stream of `codeclm-loader` over it
+//! (per-epoch shuffles, a mix of modalities, exact resume from [`LoaderState`]; see that crate),
+//! the same stream the Python package gives from the same table.
 //!
 //! Validation: a fixed subset of the `val` documents, the first N by a hash of their sample id
 //! (stable as the dataset grows), each document whole ([`TrainingSet::val_subset`]).
@@ -21,12 +12,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use codeclm_formats::tokens::{
-    for_each_token_row, FrameBuffers, ManifestHash, TokenLayout, TokenRow, TokenSet, TokenShard,
-    TokenShardWriter,
+    for_each_token_row, ManifestHash, TokenLayout, TokenRow, TokenSet, TokenShard, TokenShardWriter,
 };
 use codeclm_formats::vocab::Vocab;
 use codeclm_formats::{Modality, Split};
-use serde::{Deserialize, Serialize};
+use codeclm_loader::FrameReader;
+pub use codeclm_loader::{DocRef, DocTable, LoaderState, Permutation};
 
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -37,56 +28,8 @@ pub const DEFAULT_VAL_DOCS: usize = 256;
 pub const UNIGRAM_FIT_DOCS: usize = 2_000;
 /// ...and at most this many of their tokens (64 MB of u16).
 pub const UNIGRAM_FIT_TOKENS: u64 = 32 << 20;
-/// Open shard files (each holds its frame index: 32 bytes a frame) kept per reader.
-const MAX_OPEN_SHARDS: usize = 32;
-/// Decoded frames kept per reader: a document across a frame boundary, or a long one read
-/// window by window, decodes each frame once.
-const MAX_CACHED_FRAMES: usize = 8;
-/// Tokens of prepared windows the read-ahead thread may hold (4 MB of u32).
-const READ_AHEAD_TOKENS: usize = 1 << 20;
 /// Seed of the sample-id hash that orders the validation subset and the unigram sample.
 const SUBSET_HASH_SEED: u64 = 0x5A11_D0C5;
-
-/// Where one document is, compactly (24 bytes; one per manifest row).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DocRef {
-    /// Offset of the document's BOS in its shard, in tokens.
-    pub offset: u64,
-    /// Tokens, BOS and EOS included.
-    pub n_tokens: u32,
-    /// The codec bytes the document encodes (for bits per byte).
-    pub codec_bytes: u32,
-    /// Index into the set's shard list.
-    pub shard: u32,
-    pub modality: Modality,
-    pub split: Split,
-}
-
-/// What the read-ahead thread shares with the set: the documents and where their shards are.
-struct SetData {
-    root: PathBuf,
-    hash: String,
-    bos: u32,
-    eos: u32,
-    /// Shard paths relative to `root`, as the manifest names them.
-    shards: Vec<String>,
-    docs: Vec<DocRef>,
-}
-
-impl SetData {
-    fn bad_doc(&self, row: usize, problem: &str) -> Error {
-        let d = &self.docs[row];
-        Error::Data(format!(
-            "{}: document {row} of tokens-{}.parquet (offset {}, {} tokens) {problem}. Fix: delete tokens/{}/ and tokens-{}.parquet, then rerun `codeclm dataset tokenize`",
-            self.root.join(&self.shards[d.shard as usize]).display(),
-            self.hash,
-            d.offset,
-            d.n_tokens,
-            self.hash,
-            self.hash
-        ))
-    }
-}
 
 /// A token set of a dataset, resolved and checked, with its documents' places; tokens are read
 /// from the shards when asked for.
@@ -97,7 +40,8 @@ pub struct TrainingSet {
     /// checks it against the one it started on).
     pub manifest_hash: String,
     pub vocab: Vocab,
-    data: Arc<SetData>,
+    /// The documents' table, shared with the loaders.
+    pub data: Arc<DocTable>,
     /// `val` rows, ordered by (hash of sample id, row).
     val_order: Vec<u32>,
     /// The `train` rows with the lowest sample-id hashes, in that order (the unigram sample).
@@ -198,7 +142,7 @@ impl TrainingSet {
             root: root.to_path_buf(),
             hash: hash.clone(),
             manifest_hash: manifest_hash.finish(),
-            data: Arc::new(SetData {
+            data: Arc::new(DocTable {
                 root: root.to_path_buf(),
                 hash,
                 bos: vocab.bos,
@@ -228,10 +172,12 @@ impl TrainingSet {
             let shard = TokenShard::open(&d.root.join(rel), Some(&d.hash))?;
             let (e, row) = end[i];
             if e > shard.token_count {
-                return Err(d.bad_doc(
-                    row,
-                    &format!("ends past the shard's {} tokens", shard.token_count),
-                ));
+                return Err(d
+                    .bad_doc(
+                        row,
+                        &format!("ends past the shard's {} tokens", shard.token_count),
+                    )
+                    .into());
             }
         }
         Ok(d.shards.len())
@@ -290,17 +236,6 @@ impl TrainingSet {
             .collect()
     }
 
-    /// [`TrainingSet::split`] as u32 rows, sized exactly (a count first): at 25M documents,
-    /// 100 MB rather than a growing `Vec<usize>` and its copy.
-    fn split_rows(&self, split: Split, modality: Option<&str>) -> Vec<u32> {
-        let keep =
-            |d: &DocRef| d.split == split && modality.is_none_or(|m| d.modality.as_str() == m);
-        let docs = &self.data.docs;
-        let mut rows = Vec::with_capacity(docs.iter().filter(|d| keep(d)).count());
-        rows.extend((0..docs.len() as u32).filter(|&i| keep(&docs[i as usize])));
-        rows
-    }
-
     /// Indices of the rows of a split, optionally one modality (by name, as mixes name them).
     pub fn split(&self, split: Split, modality: Option<&str>) -> Vec<usize> {
         let docs = &self.data.docs;
@@ -317,447 +252,25 @@ impl TrainingSet {
     }
 
     pub fn modalities(&self, split: Split) -> Vec<String> {
-        Modality::ALL
-            .iter()
-            .filter(|m| {
-                self.data
-                    .docs
-                    .iter()
-                    .any(|d| d.split == split && d.modality == **m)
-            })
-            .map(|m| m.to_string())
-            .collect()
+        self.data.modalities(split)
     }
 }
 
-/// A tiny least-recently-used map for a handful of entries (linear scans beat hashing here).
-struct Lru<K, V> {
-    cap: usize,
-    tick: u64,
-    items: Vec<(K, V, u64)>,
-}
+/// The training stream over a token set's `train` documents ([`codeclm_loader::Loader`], fed
+/// with this set's table): the stream the Python package's `Tokens.windows` also gives.
+pub struct Loader(codeclm_loader::Loader);
 
-impl<K: PartialEq + Copy, V> Lru<K, V> {
-    fn new(cap: usize) -> Self {
-        Lru {
-            cap,
-            tick: 0,
-            items: Vec::with_capacity(cap),
-        }
-    }
-
-    fn position(&mut self, k: &K) -> Option<usize> {
-        self.tick += 1;
-        let i = self.items.iter().position(|e| e.0 == *k)?;
-        self.items[i].2 = self.tick;
-        Some(i)
-    }
-
-    /// When full, removes the least recently used entry and returns its value (whose buffers
-    /// the caller may reuse).
-    fn make_room(&mut self) -> Option<V> {
-        if self.items.len() < self.cap {
-            return None;
-        }
-        let (i, _) = self.items.iter().enumerate().min_by_key(|(_, e)| e.2)?;
-        Some(self.items.swap_remove(i).1)
-    }
-
-    fn insert(&mut self, k: K, v: V) -> usize {
-        self.make_room();
-        self.tick += 1;
-        self.items.push((k, v, self.tick));
-        self.items.len() - 1
+impl std::ops::Deref for Loader {
+    type Target = codeclm_loader::Loader;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 
-/// Reads token ranges of a set's shards: a bounded LRU of open shards and one of decoded frames.
-struct FrameReader {
-    shards: Lru<u32, Arc<TokenShard>>,
-    frames: Lru<(u32, u32), Vec<u16>>,
-    buffers: FrameBuffers,
-}
-
-impl FrameReader {
-    fn new() -> Result<FrameReader> {
-        Ok(FrameReader {
-            shards: Lru::new(MAX_OPEN_SHARDS),
-            frames: Lru::new(MAX_CACHED_FRAMES),
-            buffers: FrameBuffers::new()?,
-        })
+impl std::ops::DerefMut for Loader {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
     }
-
-    fn shard(&mut self, d: &SetData, id: u32) -> Result<Arc<TokenShard>> {
-        if let Some(i) = self.shards.position(&id) {
-            return Ok(self.shards.items[i].1.clone());
-        }
-        let s = Arc::new(TokenShard::open(
-            &d.root.join(&d.shards[id as usize]),
-            Some(&d.hash),
-        )?);
-        let i = self.shards.insert(id, s);
-        Ok(self.shards.items[i].1.clone())
-    }
-
-    /// Hands tokens `start..start + len` of document `row` to `sink`, frame piece by frame
-    /// piece, decoding only frames not in the cache; checks the document's BOS and EOS.
-    fn read(
-        &mut self,
-        d: &SetData,
-        row: usize,
-        start: usize,
-        len: usize,
-        mut sink: impl FnMut(&[u16]),
-    ) -> Result<()> {
-        let doc = d.docs[row];
-        if len == 0 {
-            return Ok(());
-        }
-        let (from, to) = (doc.offset + start as u64, doc.offset + (start + len) as u64);
-        let shard = self.shard(d, doc.shard)?;
-        if doc.offset + doc.n_tokens as u64 > shard.token_count {
-            return Err(d.bad_doc(
-                row,
-                &format!("ends past the shard's {} tokens", shard.token_count),
-            ));
-        }
-        for f in shard.frame_of(from)..=shard.frame_of(to - 1) {
-            let key = (doc.shard, f as u32);
-            let i = match self.frames.position(&key) {
-                Some(i) => i,
-                None => {
-                    let mut buf = self.frames.make_room().unwrap_or_default();
-                    shard.read_frame_into(f, &mut self.buffers, &mut buf)?;
-                    self.frames.insert(key, buf)
-                }
-            };
-            let frame = &self.frames.items[i].1;
-            let first = shard.frames()[f].first_token;
-            let piece = &frame[(from.max(first) - first) as usize
-                ..(to.min(first + frame.len() as u64) - first) as usize];
-            let at = |pos: u64| {
-                (first..first + frame.len() as u64)
-                    .contains(&pos)
-                    .then(|| frame[(pos - first) as usize] as u32)
-            };
-            if start == 0 && at(from).is_some_and(|t| t != d.bos) {
-                return Err(d.bad_doc(row, "does not start with BOS"));
-            }
-            let last = doc.offset + doc.n_tokens as u64 - 1;
-            if to == last + 1 && at(last).is_some_and(|t| t != d.eos) {
-                return Err(d.bad_doc(row, "does not end with EOS"));
-            }
-            sink(piece);
-        }
-        Ok(())
-    }
-}
-
-/// A seeded bijection of `0..n`: a balanced Feistel network on the smallest even number of bits
-/// that covers `n`, walked until it lands back in range (cycle-walking). Any round function
-/// gives a bijection; SplitMix64's finaliser makes the order look random. Costs a few hashes per
-/// call and stores nothing, where a materialised shuffle of 25M documents would hold 200 MB.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Permutation {
-    n: u64,
-    half_bits: u32,
-    keys: [u64; Permutation::ROUNDS],
-}
-
-impl Permutation {
-    const ROUNDS: usize = 6;
-
-    pub fn new(n: u64, seed: u64) -> Permutation {
-        let bits = 64 - n.saturating_sub(1).leading_zeros();
-        let half_bits = bits.div_ceil(2).max(1);
-        let mut rng = Rng::new(seed);
-        Permutation {
-            n,
-            half_bits,
-            keys: std::array::from_fn(|_| rng.next_u64()),
-        }
-    }
-
-    fn round(x: u64, key: u64) -> u64 {
-        let mut z = x ^ key;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn encrypt(&self, x: u64) -> u64 {
-        let mask = (1u64 << self.half_bits) - 1;
-        let (mut l, mut r) = (x >> self.half_bits, x & mask);
-        for &k in &self.keys {
-            (l, r) = (r, l ^ (Self::round(r, k) & mask));
-        }
-        (l << self.half_bits) | r
-    }
-
-    /// The image of `i` (which must be below `n`).
-    pub fn apply(&self, i: u64) -> u64 {
-        debug_assert!(i < self.n);
-        let mut x = self.encrypt(i);
-        while x >= self.n {
-            x = self.encrypt(x);
-        }
-        x
-    }
-}
-
-/// The key of the shuffle of `modality`'s documents in `epoch`.
-fn epoch_seed(seed: u64, modality: &str, epoch: u64) -> u64 {
-    let mut h = seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    for b in modality.bytes() {
-        h = h.rotate_left(8) ^ b as u64;
-    }
-    h
-}
-
-/// Everything that decides the rest of the training stream.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LoaderState {
-    pub rng: Rng,
-    /// Per modality: (epoch, next position in that epoch's order).
-    pub cursors: BTreeMap<String, (u64, usize)>,
-    /// The document being read (row index) and the next token in it.
-    pub current: Option<(usize, usize)>,
-    /// The last token of the previous window (windows overlap by one).
-    pub carry: Option<u32>,
-    pub windows: u64,
-}
-
-/// A modality of the mix: its weight and its training rows.
-struct Slot {
-    name: String,
-    weight: f64,
-    rows: Vec<u32>,
-}
-
-/// What is fixed for a loader's whole life.
-struct StreamSpec {
-    seed: u64,
-    context: usize,
-    slots: Vec<Slot>,
-}
-
-const SLOTS: usize = Modality::ALL.len();
-
-/// [`LoaderState`] without allocation: what the read-ahead thread hands over with each window.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Position {
-    rng: Rng,
-    cursors: [(u64, u64); SLOTS],
-    current: Option<(usize, usize)>,
-    carry: Option<u32>,
-    windows: u64,
-}
-
-impl Position {
-    fn cursor(state: &LoaderState, name: &str) -> (u64, u64) {
-        let (e, i) = state.cursors.get(name).copied().unwrap_or((0, 0));
-        (e, i as u64)
-    }
-
-    fn from_state(state: &LoaderState, spec: &StreamSpec, d: &SetData) -> Result<Position> {
-        if let Some((row, pos)) = state.current {
-            let fits = d
-                .docs
-                .get(row)
-                .is_some_and(|doc| doc.split == Split::Train && pos < doc.n_tokens as usize);
-            if !fits {
-                return Err(Error::Data(format!(
-                    "the saved loader position (document {row}, token {pos}) is not a training document of token set {}: the run was trained on another dataset",
-                    d.hash
-                )));
-            }
-        }
-        let mut cursors = [(0, 0); SLOTS];
-        for (c, slot) in cursors.iter_mut().zip(&spec.slots) {
-            *c = Self::cursor(state, &slot.name);
-        }
-        Ok(Position {
-            rng: state.rng,
-            cursors,
-            current: state.current,
-            carry: state.carry,
-            windows: state.windows,
-        })
-    }
-
-    fn matches(&self, state: &LoaderState, spec: &StreamSpec) -> bool {
-        self.rng == state.rng
-            && self.current == state.current
-            && self.carry == state.carry
-            && self.windows == state.windows
-            && spec
-                .slots
-                .iter()
-                .zip(&self.cursors)
-                .all(|(s, c)| Self::cursor(state, &s.name) == *c)
-    }
-
-    /// Writes this position into `state` (in place: no allocation once every cursor exists).
-    fn store(&self, state: &mut LoaderState, spec: &StreamSpec) {
-        state.rng = self.rng;
-        state.current = self.current;
-        state.carry = self.carry;
-        state.windows = self.windows;
-        for (s, &(e, i)) in spec.slots.iter().zip(&self.cursors) {
-            match state.cursors.get_mut(&s.name) {
-                Some(c) => *c = (e, i as usize),
-                None => {
-                    state.cursors.insert(s.name.clone(), (e, i as usize));
-                }
-            }
-        }
-    }
-}
-
-/// The stream itself: a position, and a reader to fill windows from it.
-struct Stream {
-    data: Arc<SetData>,
-    spec: Arc<StreamSpec>,
-    pos: Position,
-    reader: FrameReader,
-    perms: [Option<(u64, Permutation)>; SLOTS],
-}
-
-impl Stream {
-    fn new(data: Arc<SetData>, spec: Arc<StreamSpec>, pos: Position) -> Result<Stream> {
-        Ok(Stream {
-            data,
-            spec,
-            pos,
-            reader: FrameReader::new()?,
-            perms: [None; SLOTS],
-        })
-    }
-
-    fn next_doc(&mut self) -> usize {
-        let slots = &self.spec.slots;
-        let total: f64 = slots.iter().map(|s| s.weight).sum();
-        let mut u = self.pos.rng.uniform() * total;
-        let mut pick = slots.len() - 1;
-        for (i, s) in slots.iter().enumerate() {
-            if u < s.weight {
-                pick = i;
-                break;
-            }
-            u -= s.weight;
-        }
-        let slot = &slots[pick];
-        let n = slot.rows.len() as u64;
-        let cursor = &mut self.pos.cursors[pick];
-        if cursor.1 >= n {
-            *cursor = (cursor.0 + 1, 0);
-        }
-        let (epoch, idx) = *cursor;
-        cursor.1 += 1;
-        let perm = match self.perms[pick] {
-            Some((e, p)) if e == epoch => p,
-            _ => {
-                let p = Permutation::new(n, epoch_seed(self.spec.seed, &slot.name, epoch));
-                self.perms[pick] = Some((epoch, p));
-                p
-            }
-        };
-        slot.rows[perm.apply(idx) as usize] as usize
-    }
-
-    /// The next window (`context + 1` tokens) into `out`.
-    fn next_window(&mut self, out: &mut Vec<u32>) -> Result<()> {
-        let want = self.spec.context + 1;
-        out.clear();
-        if let Some(c) = self.pos.carry {
-            out.push(c);
-        }
-        while out.len() < want {
-            let (row, at) = match self.pos.current {
-                Some(c) => c,
-                None => (self.next_doc(), 0),
-            };
-            let n = self.data.docs[row].n_tokens as usize;
-            let take = (want - out.len()).min(n - at);
-            self.reader.read(&self.data, row, at, take, |t| {
-                out.extend(t.iter().map(|&t| t as u32))
-            })?;
-            self.pos.current = (at + take < n).then_some((row, at + take));
-        }
-        self.pos.carry = out.last().copied();
-        self.pos.windows += 1;
-        Ok(())
-    }
-}
-
-/// A prepared window and the stream's position after it.
-struct Window {
-    tokens: Vec<u32>,
-    after: Position,
-}
-
-/// The read-ahead thread: windows come through a bounded channel, spent buffers go back.
-struct Producer {
-    windows: Option<crossbeam_channel::Receiver<Result<Window>>>,
-    spent: crossbeam_channel::Sender<Vec<u32>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Producer {
-    fn start(mut stream: Stream, depth: usize) -> Result<Producer> {
-        let (tx, rx) = crossbeam_channel::bounded(depth);
-        let (spent_tx, spent_rx) = crossbeam_channel::unbounded::<Vec<u32>>();
-        let want = stream.spec.context + 1;
-        let thread = std::thread::Builder::new()
-            .name("codeclm-loader".into())
-            .spawn(move || loop {
-                let mut buf = spent_rx
-                    .try_recv()
-                    .unwrap_or_else(|_| Vec::with_capacity(want));
-                let window = stream.next_window(&mut buf).map(|()| Window {
-                    tokens: buf,
-                    after: stream.pos,
-                });
-                let failed = window.is_err();
-                if tx.send(window).is_err() || failed {
-                    return;
-                }
-            })
-            .map_err(|e| Error::Data(format!("cannot start the read-ahead thread: {e}")))?;
-        Ok(Producer {
-            windows: Some(rx),
-            spent: spent_tx,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Producer {
-    fn drop(&mut self) {
-        // The thread stops at its next send once nobody receives.
-        drop(self.windows.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-enum Engine {
-    /// Windows made on the caller's thread (read-ahead 0).
-    Inline(Box<Stream>, Vec<u32>),
-    Ahead(Producer),
-}
-
-/// The training stream over a token set's `train` documents.
-pub struct Loader {
-    /// The position after the last window handed out. Assigning a saved state resumes from it.
-    pub state: LoaderState,
-    data: Arc<SetData>,
-    spec: Arc<StreamSpec>,
-    read_ahead: usize,
-    engine: Option<Engine>,
-    /// The position the engine continues from (compared with `state` to notice assignments).
-    consumed: Position,
 }
 
 impl Loader {
@@ -769,172 +282,30 @@ impl Loader {
         seed: u64,
         mix: &BTreeMap<String, f64>,
     ) -> Result<Loader> {
-        let available = set.modalities(Split::Train);
-        if available.is_empty() {
-            return Err(Error::Data(format!(
-                "the token set {} of {} has no training documents (split \"train\"). Fix: build the dataset with a --val-fraction below 1",
-                set.hash,
-                set.root.display()
-            )));
-        }
-        if context == 0 {
-            return Err(Error::Config("the context must be at least 1 token".into()));
-        }
-        let chosen: Vec<(String, Option<f64>)> = if mix.is_empty() {
-            available.iter().map(|m| (m.clone(), None)).collect()
-        } else {
-            mix.iter().map(|(m, w)| (m.clone(), Some(*w))).collect()
-        };
-        let mut slots = Vec::new();
-        for (m, w) in chosen {
-            let rows: Vec<u32> = set.split_rows(Split::Train, Some(&m));
-            if rows.is_empty() {
-                return Err(Error::Data(format!(
-                    "the mix asks for modality {m:?}, which has no training documents in token set {} (it has: {}); fix the mix",
-                    set.hash,
-                    available.join(", ")
-                )));
-            }
-            let weight = match w {
-                Some(w) if w.is_finite() && w >= 0.0 => w,
-                Some(w) => {
-                    return Err(Error::Config(format!(
-                        "mix weight {w} for {m} must be a non-negative number"
-                    )))
-                }
-                None => rows
-                    .iter()
-                    .map(|&r| set.data.docs[r as usize].n_tokens as f64)
-                    .sum(),
-            };
-            if weight > 0.0 {
-                slots.push(Slot {
-                    name: m,
-                    weight,
-                    rows,
-                });
-            }
-        }
-        if slots.is_empty() {
-            return Err(Error::Config("every mix weight is zero".into()));
-        }
-        let state = LoaderState {
-            rng: Rng::new(seed ^ 0x5EED_DA7A),
-            cursors: slots.iter().map(|s| (s.name.clone(), (0, 0))).collect(),
-            current: None,
-            carry: None,
-            windows: 0,
-        };
-        let spec = Arc::new(StreamSpec {
-            seed,
-            context,
-            slots,
-        });
-        let consumed = Position::from_state(&state, &spec, &set.data)?;
-        Ok(Loader {
-            state,
-            data: set.data.clone(),
-            spec,
-            read_ahead: (READ_AHEAD_TOKENS / (context + 1)).clamp(4, 256),
-            engine: None,
-            consumed,
-        })
-    }
-
-    /// Windows prepared ahead on a thread (0: on the caller's thread). The stream is the same
-    /// either way.
-    pub fn set_read_ahead(&mut self, windows: usize) {
-        self.read_ahead = windows;
-        self.engine = None;
-    }
-
-    pub fn context(&self) -> usize {
-        self.spec.context
+        Ok(Loader(codeclm_loader::Loader::new(
+            &set.data, context, seed, mix,
+        )?))
     }
 
     /// Fills `x` and `y` (each `batch * context` tokens, row-major [batch, context]) with the
-    /// next `batch` windows: inputs and targets shifted by one. No allocation in steady state.
+    /// next `batch` windows: inputs and targets shifted by one.
     pub fn next_batch_into(
         &mut self,
         set: &TrainingSet,
         x: &mut [u32],
         y: &mut [u32],
     ) -> Result<()> {
-        let ctx = self.spec.context;
-        if x.len() != y.len() || x.is_empty() || x.len() % ctx != 0 {
-            return Err(Error::Config(format!(
-                "a batch needs inputs and targets of batch x context ({ctx}) tokens each, not {} and {}",
-                x.len(),
-                y.len()
-            )));
-        }
-        if !Arc::ptr_eq(&set.data, &self.data) {
-            self.data = set.data.clone();
-            self.engine = None;
-        }
-        if self.engine.is_none() || !self.consumed.matches(&self.state, &self.spec) {
-            self.engine = None; // stops a thread running from an older position
-            let pos = Position::from_state(&self.state, &self.spec, &self.data)?;
-            let stream = Stream::new(self.data.clone(), self.spec.clone(), pos)?;
-            self.engine = Some(match self.read_ahead {
-                0 => Engine::Inline(Box::new(stream), Vec::with_capacity(ctx + 1)),
-                depth => Engine::Ahead(Producer::start(stream, depth)?),
-            });
-            self.consumed = pos;
-        }
-        for (xr, yr) in x.chunks_exact_mut(ctx).zip(y.chunks_exact_mut(ctx)) {
-            let after = match self.engine.as_mut() {
-                Some(Engine::Inline(stream, buf)) => match stream.next_window(buf) {
-                    Ok(()) => {
-                        xr.copy_from_slice(&buf[..ctx]);
-                        yr.copy_from_slice(&buf[1..]);
-                        stream.pos
-                    }
-                    Err(e) => {
-                        self.engine = None;
-                        return Err(e);
-                    }
-                },
-                Some(Engine::Ahead(p)) => {
-                    let got = p.windows.as_ref().and_then(|rx| rx.recv().ok());
-                    match got {
-                        Some(Ok(w)) => {
-                            xr.copy_from_slice(&w.tokens[..ctx]);
-                            yr.copy_from_slice(&w.tokens[1..]);
-                            let _ = p.spent.send(w.tokens);
-                            w.after
-                        }
-                        Some(Err(e)) => {
-                            self.engine = None;
-                            return Err(e);
-                        }
-                        None => {
-                            self.engine = None;
-                            return Err(Error::Data("the read-ahead thread stopped".into()));
-                        }
-                    }
-                }
-                None => unreachable!("the engine was started above"),
-            };
-            self.consumed = after;
-            after.store(&mut self.state, &self.spec);
-        }
-        Ok(())
+        Ok(self.0.next_batch_into(&set.data, x, y)?)
     }
 
     /// A batch: inputs and targets, each `batch * context` tokens (row-major [batch, context]).
     pub fn next_batch(&mut self, set: &TrainingSet, batch: usize) -> Result<(Vec<u32>, Vec<u32>)> {
-        let n = batch * self.spec.context;
-        let (mut x, mut y) = (vec![0; n], vec![0; n]);
-        self.next_batch_into(set, &mut x, &mut y)?;
-        Ok((x, y))
+        Ok(self.0.next_batch(&set.data, batch)?)
     }
 
     /// The next window: `context + 1` tokens.
     pub fn next_window(&mut self, set: &TrainingSet) -> Result<Vec<u32>> {
-        let (mut x, y) = self.next_batch(set, 1)?;
-        x.extend(y.last());
-        Ok(x)
+        Ok(self.0.next_window(&set.data)?)
     }
 }
 

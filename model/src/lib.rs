@@ -12,7 +12,7 @@ pub mod engine;
 pub mod generate;
 pub mod llama;
 pub mod plot;
-pub mod rng;
+pub use codeclm_loader::rng;
 pub mod train;
 
 pub use generate::{generate, generate_with, Constraint, GenerateConfig, Lm, LogitsProcessor};
@@ -28,6 +28,8 @@ pub enum Error {
     Manifest(#[from] codeclm_formats::Error),
     #[error(transparent)]
     Engine(#[from] codeclm_engine::Error),
+    #[error(transparent)]
+    Loader(#[from] codeclm_loader::Error),
     #[error("I/O error on {path}: {source}")]
     Io {
         path: PathBuf,

@@ -25,10 +25,10 @@ import numpy as np
 import polars as pl
 
 from . import jpeg
-from ._native import CodecShard, TokenShard, __version__
+from ._native import CodecShard, Loader as _Loader, TokenShard, __version__
 from ._native import Vocab as _Vocab
 
-__all__ = ["Dataset", "Tokens", "Vocab", "CodecShard", "TokenShard", "jpeg", "__version__"]
+__all__ = ["Dataset", "Tokens", "Vocab", "Windows", "CodecShard", "TokenShard", "jpeg", "__version__"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -219,5 +219,66 @@ class Tokens:
         for sample_id, shard, offset, n in rows.iter_rows():
             yield sample_id, self._read(shard, offset, n)
 
+    def windows(
+        self, context: int, batch: int, seed: int = 0, mix: Optional[dict] = None
+    ) -> "Windows":
+        """The trainer's training stream: batches of `batch` windows of `context + 1` tokens of
+        the `train` documents, shuffled per epoch from `seed`, modalities drawn by `mix`
+        (modality -> weight; default: by their share of training tokens). The same windows as
+        `codeclm train --seed SEED` on this token set (and `codeclm dataset windows`)."""
+        return Windows(self, context, batch, seed, mix or {})
+
     def __repr__(self) -> str:
         return f"Tokens({str(self.dataset.path)!r}, vocab={self.hash})"
+
+
+_MODALITIES = {"image": 0, "video": 1}
+_SPLITS = {"train": 0, "val": 1}
+
+
+class Windows:
+    """An endless iterator of (inputs, targets), each a uint16 array of shape (batch, context),
+    targets shifted by one. `state_dict()` / `load_state_dict()` resume it exactly."""
+
+    def __init__(self, tokens: Tokens, context: int, batch: int, seed: int, mix: dict):
+        m = tokens.manifest().select("shard", "offset", "n_tokens", "codec_bytes", "modality", "split").collect()
+        shards, index = [], {}
+        for s in m["shard"].to_list():
+            if s not in index:
+                index[s] = len(shards)
+                shards.append(s)
+        col = lambda name, dtype: m[name].to_numpy().astype(dtype).tobytes()  # noqa: E731
+        self.context, self.batch = context, batch
+        self._loader = _Loader(
+            os.fspath(tokens.dataset.path),
+            tokens.hash,
+            tokens.vocab.bos,
+            tokens.vocab.eos,
+            shards,
+            np.array([index[s] for s in m["shard"].to_list()], dtype="<u4").tobytes(),
+            col("offset", "<u8"),
+            col("n_tokens", "<u4"),
+            col("codec_bytes", "<u4"),
+            m["modality"].replace_strict(_MODALITIES, return_dtype=pl.UInt8).to_numpy().tobytes(),
+            m["split"].replace_strict(_SPLITS, return_dtype=pl.UInt8).to_numpy().tobytes(),
+            context,
+            seed,
+            {str(k): float(v) for k, v in mix.items()},
+        )
+
+    def __iter__(self) -> "Windows":
+        return self
+
+    def __next__(self) -> Tuple[np.ndarray, np.ndarray]:
+        x, y = self._loader.next_batch_u16(self.batch)
+        shape = (self.batch, self.context)
+        return np.frombuffer(x, dtype="<u2").reshape(shape), np.frombuffer(y, dtype="<u2").reshape(shape)
+
+    def state_dict(self) -> dict:
+        """Everything that decides the rest of the stream (JSON-serialisable)."""
+        return {"loader": json.loads(self._loader.state_json()), "context": self.context, "batch": self.batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("context") != self.context:
+            raise ValueError(f"the state is of a stream with context {state.get('context')}, this one has {self.context}")
+        self._loader.set_state_json(json.dumps(state["loader"]))

@@ -188,8 +188,127 @@ fn jpeg_tidy<'py>(py: Python<'py>, generated: &[u8]) -> Bound<'py, PyBytes> {
     PyBytes::new(py, &codeclm_codec::jpeg::tidy_generated(generated))
 }
 
+fn column<const N: usize, T>(
+    name: &str,
+    bytes: &[u8],
+    rows: usize,
+    f: fn([u8; N]) -> T,
+) -> PyResult<Vec<T>> {
+    if bytes.len() != rows * N {
+        return Err(PyValueError::new_err(format!(
+            "column {name}: {} bytes for {rows} rows of {N} bytes",
+            bytes.len()
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(N)
+        .map(|c| f(c.try_into().expect("chunks of N")))
+        .collect())
+}
+
+/// The trainer's training stream (`codeclm_loader::Loader`) over a document table the Python
+/// layer reads from the token manifest: the same windows as `codeclm train` for the same
+/// context, seed and mix.
+#[pyclass(module = "codeclm._native", unsendable)]
+struct Loader {
+    table: std::sync::Arc<codeclm_loader::DocTable>,
+    inner: codeclm_loader::Loader,
+}
+
+fn loader_err(e: codeclm_loader::Error) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+#[pymethods]
+impl Loader {
+    /// Columns as little-endian bytes, one value per manifest row in manifest order: `shard`
+    /// (u32 index into `shards`), `offset` (u64), `n_tokens` and `codec_bytes` (u32),
+    /// `modality` (u8: 0 image, 1 video) and `split` (u8: 0 train, 1 val).
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (root, hash, bos, eos, shards, shard, offset, n_tokens, codec_bytes, modality, split, context, seed, mix))]
+    fn new(
+        root: PathBuf,
+        hash: String,
+        bos: u32,
+        eos: u32,
+        shards: Vec<String>,
+        shard: &[u8],
+        offset: &[u8],
+        n_tokens: &[u8],
+        codec_bytes: &[u8],
+        modality: &[u8],
+        split: &[u8],
+        context: usize,
+        seed: u64,
+        mix: std::collections::BTreeMap<String, f64>,
+    ) -> PyResult<Self> {
+        use codeclm_formats::{Modality, Split};
+        let rows = modality.len();
+        let shard = column("shard", shard, rows, u32::from_le_bytes)?;
+        let offset = column("offset", offset, rows, u64::from_le_bytes)?;
+        let n_tokens = column("n_tokens", n_tokens, rows, u32::from_le_bytes)?;
+        let codec_bytes = column("codec_bytes", codec_bytes, rows, u32::from_le_bytes)?;
+        let split = column("split", split, rows, |[b]: [u8; 1]| b)?;
+        let mut docs = Vec::with_capacity(rows);
+        for i in 0..rows {
+            if shard[i] as usize >= shards.len() || modality[i] > 1 || split[i] > 1 {
+                return Err(PyValueError::new_err(format!(
+                    "row {i}: shard, modality or split out of range"
+                )));
+            }
+            docs.push(codeclm_loader::DocRef {
+                offset: offset[i],
+                n_tokens: n_tokens[i],
+                codec_bytes: codec_bytes[i],
+                shard: shard[i],
+                modality: Modality::ALL[modality[i] as usize],
+                split: Split::ALL[split[i] as usize],
+            });
+        }
+        let table = std::sync::Arc::new(codeclm_loader::DocTable {
+            root,
+            hash,
+            bos,
+            eos,
+            shards,
+            docs,
+        });
+        let inner = codeclm_loader::Loader::new(&table, context, seed, &mix).map_err(loader_err)?;
+        Ok(Loader { table, inner })
+    }
+
+    /// The next `batch` windows as (inputs, targets), each `batch * context` little-endian
+    /// uint16 tokens, row-major.
+    fn next_batch_u16<'py>(
+        &mut self,
+        py: Python<'py>,
+        batch: usize,
+    ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+        let (x, y) = self
+            .inner
+            .next_batch(&self.table, batch)
+            .map_err(loader_err)?;
+        let bytes = |v: Vec<u32>| PyBytes::new(py, &u16_bytes(v.into_iter().map(|t| t as u16)));
+        Ok((bytes(x), bytes(y)))
+    }
+
+    /// Everything that decides the rest of the stream, as JSON (what a checkpoint saves).
+    fn state_json(&self) -> PyResult<String> {
+        serde_json::to_string(&self.inner.state).map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+
+    /// Continues from a state `state_json` gave (here or in another process).
+    fn set_state_json(&mut self, json: &str) -> PyResult<()> {
+        self.inner.state = serde_json::from_str(json)
+            .map_err(|e| PyValueError::new_err(format!("not a loader state: {e}")))?;
+        Ok(())
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Loader>()?;
     m.add_function(wrap_pyfunction!(jpeg_splice_tables, m)?)?;
     m.add_function(wrap_pyfunction!(jpeg_strip_tables, m)?)?;
     m.add_function(wrap_pyfunction!(jpeg_tidy, m)?)?;

@@ -52,6 +52,10 @@ pub enum DatasetCommand {
     /// `val.bin` (+ `meta.pkl` with the vocabulary size) or Megatron-LM's indexed datasets
     /// (`train.bin` + `train.idx`, `val.bin` + `val.idx`).
     ExportTokens(tokens::ExportTokensArgs),
+    /// Write the first training windows the trainer's loader gives for a seed and context
+    /// (`context + 1` uint16 tokens each, row-major, raw little-endian): to inspect the data
+    /// order, or to check another loader (the Python package's) against it.
+    Windows(tokens::WindowsArgs),
     /// Copy a dataset from object storage (`s3://bucket/ds`, as `build --out` wrote it) into a
     /// local directory, for the commands that read one; a second pull fetches only what is new.
     Pull { url: String, dir: PathBuf },
@@ -236,6 +240,7 @@ pub fn run(cmd: DatasetCommand) -> Result<()> {
         DatasetCommand::Tokenize(args) => tokens::tokenize(args),
         DatasetCommand::Decode(args) => tokens::decode(args),
         DatasetCommand::ExportTokens(args) => tokens::export_tokens(args),
+        DatasetCommand::Windows(args) => tokens::windows(args),
         DatasetCommand::Pull { url, dir } => pull(&url, &dir),
     }
 }

@@ -108,6 +108,25 @@ pub struct ExportTokensArgs {
 }
 
 #[derive(Args)]
+pub struct WindowsArgs {
+    #[arg(long)]
+    dataset: PathBuf,
+    /// The token set (default: the only one).
+    #[arg(long)]
+    vocab: Option<String>,
+    #[arg(long, default_value_t = 2048)]
+    context: usize,
+    /// The training seed (`codeclm train --seed`).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Windows to write.
+    #[arg(long, default_value_t = 16)]
+    count: usize,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 pub struct DecodeArgs {
     #[arg(long)]
     dataset: PathBuf,
@@ -206,6 +225,30 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
             shard.index, shard.count, shard.from, s.parts_elsewhere
         );
     }
+    Ok(())
+}
+
+pub fn windows(args: WindowsArgs) -> Result<()> {
+    use codeclm_model::data::{Loader, TrainingSet};
+    let set = TrainingSet::open(&args.dataset, args.vocab.as_deref())?;
+    let mut loader = Loader::new(&set, args.context, args.seed, &Default::default())?;
+    let mut bytes = Vec::with_capacity(args.count * (args.context + 1) * 2);
+    for _ in 0..args.count {
+        for t in loader.next_window(&set)? {
+            bytes.extend_from_slice(&(t as u16).to_le_bytes());
+        }
+    }
+    codeclm_formats::write_atomic(&args.out, &bytes)?;
+    println!(
+        "wrote {} windows of {} tokens (token set {}, seed {}) to {}: uint16, shape ({}, {})",
+        args.count,
+        args.context + 1,
+        set.hash,
+        args.seed,
+        args.out.display(),
+        args.count,
+        args.context + 1
+    );
     Ok(())
 }
 
