@@ -2,8 +2,8 @@
 //! also calls libavformat, libavfilter, libavutil, libswscale and libswresample: link the system
 //! shared libraries (FFmpeg 5.1 on Debian bookworm) through pkg-config.
 fn main() {
-    // Without the `native` feature (the Python extension's pure-Rust parts) nothing is linked.
-    if std::env::var_os("CARGO_FEATURE_NATIVE").is_none() {
+    // Without the `ffmpeg` feature (the Python extension) no system library is linked.
+    if std::env::var_os("CARGO_FEATURE_FFMPEG").is_none() {
         return;
     }
     for lib in [

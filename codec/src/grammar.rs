@@ -163,6 +163,102 @@ impl TokenTrie {
     }
 }
 
+/// A byte grammar over a vocabulary's tokens: which token ids may come next after a sequence
+/// of ids (EOS where the stream may end), what constrained samplers mask with. Special tokens
+/// (no bytes) other than EOS are never allowed and consume nothing.
+pub struct TokenGrammar<G: ByteGrammar> {
+    grammar: G,
+    trie: TokenTrie,
+    /// Token id -> bytes (empty for special tokens).
+    tokens: Vec<Vec<u8>>,
+    eos: u32,
+}
+
+impl<G: ByteGrammar> TokenGrammar<G> {
+    /// `tokens[id]`: token `id`'s bytes (empty for special tokens); `eos`: the end token.
+    pub fn new(grammar: G, tokens: Vec<Vec<u8>>, eos: u32) -> TokenGrammar<G> {
+        TokenGrammar {
+            trie: TokenTrie::new(&tokens),
+            grammar,
+            tokens,
+            eos,
+        }
+    }
+
+    pub fn grammar(&self) -> &G {
+        &self.grammar
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn eos(&self) -> u32 {
+        self.eos
+    }
+
+    /// The state after `ids` (special tokens have no bytes), or the byte where they break the
+    /// grammar.
+    pub fn walk(&self, ids: &[u32]) -> Result<G::State, usize> {
+        let mut st = self.grammar.start();
+        let mut at = 0;
+        for &id in ids {
+            for &b in self.bytes(id) {
+                if !self.grammar.step(&mut st, b) {
+                    return Err(at);
+                }
+                at += 1;
+            }
+        }
+        Ok(st)
+    }
+
+    fn bytes(&self, id: u32) -> &[u8] {
+        self.tokens.get(id as usize).map_or(&[][..], Vec::as_slice)
+    }
+
+    /// Sets `allowed[id]` for every token that may follow `state` (EOS when the stream may
+    /// end there); ids at or past `allowed.len()` are left out. False when none may.
+    pub fn mask(&self, state: &G::State, allowed: &mut [bool]) -> bool {
+        allowed.fill(false);
+        let mut any = false;
+        if self.grammar.complete(state) {
+            if let Some(a) = allowed.get_mut(self.eos as usize) {
+                *a = true;
+                any = true;
+            }
+        }
+        self.trie.allowed(&self.grammar, state, &mut |t, _| {
+            if let Some(a) = allowed.get_mut(t as usize) {
+                *a = true;
+                any = true;
+            }
+        });
+        any
+    }
+
+    /// The tokens (ids, sorted) `state` allows next, EOS included when the stream is complete.
+    pub fn allowed_after(&self, state: &G::State) -> Vec<u32> {
+        let mut out = Vec::new();
+        self.trie
+            .allowed(&self.grammar, state, &mut |t, _| out.push(t));
+        if self.grammar.complete(state) {
+            out.push(self.eos);
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// Consumes token `id` from `state`; false (the state then unusable) when the grammar
+    /// rejects it. EOS consumes nothing and is accepted where the stream may end.
+    pub fn advance(&self, state: &mut G::State, id: u32) -> bool {
+        if id == self.eos {
+            return self.grammar.complete(state);
+        }
+        self.bytes(id).iter().all(|&b| self.grammar.step(state, b))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -511,6 +511,22 @@ impl Vocab {
             .map(Vec::as_slice)
             .unwrap_or(&[])
     }
+
+    /// Appends to `ids` the longest prefix of `tokens` whose bytes fit in the first `cut`
+    /// bytes; returns where those bytes end (`<= cut`). A prompt cut this way is a context the
+    /// model saw in training, whatever the merges.
+    pub fn token_prefix(&self, tokens: &[u32], cut: usize, ids: &mut Vec<u32>) -> usize {
+        let mut end = 0;
+        for &t in tokens {
+            let len = self.token_bytes(t).len();
+            if end + len > cut {
+                break;
+            }
+            end += len;
+            ids.push(t);
+        }
+        end
+    }
 }
 
 #[derive(Default)]

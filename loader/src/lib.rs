@@ -312,6 +312,71 @@ pub struct LoaderState {
     pub windows: u64,
 }
 
+/// Which windows of the global stream a loader hands out: of every `period` windows (counted
+/// from where its stream starts), those at `start..start + count`. Every rank and worker walks
+/// the same global stream and skips the windows of the others without reading them (a skipped
+/// window costs its document draws and nothing else), so the ranks together hand out each
+/// window once, and after each batch every rank is at the same global position: a checkpoint
+/// of any rank resumes the run on any number of ranks with the same global batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Share {
+    pub period: u64,
+    pub start: u64,
+    pub count: u64,
+}
+
+impl Share {
+    /// The whole stream (one process).
+    pub const WHOLE: Share = Share {
+        period: 1,
+        start: 0,
+        count: 1,
+    };
+
+    /// Rank `rank` of `world` ranks, each taking `batch` windows of every global batch of
+    /// `world * batch`: rank 0 the first `batch`, rank 1 the next, and so on.
+    pub fn rank(rank: usize, world: usize, batch: usize) -> Result<Share> {
+        if world == 0 || rank >= world || batch == 0 {
+            return Err(Error::Config(format!(
+                "rank {rank} of world size {world} with batch {batch}: the rank must be below the world size and the batch at least 1"
+            )));
+        }
+        Ok(Share {
+            period: (world * batch) as u64,
+            start: (rank * batch) as u64,
+            count: batch as u64,
+        })
+    }
+
+    /// This share split among `workers` data-loading workers taking whole batches in turn:
+    /// worker `k` takes batches `k, k + workers, ...` of this share, so reading the workers'
+    /// batches round-robin (as torch's `DataLoader` does) gives this share's stream.
+    pub fn worker(self, worker: usize, workers: usize) -> Result<Share> {
+        if workers == 0 || worker >= workers {
+            return Err(Error::Config(format!(
+                "worker {worker} of {workers}: the worker must be below the number of workers"
+            )));
+        }
+        Ok(Share {
+            period: self.period * workers as u64,
+            start: self.start + worker as u64 * self.period,
+            count: self.count,
+        })
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.count == 0 || self.start + self.count > self.period {
+            return Err(Error::Config(format!(
+                "a share of windows {}..{} of every {} is empty or does not fit its period",
+                self.start,
+                self.start + self.count,
+                self.period
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// A modality of the mix: its weight and its training rows.
 struct Slot {
     name: String,
@@ -406,16 +471,26 @@ struct Stream {
     pos: Position,
     reader: FrameReader,
     perms: [Option<(u64, Permutation)>; SLOTS],
+    share: Share,
+    /// The global window the share's periods are counted from (where this stream started).
+    origin: u64,
 }
 
 impl Stream {
-    fn new(data: Arc<DocTable>, spec: Arc<StreamSpec>, pos: Position) -> Result<Stream> {
+    fn new(
+        data: Arc<DocTable>,
+        spec: Arc<StreamSpec>,
+        pos: Position,
+        share: Share,
+    ) -> Result<Stream> {
         Ok(Stream {
             data,
             spec,
+            origin: pos.windows,
             pos,
             reader: FrameReader::new()?,
             perms: [None; SLOTS],
+            share,
         })
     }
 
@@ -473,6 +548,62 @@ impl Stream {
         self.pos.windows += 1;
         Ok(())
     }
+
+    /// Moves past `n` windows without reading them: the same document draws as reading them,
+    /// then one token read, the last of the last window (the next window's first).
+    fn skip_windows(&mut self, n: u64) -> Result<()> {
+        let mut last = None;
+        let mut carry = self.pos.carry.is_some();
+        for _ in 0..n {
+            let mut need = self.spec.context + 1 - carry as usize;
+            while need > 0 {
+                let (row, at) = match self.pos.current {
+                    Some(c) => c,
+                    None => (self.next_doc(), 0),
+                };
+                let len = self.data.docs[row].n_tokens as usize;
+                let take = need.min(len - at);
+                last = Some((row, at + take - 1));
+                self.pos.current = (at + take < len).then_some((row, at + take));
+                need -= take;
+            }
+            carry = true;
+        }
+        if let Some((row, at)) = last {
+            let mut token = None;
+            self.reader.read(&self.data, row, at, 1, |t| {
+                token = t.first().map(|&t| t as u32)
+            })?;
+            self.pos.carry = token;
+        }
+        self.pos.windows += n;
+        Ok(())
+    }
+
+    /// The next window of this stream's share into `out`: the windows of other shares before
+    /// it skipped, and, when it ends the share's part of a period, those after it up to the
+    /// period's end (so the position after a share's batch is the global batch's end).
+    fn next_taken(&mut self, out: &mut Vec<u32>) -> Result<()> {
+        let Share {
+            period,
+            start,
+            count,
+        } = self.share;
+        let phase = (self.pos.windows - self.origin) % period;
+        let before = if phase < start {
+            start - phase
+        } else if phase >= start + count {
+            period - phase + start
+        } else {
+            0
+        };
+        self.skip_windows(before)?;
+        self.next_window(out)?;
+        if (self.pos.windows - self.origin) % period == (start + count) % period {
+            self.skip_windows(period - start - count)?;
+        }
+        Ok(())
+    }
 }
 
 /// A prepared window and the stream's position after it.
@@ -499,7 +630,7 @@ impl Producer {
                 let mut buf = spent_rx
                     .try_recv()
                     .unwrap_or_else(|_| Vec::with_capacity(want));
-                let window = stream.next_window(&mut buf).map(|()| Window {
+                let window = stream.next_taken(&mut buf).map(|()| Window {
                     tokens: buf,
                     after: stream.pos,
                 });
@@ -540,6 +671,7 @@ pub struct Loader {
     data: Arc<DocTable>,
     spec: Arc<StreamSpec>,
     read_ahead: usize,
+    share: Share,
     engine: Option<Engine>,
     /// The position the engine continues from (compared with `state` to notice assignments).
     consumed: Position,
@@ -621,6 +753,7 @@ impl Loader {
             data: set.clone(),
             spec,
             read_ahead: (READ_AHEAD_TOKENS / (context + 1)).clamp(4, 256),
+            share: Share::WHOLE,
             engine: None,
             consumed,
         })
@@ -635,6 +768,31 @@ impl Loader {
 
     pub fn context(&self) -> usize {
         self.spec.context
+    }
+
+    /// Hands out only `share`'s windows of the global stream from the current position on
+    /// (its periods counted from here). Batches must then be whole multiples of `share.count`.
+    pub fn set_share(&mut self, share: Share) -> Result<()> {
+        share.check()?;
+        self.share = share;
+        self.engine = None;
+        Ok(())
+    }
+
+    pub fn share(&self) -> Share {
+        self.share
+    }
+
+    /// Moves past the next `n` windows of the global stream (whatever the share) without
+    /// reading them but for one token: what `n` windows of every rank would have advanced.
+    pub fn skip_windows(&mut self, n: u64) -> Result<()> {
+        self.engine = None;
+        let pos = Position::from_state(&self.state, &self.spec, &self.data)?;
+        let mut stream = Stream::new(self.data.clone(), self.spec.clone(), pos, Share::WHOLE)?;
+        stream.skip_windows(n)?;
+        stream.pos.store(&mut self.state, &self.spec);
+        self.consumed = stream.pos;
+        Ok(())
     }
 
     /// Fills `x` and `y` (each `batch * context` tokens, row-major [batch, context]) with the
@@ -653,6 +811,13 @@ impl Loader {
                 y.len()
             )));
         }
+        if (x.len() / ctx) as u64 % self.share.count != 0 {
+            return Err(Error::Config(format!(
+                "a batch of {} windows from a loader whose share takes {} windows a step: the batch must be a multiple of it",
+                x.len() / ctx,
+                self.share.count
+            )));
+        }
         if !Arc::ptr_eq(set, &self.data) {
             self.data = set.clone();
             self.engine = None;
@@ -660,7 +825,7 @@ impl Loader {
         if self.engine.is_none() || !self.consumed.matches(&self.state, &self.spec) {
             self.engine = None; // stops a thread running from an older position
             let pos = Position::from_state(&self.state, &self.spec, &self.data)?;
-            let stream = Stream::new(self.data.clone(), self.spec.clone(), pos)?;
+            let stream = Stream::new(self.data.clone(), self.spec.clone(), pos, self.share)?;
             self.engine = Some(match self.read_ahead {
                 0 => Engine::Inline(Box::new(stream), Vec::with_capacity(ctx + 1)),
                 depth => Engine::Ahead(Producer::start(stream, depth)?),
@@ -669,7 +834,7 @@ impl Loader {
         }
         for (xr, yr) in x.chunks_exact_mut(ctx).zip(y.chunks_exact_mut(ctx)) {
             let after = match self.engine.as_mut() {
-                Some(Engine::Inline(stream, buf)) => match stream.next_window(buf) {
+                Some(Engine::Inline(stream, buf)) => match stream.next_taken(buf) {
                     Ok(()) => {
                         xr.copy_from_slice(&buf[..ctx]);
                         yr.copy_from_slice(&buf[1..]);

@@ -562,6 +562,73 @@ mod tests {
         assert!(b.next_batch_into(&set, &mut x[..5], &mut y[..5]).is_err());
     }
 
+    /// Ranks and workers split the global stream: their batches interleaved are the windows
+    /// of one loader, each window once; after each batch every rank holds the global
+    /// position, which resumes on another number of ranks; skipping equals reading.
+    #[test]
+    fn ranks_and_workers_share_the_stream() {
+        use codeclm_loader::Share;
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec(90);
+        s.video_every = 4;
+        let set = set(dir.path(), &s);
+        let mix = BTreeMap::new();
+        let (world, batch, steps) = (3, 2, 12);
+        let mut whole = Loader::new(&set, 20, 9, &mix).unwrap();
+        whole.set_read_ahead(0);
+        let mut all = Vec::new();
+        let mut states = Vec::new();
+        for _ in 0..steps {
+            all.extend(windows(&mut whole, &set, world * batch));
+            states.push(whole.state.clone());
+        }
+        let rows = |x: &[u32], y: &[u32]| -> Vec<Vec<u32>> {
+            x.chunks(20)
+                .zip(y.chunks(20))
+                .map(|(a, b)| a.iter().copied().chain(b.last().copied()).collect())
+                .collect()
+        };
+        for rank in 0..world {
+            let mut l = Loader::new(&set, 20, 9, &mix).unwrap();
+            l.set_share(Share::rank(rank, world, batch).unwrap())
+                .unwrap();
+            for (step, state) in states.iter().enumerate() {
+                let (x, y) = l.next_batch(&set, batch).unwrap();
+                let at = step * world * batch + rank * batch;
+                assert_eq!(rows(&x, &y), all[at..at + batch], "rank {rank} step {step}");
+                assert_eq!(&l.state, state, "rank {rank} holds the global position");
+            }
+            assert!(l.next_batch(&set, 3).is_err(), "a batch of another size");
+        }
+        // Workers of rank 1 take its batches in turn.
+        let workers = 2;
+        for k in 0..workers {
+            let mut l = Loader::new(&set, 20, 9, &mix).unwrap();
+            let share = Share::rank(1, world, batch).unwrap();
+            l.set_share(share.worker(k, workers).unwrap()).unwrap();
+            for j in 0..steps / workers {
+                let step = k + j * workers;
+                let (x, y) = l.next_batch(&set, batch).unwrap();
+                let at = step * world * batch + batch;
+                assert_eq!(rows(&x, &y), all[at..at + batch], "worker {k} step {step}");
+            }
+        }
+        // A 3-rank checkpoint after step 4 resumes on one rank with the same global batch.
+        let mut one = Loader::new(&set, 20, 9, &mix).unwrap();
+        one.state = states[3].clone();
+        let (x, y) = one.next_batch(&set, world * batch).unwrap();
+        assert_eq!(rows(&x, &y), all[4 * world * batch..5 * world * batch]);
+        // Skipping 17 windows lands where reading them does.
+        let mut skip = Loader::new(&set, 20, 9, &mix).unwrap();
+        skip.skip_windows(17).unwrap();
+        let mut read = Loader::new(&set, 20, 9, &mix).unwrap();
+        windows(&mut read, &set, 17);
+        assert_eq!(skip.state, read.state);
+        assert_eq!(skip.next_window(&set).unwrap(), all[17]);
+        assert!(Share::rank(3, 3, 2).is_err() && Share::rank(0, 1, 0).is_err());
+        assert!(Share::WHOLE.worker(2, 2).is_err());
+    }
+
     /// Splits the stream back into documents: each training document once per epoch, no
     /// validation document ever.
     #[test]

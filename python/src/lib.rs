@@ -9,6 +9,8 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+mod codec;
+
 fn err(e: codeclm_formats::Error) -> PyErr {
     match e {
         codeclm_formats::Error::Io { .. } => PyOSError::new_err(e.to_string()),
@@ -24,7 +26,7 @@ fn u16_bytes(ids: impl IntoIterator<Item = u16>) -> Vec<u8> {
 /// ids as Hugging Face `tokenizers` on the same file, and the exact inverse.
 #[pyclass(module = "codeclm._native", frozen)]
 struct Vocab {
-    inner: vocab::Vocab,
+    pub(crate) inner: vocab::Vocab,
 }
 
 #[pymethods]
@@ -285,12 +287,30 @@ impl Loader {
         py: Python<'py>,
         batch: usize,
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
-        let (x, y) = self
-            .inner
-            .next_batch(&self.table, batch)
+        let (inner, table) = (&mut self.inner, &self.table);
+        let (x, y) = py
+            .detach(|| inner.next_batch(table, batch))
             .map_err(loader_err)?;
         let bytes = |v: Vec<u32>| PyBytes::new(py, &u16_bytes(v.into_iter().map(|t| t as u16)));
         Ok((bytes(x), bytes(y)))
+    }
+
+    /// Hands out only the windows at `start..start + count` of every `period` of the global
+    /// stream from here on (a rank's, or a data-loading worker's, share).
+    fn set_share(&mut self, period: u64, start: u64, count: u64) -> PyResult<()> {
+        self.inner
+            .set_share(codeclm_loader::Share {
+                period,
+                start,
+                count,
+            })
+            .map_err(loader_err)
+    }
+
+    /// Moves past the next `n` windows of the global stream without reading them.
+    fn skip_windows(&mut self, py: Python<'_>, n: u64) -> PyResult<()> {
+        let inner = &mut self.inner;
+        py.detach(|| inner.skip_windows(n)).map_err(loader_err)
     }
 
     /// Everything that decides the rest of the stream, as JSON (what a checkpoint saves).
@@ -312,6 +332,12 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(jpeg_splice_tables, m)?)?;
     m.add_function(wrap_pyfunction!(jpeg_strip_tables, m)?)?;
     m.add_function(wrap_pyfunction!(jpeg_tidy, m)?)?;
+    m.add_function(wrap_pyfunction!(codec::jpeg_prompt, m)?)?;
+    m.add_function(wrap_pyfunction!(codec::jpeg_measure, m)?)?;
+    m.add_function(wrap_pyfunction!(codec::h264_prompt, m)?)?;
+    m.add_function(wrap_pyfunction!(codec::h264_check_slices, m)?)?;
+    m.add_class::<codec::Grammar>()?;
+    m.add_class::<codec::GrammarState>()?;
     m.add_class::<Vocab>()?;
     m.add_class::<TokenShard>()?;
     m.add_class::<CodecShard>()?;

@@ -8,9 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use codeclm_codec::grammar::{ByteGrammar, TokenTrie};
-use codeclm_codec::jpeg::scan::HuffmanTables;
-use codeclm_codec::jpeg::{self, JpegGrammar};
+use codeclm_codec::grammar::{ByteGrammar, TokenGrammar};
+use codeclm_codec::jpeg::JpegGrammar;
 use codeclm_formats::vocab::Vocab;
 use codeclm_formats::Dataset;
 use codeclm_model::Constraint;
@@ -59,11 +58,7 @@ impl MaskClock {
 
 /// A [`ByteGrammar`] over a vocabulary's tokens, as a [`Constraint`] for generation.
 pub struct GrammarConstraint<G: ByteGrammar> {
-    grammar: G,
-    trie: TokenTrie,
-    /// Token id -> bytes (empty for special tokens).
-    tokens: Vec<Vec<u8>>,
-    eos: u32,
+    tokens: TokenGrammar<G>,
     /// The grammar state of each row of the current batch.
     states: Vec<G::State>,
     allowed: Vec<bool>,
@@ -76,10 +71,7 @@ impl<G: ByteGrammar> GrammarConstraint<G> {
             .map(|id| vocab.token_bytes(id).to_vec())
             .collect();
         GrammarConstraint {
-            trie: TokenTrie::new(&tokens),
-            grammar,
-            tokens,
-            eos: vocab.eos,
+            tokens: TokenGrammar::new(grammar, tokens, vocab.eos),
             states: Vec::new(),
             allowed: Vec::new(),
             clock: Arc::default(),
@@ -92,35 +84,18 @@ impl<G: ByteGrammar> GrammarConstraint<G> {
     }
 
     pub fn grammar(&self) -> &G {
-        &self.grammar
+        self.tokens.grammar()
     }
 
     /// The tokens (ids) `state` allows next, EOS included when the stream is complete.
     pub fn allowed_after(&self, state: &G::State) -> Vec<u32> {
-        let mut out = Vec::new();
-        self.trie
-            .allowed(&self.grammar, state, &mut |t, _| out.push(t));
-        if self.grammar.complete(state) {
-            out.push(self.eos);
-        }
-        out.sort_unstable();
-        out
+        self.tokens.allowed_after(state)
     }
 
     /// The state after `ids` (special tokens have no bytes), or the byte where they break the
     /// grammar.
     pub fn walk(&self, ids: &[u32]) -> Result<G::State, usize> {
-        let mut st = self.grammar.start();
-        let mut at = 0;
-        for &id in ids {
-            for &b in self.tokens.get(id as usize).map_or(&[][..], Vec::as_slice) {
-                if !self.grammar.step(&mut st, b) {
-                    return Err(at);
-                }
-                at += 1;
-            }
-        }
-        Ok(st)
+        self.tokens.walk(ids)
     }
 }
 
@@ -140,25 +115,10 @@ impl<G: ByteGrammar> Constraint for GrammarConstraint<G> {
 
     fn mask(&mut self, row: usize, logits: &mut [f32]) -> Result<(), String> {
         let started = Instant::now();
-        let st = self.states[row];
-        self.allowed.clear();
         self.allowed.resize(logits.len(), false);
-        let mut any = false;
         // EOS when the stream may end here; bytes when it may go on (a complete H.264 stream
         // may take another frame; a JPEG after EOI takes nothing).
-        if self.grammar.complete(&st) {
-            if let Some(a) = self.allowed.get_mut(self.eos as usize) {
-                *a = true;
-                any = true;
-            }
-        }
-        let allowed = &mut self.allowed;
-        self.trie.allowed(&self.grammar, &st, &mut |t, _| {
-            if let Some(a) = allowed.get_mut(t as usize) {
-                *a = true;
-                any = true;
-            }
-        });
+        let any = self.tokens.mask(&self.states[row], &mut self.allowed);
         for (l, &ok) in logits.iter_mut().zip(&self.allowed) {
             if !ok {
                 *l = f32::NEG_INFINITY;
@@ -178,18 +138,8 @@ impl<G: ByteGrammar> Constraint for GrammarConstraint<G> {
     }
 
     fn advance(&mut self, row: usize, token: u32) {
-        if token == self.eos {
-            return;
-        }
-        let st = &mut self.states[row];
-        for &b in self
-            .tokens
-            .get(token as usize)
-            .map_or(&[][..], Vec::as_slice)
-        {
-            let ok = self.grammar.step(st, b);
-            debug_assert!(ok, "token {token} was not allowed");
-        }
+        let ok = self.tokens.advance(&mut self.states[row], token);
+        debug_assert!(ok, "token {token} was not allowed");
     }
 }
 
@@ -205,12 +155,7 @@ pub fn jpeg_grammar(ds: &Dataset) -> Result<JpegGrammar, SampleError> {
             ds.layout.root.display()
         ))
     })?;
-    let grey = vec![128u8; cfg.size as usize * cfg.size as usize * 3];
-    let blank = jpeg::encode(&grey, cfg.size, cfg.size, &cfg.jpeg, true)
-        .map_err(|e| SampleError::Run(format!("encoding the dataset's JPEG header: {e}")))?;
-    let tables = HuffmanTables::from_stream(tables)
-        .map_err(|e| SampleError::Run(format!("the dataset's JPEG tables: {e}")))?;
-    JpegGrammar::new(&blank, &tables)
+    JpegGrammar::of_dataset(cfg.size, &cfg.jpeg, tables)
         .map_err(|e| SampleError::Run(format!("the dataset's JPEG grammar: {e}")))
 }
 
@@ -251,6 +196,7 @@ pub fn h264_grammar(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use codeclm_codec::jpeg::scan::HuffmanTables;
     use codeclm_codec::jpeg::{JpegSettings, Subsampling};
     use codeclm_etl::ImageConfig;
     use codeclm_formats::vocab::PreTokenize;

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use codeclm_codec::h264::{self, VideoConfig};
-use codeclm_codec::jpeg::scan::{row_cut, FrameLayout, ScanError};
+use codeclm_codec::jpeg::scan::{ratio_cut, FrameLayout, ScanError};
 use codeclm_codec::jpeg::{self, MarkerError};
 use codeclm_etl::process::process_image;
 use codeclm_etl::BuildSettings;
@@ -77,14 +77,6 @@ impl ImagePrompt {
     }
 }
 
-/// MCU rows kept for a ratio: `round(ratio * rows)`. For a 256x256 4:2:0 image at restart
-/// interval 1 (16 rows) and the paper's ratios (0.25, 0.375, 0.4375, 0.5, 0.75) this is the
-/// paper's cut after the `int(32 * ratio)`-th `FF D7` (32 * ratio is even there); for ratios
-/// where it is odd the paper cuts mid-row and this rounds to a whole row.
-pub fn rows_for_ratio(ratio: f64, mcu_rows: u32) -> u32 {
-    ((ratio.clamp(0.0, 1.0) * mcu_rows as f64).round() as u32).min(mcu_rows)
-}
-
 /// Builds the prompt of the first `round(ratio * rows)` MCU rows of an abbreviated stream.
 /// `ratio` 0 gives the header alone (BOS + the tokens of SOI..SOS), 1 the whole scan without EOI.
 pub fn image_prompt(
@@ -99,10 +91,8 @@ pub fn image_prompt(
             "--ratio {ratio} is outside 0..1"
         )));
     }
-    let layout = FrameLayout::parse(&stream)?;
-    let rows_kept = rows_for_ratio(ratio, layout.mcu_rows);
     let after = cut_at == CutAt::AfterMarker;
-    let mut cut = row_cut(&stream, &layout, rows_kept, after)?;
+    let (layout, rows_kept, mut cut) = ratio_cut(&stream, ratio, after)?;
     let mut tokens = Vec::new();
     vocab.encode(&stream, &mut tokens);
     let mut ids = vec![vocab.bos];
@@ -111,7 +101,7 @@ pub fn image_prompt(
     } else {
         // With restart-marker pre-tokenization this ends exactly at the cut (tested); with
         // other vocabularies a token may straddle it and the prompt ends a few bytes earlier.
-        cut = token_prefix(vocab, &tokens, cut, &mut ids);
+        cut = vocab.token_prefix(&tokens, cut, &mut ids);
     }
     Ok(ImagePrompt {
         name: name.to_string(),
@@ -122,22 +112,6 @@ pub fn image_prompt(
         cut,
         ids,
     })
-}
-
-/// Appends to `ids` the longest prefix of `tokens` whose bytes fit in the first `cut` bytes;
-/// returns where those bytes end (`<= cut`). The prompt is then a context the model saw in
-/// training, whatever the vocabulary's merges.
-pub fn token_prefix(vocab: &Vocab, tokens: &[u32], cut: usize, ids: &mut Vec<u32>) -> usize {
-    let mut end = 0;
-    for &t in tokens {
-        let len = vocab.token_bytes(t).len();
-        if end + len > cut {
-            break;
-        }
-        end += len;
-        ids.push(t);
-    }
-    end
 }
 
 /// A video and the prompt made of its first frames.
@@ -172,7 +146,7 @@ pub fn video_prompt(
     let mut tokens = Vec::new();
     vocab.encode(&stream, &mut tokens);
     let mut ids = vec![vocab.bos];
-    let cut = token_prefix(vocab, &tokens, cut, &mut ids);
+    let cut = vocab.token_prefix(&tokens, cut, &mut ids);
     Ok(VideoPrompt {
         name: name.to_string(),
         stream,
@@ -247,6 +221,7 @@ pub fn prompt_jpeg(prompt: &ImagePrompt, tables: &[u8]) -> Result<Vec<u8>, Promp
 #[cfg(test)]
 mod tests {
     use super::*;
+    use codeclm_codec::jpeg::scan::{row_cut, rows_for_ratio};
     use codeclm_formats::vocab::PreTokenize;
 
     #[test]

@@ -378,6 +378,18 @@ pub fn sample<M: Medium>(
         .map(|g| M::figures(&g.generation).clone())
         .collect();
     let report = M::report(per, job.dataset_mean_bytes);
+    // Every generation's ids (prompt included), so they can be cleaned and scored again by
+    // other tools (`codeclm.jpeg.report` from Python gives the same figures).
+    let mut lines = String::new();
+    for g in &generated {
+        let n_prompt = g.ids.len() - M::figures(&g.generation).n_tokens();
+        let line = serde_json::json!({
+            "name": g.name, "prompt": g.prompt, "n_prompt": n_prompt, "ids": g.ids,
+        });
+        lines.push_str(&line.to_string());
+        lines.push('\n');
+    }
+    codeclm_formats::write_atomic(&job.out.join("generations.jsonl"), lines.as_bytes())?;
     let report_path = job.out.join("decodability.json");
     write_json(
         &Written {

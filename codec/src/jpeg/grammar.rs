@@ -154,6 +154,23 @@ pub struct JpegGrammar {
 }
 
 impl JpegGrammar {
+    /// The grammar of a dataset's images: the header its encoder writes for `size` x `size`
+    /// images with `settings` (a blank image encoded that way; every stream of the dataset
+    /// starts with it) and its tables-only stream `tables`.
+    #[cfg(feature = "mozjpeg")]
+    pub fn of_dataset(
+        size: u32,
+        settings: &super::JpegSettings,
+        tables: &[u8],
+    ) -> Result<JpegGrammar, String> {
+        let grey = vec![128u8; size as usize * size as usize * 3];
+        let blank = super::encode(&grey, size, size, settings, true)
+            .map_err(|e| format!("encoding the dataset's JPEG header: {e}"))?;
+        let tables = HuffmanTables::from_stream(tables)
+            .map_err(|e| format!("the dataset's JPEG tables: {e}"))?;
+        JpegGrammar::new(&blank, &tables).map_err(|e| e.to_string())
+    }
+
     /// The grammar of streams with `stream`'s header (everything before its scan data: SOI
     /// through the SOS header, as the dataset writes it) coded with `tables` (the dataset's
     /// shared DQT/DHT). `stream` may be a header alone or a whole stream.

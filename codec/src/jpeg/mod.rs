@@ -3,13 +3,15 @@
 
 pub mod grammar;
 pub mod markers;
-#[cfg(feature = "native")]
+#[cfg(feature = "mozjpeg")]
 pub mod mozjpeg;
+#[cfg(feature = "mozjpeg")]
+pub mod report;
 pub mod scan;
 
 pub use grammar::{JpegGrammar, JpegState};
 pub use markers::{splice_tables, strip_tables, tidy_generated, MarkerError};
-#[cfg(feature = "native")]
+#[cfg(feature = "mozjpeg")]
 pub use mozjpeg::{
     decode, decode_lenient, encode, read_info, tables_only, DecodeDamage, DecodeOptions,
     DecodedJpeg, JpegError, JpegInfo, JpegSettings, Subsampling,

@@ -303,6 +303,31 @@ pub fn row_cut(
     }
 }
 
+/// MCU rows kept for a ratio: `round(ratio * rows)`. For a 256x256 4:2:0 image at restart
+/// interval 1 (16 rows) and the paper's ratios (0.25, 0.375, 0.4375, 0.5, 0.75) this is the
+/// paper's cut after the `int(32 * ratio)`-th `FF D7` (32 * ratio is even there); for ratios
+/// where it is odd the paper cuts mid-row and this rounds to a whole row.
+pub fn rows_for_ratio(ratio: f64, mcu_rows: u32) -> u32 {
+    ((ratio.clamp(0.0, 1.0) * mcu_rows as f64).round() as u32).min(mcu_rows)
+}
+
+/// Where a prompt of the first `round(ratio * rows)` MCU rows of `stream` ends: its layout,
+/// the rows kept, and the byte offset of the cut (before or after the restart marker that
+/// closes the last row kept; `ratio` 0 is the header alone, 1 the whole scan without EOI).
+pub fn ratio_cut(
+    stream: &[u8],
+    ratio: f64,
+    after_marker: bool,
+) -> Result<(FrameLayout, u32, usize), ScanError> {
+    if !(0.0..=1.0).contains(&ratio) {
+        return Err(ScanError::Cut(format!("ratio {ratio} is outside 0..1")));
+    }
+    let layout = FrameLayout::parse(stream)?;
+    let rows = rows_for_ratio(ratio, layout.mcu_rows);
+    let cut = row_cut(stream, &layout, rows, after_marker)?;
+    Ok((layout, rows, cut))
+}
+
 /// Canonical Huffman decoding tables of one DHT table (JPEG Annex C/F).
 #[derive(Clone, Debug)]
 struct Huffman {
