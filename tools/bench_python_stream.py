@@ -7,7 +7,8 @@ settings, same run: tokens/s of each and the ratio.
 
 Writes a synthetic token set (`codeclm bench loader --write-synthetic`, real token shards of
 ~4,200-token documents) once, then times `codeclm bench loader` and `codeclm.Tokens.windows`
-over it (pip install ./python first).
+over it (pip install ./python first), and the Python stream of one rank of two (its windows
+read, the other rank's skipped unread).
 """
 
 from __future__ import annotations
@@ -40,17 +41,23 @@ def main() -> None:
                           "--batch", str(a.batch), "--batches", str(a.batches)],
                          check=True, capture_output=True, text=True).stdout
     rust = json.loads(out.strip().splitlines()[-1])
-    stream = codeclm.Dataset(root).tokens().windows(context=a.context, batch=a.batch, seed=0)
-    next(stream)  # startup (manifest read, table built) is not timed, as in `bench loader`
-    t = time.perf_counter()
-    for _ in range(a.batches):
-        next(stream)
-    dt = time.perf_counter() - t
-    py_tps = a.batches * a.batch * a.context / dt
+    toks = codeclm.Dataset(root).tokens()
+
+    def tokens_per_second(**share) -> float:
+        stream = toks.windows(context=a.context, batch=a.batch, seed=0, as_torch=False, **share)
+        next(stream)  # startup (manifest read, table built) is not timed, as in `bench loader`
+        t = time.perf_counter()
+        for _ in range(a.batches):
+            next(stream)
+        return a.batches * a.batch * a.context / (time.perf_counter() - t)
+
+    py_tps = tokens_per_second()
+    # One rank of two: its own windows read, the other rank's skipped unread.
+    rank_tps = tokens_per_second(rank=1, world_size=2)
     rust_tps = rust["tokens_per_second"]
     print(json.dumps({"context": a.context, "batch": a.batch, "batches": a.batches,
                       "rust_tokens_per_second": rust_tps, "python_tokens_per_second": py_tps,
-                      "python_over_rust": py_tps / rust_tps}))
+                      "python_over_rust": py_tps / rust_tps, "python_rank_1_of_2_tokens_per_second": rank_tps}))
 
 
 if __name__ == "__main__":
