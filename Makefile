@@ -7,6 +7,10 @@ CARGO ?= cargo
 PYTHON ?= python3
 # The binary cargo builds (under $CARGO_TARGET_DIR when that is set).
 BIN := $(or $(CARGO_TARGET_DIR),target)/release/codeclm
+# Cargo features of the binary: `mpi` (several CPU ranks through Open MPI; `make deps` installs
+# it). FEATURES= builds without (one rank, no libmpi needed to run).
+FEATURES ?= mpi
+CARGO_FEATURES := $(if $(strip $(FEATURES)),--features "$(foreach f,$(FEATURES),codeclm/$(f))")
 BUNDLED := tests/fixtures/images
 BUNDLED_VIDEOS := tests/fixtures/videos
 
@@ -34,13 +38,15 @@ help:
 	  /^## / && doc { sub(/^## /, "    "); doc = doc "\n" $$0; next } \
 	  { if (doc) print doc; doc = "" } END { if (doc) print doc }' $(MAKEFILE_LIST)
 
-## setup: system packages (nasm, FFmpeg) and the Python references used by tests and benchmarks
+## setup: system packages (nasm, FFmpeg, Open MPI) and the Python references used by tests and benchmarks
 setup: deps pydeps
 
 # FFmpeg 5.1 + x264 from Debian bookworm: the H.264 bytes are identical to the ffmpeg CLI of
 # the same build, and rsmpeg 0.14 binds FFmpeg 5 (see .cargo/config.toml).
 FFMPEG_PKGS := libavcodec-dev libavformat-dev libavfilter-dev libavutil-dev libswscale-dev \
   libswresample-dev libavdevice-dev pkg-config clang libclang-dev ffmpeg
+# Open MPI (Debian's): `codeclm train` on several CPU ranks (the `mpi` feature links it).
+MPI_PKGS := openmpi-bin libopenmpi-dev
 deps:
 	@command -v nasm >/dev/null 2>&1 || { \
 	  echo "installing nasm (mozjpeg's SIMD needs it)"; \
@@ -53,13 +59,18 @@ deps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(FFMPEG_PKGS) >/dev/null; \
 	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(FFMPEG_PKGS) >/dev/null; \
 	  else echo "please install: $(FFMPEG_PKGS)"; exit 1; fi; }
+	@{ [ -z "$(filter mpi,$(FEATURES))" ] || { command -v mpirun >/dev/null 2>&1 && pkg-config --exists ompi-c; }; } || { \
+	  echo "installing Open MPI (codeclm train on several ranks; FEATURES= builds without)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(MPI_PKGS) >/dev/null; \
+	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(MPI_PKGS) >/dev/null; \
+	  else echo "please install: $(MPI_PKGS)"; exit 1; fi; }
 
 pydeps:
 	@$(PYTHON) -c "import PIL, polars, numpy, zstandard, pytest; assert PIL.__version__ == '13.0.0', PIL.__version__" 2>/dev/null && command -v moto_server >/dev/null || \
 	  $(PYTHON) -m pip install -q -r tools/requirements.txt
 
 build: deps
-	$(CARGO) build --release
+	$(CARGO) build --release $(CARGO_FEATURES)
 
 ## dataset: build a dataset (default: the bundled photos and clips into data/), learn the
 ## paper's JPEG (320 entries) and H.264 (1024 entries) vocabularies from it, write their token
@@ -79,7 +90,7 @@ endif
 ## test: unit tests, integration tests on real media, byte identity against Pillow and the
 ## ffmpeg CLI, the model and FID checks against their reference dumps (fetches the FID network)
 test: deps pydeps fid-weights
-	$(CARGO) test --release --workspace
+	$(CARGO) test --release --workspace $(CARGO_FEATURES)
 	$(MAKE) pytest
 
 ## pytest: the Python package's abi3 wheel (maturin, into target/wheels), installed, then tested
@@ -183,7 +194,7 @@ fmt:
 	cd python && $(CARGO) fmt
 
 clippy:
-	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --release --workspace --all-targets $(CARGO_FEATURES) -- -D warnings
 	cd python && $(CARGO) clippy --release -- -D warnings
 
 ## demo: the whole pipeline at a size where learning shows on 2 cores in ~15 minutes: the bundled

@@ -345,7 +345,10 @@ pub trait Backend: Send + Sync {
         c: usize,
     );
 
-    /// One AdamW update over `spans` of the flat buffers, weight decay where the flag is set.
+    /// One AdamW update over `spans` of the flat parameter and gradient buffers, weight decay
+    /// where the flag is set. The moments hold only the spans' part of the buffers: a span at
+    /// `off` is at `off - moments_base` in `m` and `v` (ZeRO-1: a rank's slice).
+    #[allow(clippy::too_many_arguments)]
     fn adamw(
         &self,
         params: &Self::Buf,
@@ -353,6 +356,7 @@ pub trait Backend: Send + Sync {
         m: &Self::Buf,
         v: &Self::Buf,
         spans: &[(Span, bool)],
+        moments_base: usize,
         hp: AdamW,
     );
 }

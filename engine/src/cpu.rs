@@ -727,6 +727,7 @@ impl Backend for Cpu {
         conv::global_avg_pool(write(out), read(x), batch, pixels, c);
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn adamw(
         &self,
         params: &CpuBuf,
@@ -734,6 +735,7 @@ impl Backend for Cpu {
         m: &CpuBuf,
         v: &CpuBuf,
         spans: &[(Span, bool)],
+        moments_base: usize,
         hp: AdamW,
     ) {
         // torch.optim.AdamW (single tensor): p *= 1 - lr * wd; m.lerp_(g, 1 - b1);
@@ -744,11 +746,15 @@ impl Backend for Cpu {
         let step_size = (hp.lr as f64 / bc1) as f32;
         let (bc2_sqrt, w1) = (bc2_sqrt as f32, 1.0 - hp.beta1);
         for &(span, decay) in spans {
+            let local = Span {
+                off: span.off - moments_base,
+                len: span.len,
+            };
             let (p, g, mm, vv) = (
                 write(View::new(params, span)),
                 read(View::new(grads, span)),
-                write(View::new(m, span)),
-                write(View::new(v, span)),
+                write(View::new(m, local)),
+                write(View::new(v, local)),
             );
             let keep = if decay {
                 1.0 - hp.lr * hp.weight_decay

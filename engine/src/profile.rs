@@ -331,6 +331,7 @@ impl<B: Backend> Backend for Profiled<B> {
                 .global_avg_pool(inner(out), inner(x), batch, pixels, c)
         })
     }
+    #[allow(clippy::too_many_arguments)]
     fn adamw(
         &self,
         params: &Self::Buf,
@@ -338,8 +339,12 @@ impl<B: Backend> Backend for Profiled<B> {
         m: &Self::Buf,
         v: &Self::Buf,
         spans: &[(Span, bool)],
+        moments_base: usize,
         hp: AdamW,
     ) {
-        self.time("adamw", || self.inner.adamw(params, grads, m, v, spans, hp))
+        self.time("adamw", || {
+            self.inner
+                .adamw(params, grads, m, v, spans, moments_base, hp)
+        })
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod dist;
 pub mod engine;
 pub mod generate;
 pub mod llama;

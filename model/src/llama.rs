@@ -184,7 +184,13 @@ pub struct MemoryEstimate {
     pub grads_bytes: u64,
     pub adam_bytes: u64,
     pub activations_bytes: u64,
+    /// Host buffers of the gradient all-reduce (a send and a receive bucket) with several ranks.
+    #[serde(default)]
+    pub comm_bytes: u64,
     pub total_bytes: u64,
+    /// Data-parallel ranks the estimate is per rank of, and whether ZeRO-1 shards AdamW.
+    pub world: usize,
+    pub zero1: bool,
 }
 
 impl MemoryEstimate {
@@ -209,14 +215,56 @@ impl MemoryEstimate {
             grads_bytes: g,
             adam_bytes: a,
             activations_bytes: activations,
+            comm_bytes: 0,
             total_bytes: w + g + a + activations,
+            world: 1,
+            zero1: false,
         }
+    }
+
+    /// Per rank of `world` data-parallel ranks (the estimate's batch is per rank): the same
+    /// weights, gradients and activations; AdamW's moments split `world` ways under ZeRO-1;
+    /// the all-reduce's two host buckets.
+    pub fn per_rank(mut self, world: usize, zero1: bool) -> Self {
+        let world = world.max(1);
+        if zero1 {
+            self.adam_bytes = self.adam_bytes.div_ceil(world as u64);
+        }
+        if world > 1 {
+            self.comm_bytes = 2 * 4 * crate::dist::BUCKET as u64;
+        }
+        self.total_bytes = self.weights_bytes
+            + self.grads_bytes
+            + self.adam_bytes
+            + self.activations_bytes
+            + self.comm_bytes;
+        (self.world, self.zero1) = (world, zero1);
+        self
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero1_splits_adamw_per_rank() {
+        let c = LlamaConfig::preset("base", 320).unwrap();
+        let one = MemoryEstimate::new(&c, 4, 2048, 2);
+        let four = one.clone().per_rank(4, true);
+        assert_eq!(four.adam_bytes, one.adam_bytes.div_ceil(4));
+        assert_eq!(
+            (four.weights_bytes, four.grads_bytes),
+            (one.weights_bytes, one.grads_bytes)
+        );
+        assert_eq!(
+            four.total_bytes,
+            one.total_bytes - one.adam_bytes + four.adam_bytes + four.comm_bytes
+        );
+        let plain = one.clone().per_rank(4, false);
+        assert_eq!(plain.adam_bytes, one.adam_bytes);
+        assert_eq!(one.clone().per_rank(1, true).total_bytes, one.total_bytes);
+    }
 
     #[test]
     fn presets_and_memory_without_allocating() {

@@ -14,6 +14,7 @@ use tracing::info;
 
 use crate::checkpoint::{self, CheckpointFiles};
 use crate::data::{Loader, LoaderState, TrainingSet};
+use crate::dist::Dist;
 use crate::engine::{self, Backend, Capacity, Cpu, Model, IGNORE};
 use crate::llama::LlamaConfig;
 use crate::{Error, Result};
@@ -26,7 +27,7 @@ pub struct TrainConfig {
     pub preset: String,
     /// Tokens per training window (at most the preset's max_position_embeddings).
     pub context: usize,
-    /// Windows per micro-batch.
+    /// Windows per micro-batch and rank (the global batch is world x batch x grad_accum).
     pub batch: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
@@ -64,6 +65,10 @@ pub struct TrainConfig {
     /// chosen by sample id); the byte-unigram baseline is evaluated on the same documents.
     #[serde(default = "default_val_docs")]
     pub val_docs: usize,
+    /// ZeRO-1: with several ranks, each keeps the AdamW moments of its slice of the parameters
+    /// only, updates that slice, and the slices are all-gathered (the same weights).
+    #[serde(default)]
+    pub zero1: bool,
 }
 
 fn default_val_docs() -> usize {
@@ -108,6 +113,7 @@ impl TrainConfig {
             stop_at: None,
             recompute: false,
             val_docs: default_val_docs(),
+            zero1: false,
         })
     }
 
@@ -181,6 +187,14 @@ pub struct TrainerState {
     pub token_manifest_hash: Option<String>,
     pub dataset: PathBuf,
     pub tokens_seen: u64,
+    /// Ranks the run had when this state was saved (`config.batch` is per rank): a resume on
+    /// another number keeps the global batch.
+    #[serde(default = "one")]
+    pub world: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl TrainerState {
@@ -298,13 +312,16 @@ fn validation_docs(set: &TrainingSet, max_docs: usize) -> Result<(Vec<Vec<u16>>,
 }
 
 /// One optimizer step: gradient accumulation over `micro` batches of [B, T] inputs and
-/// targets, global-norm clipping, AdamW. Returns (mean loss, gradient norm before clipping).
+/// targets, the gradients averaged over the ranks, global-norm clipping, AdamW (on this rank's
+/// slice and all-gathered under ZeRO-1). Returns (mean loss over the ranks, gradient norm
+/// before clipping).
 pub fn train_step<B: Backend>(
     model: &mut Model<B>,
     micro: &[(&[u32], &[u32])],
     cfg: &TrainConfig,
     step: u64,
     lr: f64,
+    dist: &Dist,
 ) -> Result<(f64, f64)> {
     let Capacity { batch, context } = model.cap;
     let k = micro.len();
@@ -317,7 +334,20 @@ pub fn train_step<B: Backend>(
         loss += sum.unwrap_or(0.0) / per;
         model.backward()?;
     }
-    let loss = loss / k as f64;
+    let mut loss = loss / k as f64;
+    if dist.world > 1 {
+        let inv = 1.0 / dist.world as f32;
+        let mut send = vec![0f32; crate::dist::BUCKET.min(model.num_parameters())];
+        model.map_grads(crate::dist::BUCKET, |_, g| {
+            let send = &mut send[..g.len()];
+            send.copy_from_slice(g);
+            dist.all_reduce_sum(send, g);
+            g.iter_mut().for_each(|x| *x *= inv);
+        })?;
+        let mut l = [loss];
+        dist.all_reduce_f64(&mut l);
+        loss = l[0] / dist.world as f64;
+    }
     let norm = model.grad_norm()?;
     if !loss.is_finite() || !norm.is_finite() {
         return Err(Error::NonFinite {
@@ -340,6 +370,27 @@ pub fn train_step<B: Backend>(
         step,
         grad_scale,
     })?;
+    let n = model.num_parameters();
+    if model.optimizer_range().len() < n {
+        // ZeRO-1: every rank's updated slice to every rank, a bucket at a time.
+        let mut host = vec![0f32; crate::dist::BUCKET.min(n)];
+        for r in 0..dist.world {
+            let shard = dist.shard(n, r);
+            let mut off = shard.start;
+            while off < shard.end {
+                let len = crate::dist::BUCKET.min(shard.end - off);
+                let buf = &mut host[..len];
+                if r == dist.rank {
+                    model.read_params_range(off..off + len, buf);
+                }
+                dist.broadcast_from(r, buf);
+                if r != dist.rank {
+                    model.write_params_range(off..off + len, buf);
+                }
+                off += len;
+            }
+        }
+    }
     Ok((loss, norm))
 }
 
@@ -353,11 +404,23 @@ fn named<'a>(model: &'a Model<Cpu>, flat: &'a [f32]) -> Vec<(&'a str, &'a [usize
         .collect()
 }
 
-fn save(out: &Path, model: &Model<Cpu>, state: &TrainerState) -> Result<()> {
+/// Writes a checkpoint from rank 0 (every rank calls it: ZeRO-1 gathers the moments there).
+fn save(out: &Path, model: &Model<Cpu>, state: &TrainerState, dist: &Dist) -> Result<()> {
     let n = model.num_parameters();
-    let (mut p, mut g, mut m, mut v) = (vec![0f32; n], vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    let own = model.optimizer_range().len();
+    let (mut p, mut g) = (vec![0f32; n], vec![0f32; n]);
+    let (mut m, mut v) = (vec![0f32; own], vec![0f32; own]);
     model.read_params(&mut p);
     model.read_state(&mut g, &mut m, &mut v)?;
+    if own < n {
+        let (mut m_all, mut v_all) = (vec![0f32; n], vec![0f32; n]);
+        dist.gather_shards(&m, &mut m_all);
+        dist.gather_shards(&v, &mut v_all);
+        (m, v) = (m_all, v_all);
+    }
+    if !dist.is_root() {
+        return Ok(());
+    }
     let step = state.step.to_string();
     let moments: Vec<(String, &[usize], &[f32])> = model
         .layout
@@ -418,8 +481,11 @@ fn restore(out: &Path, model: &mut Model<Cpu>) -> Result<()> {
 
 /// Trains (or resumes) a run in `out` on the CPU engine; prints one line per step and returns
 /// the summary.
-pub fn train(start: Start, out: &Path) -> Result<TrainSummary> {
-    checkpoint::recover(out)?;
+pub fn train(start: Start, out: &Path, dist: &Dist) -> Result<TrainSummary> {
+    if dist.is_root() {
+        checkpoint::recover(out)?;
+    }
+    dist.barrier();
     let (set, cfg, model_cfg, resume) = match start {
         Start::New {
             dataset,
@@ -470,17 +536,32 @@ pub fn train(start: Start, out: &Path) -> Result<TrainSummary> {
             if let Some(s) = steps {
                 cfg.steps = s;
             }
+            // The same global batch on any number of ranks: the loader's saved position is
+            // global, so the run sees the batches it would have seen.
+            let global = cfg.batch * st.world;
+            if global % dist.world != 0 {
+                return Err(Error::Config(format!(
+                    "resuming {}: its global batch is {global} windows ({} ranks x batch {}), which {} ranks cannot share evenly; resume on a number of ranks that divides {global}",
+                    out.display(), st.world, cfg.batch, dist.world
+                )));
+            }
+            cfg.batch = global / dist.world;
             cfg.stop_at = stop_at;
             (set, cfg, st.model.clone(), Some(st))
         }
     };
     set.check_shards()?;
-    std::fs::create_dir_all(out).map_err(Error::io(out))?;
+    if dist.is_root() {
+        std::fs::create_dir_all(out).map_err(Error::io(out))?;
+    }
     let cap = Capacity {
         batch: cfg.batch,
         context: cfg.context,
     };
     let mut model = Model::new(Cpu::new(), model_cfg.clone(), cap, true, cfg.recompute)?;
+    if cfg.zero1 && dist.world > 1 {
+        model.set_optimizer_range(dist.shard(model.num_parameters(), dist.rank))?;
+    }
     let (start_step, mut tokens_seen) = match &resume {
         None => {
             model.init(cfg.seed);
@@ -495,18 +576,34 @@ pub fn train(start: Start, out: &Path) -> Result<TrainSummary> {
     if let Some(st) = resume {
         loader.state = st.loader;
     }
+    loader.set_share(codeclm_loader::Share::rank(
+        dist.rank, dist.world, cfg.batch,
+    )?)?;
     let unigram = crate::data::unigram_baseline_bits_per_byte(&set, cfg.val_docs)?;
     let (val_docs, val_bytes) = validation_docs(&set, cfg.val_docs)?;
+    // Rank 0 keeps the metrics, validates, plots and checkpoints; every rank trains.
+    let root = dist.is_root();
     let metrics_path = out.join("metrics.jsonl");
-    let mut history = truncate_metrics(&metrics_path, start_step)?;
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(Error::io(&metrics_path))?;
+    let mut history = if root {
+        truncate_metrics(&metrics_path, start_step)?
+    } else {
+        History::default()
+    };
+    let mut metrics = match root {
+        true => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .map_err(Error::io(&metrics_path))?,
+        ),
+        false => None,
+    };
     let end = cfg.stop_at.map(|s| s.min(cfg.steps)).unwrap_or(cfg.steps);
-    info!(
-        "training {} ({} parameters, vocabulary {} = {}) on {} docs of {} with {}; steps {start_step}..{end} of {}, {} x {} x {} tokens per step, byte-unigram baseline {unigram:.4} bits/byte (fitted on train bytes, add-one smoothing, on held-out bytes)",
+    let world = dist.world;
+    if root {
+        info!(
+        "training {} ({} parameters, vocabulary {} = {}) on {} docs of {} with {}; {}; steps {start_step}..{end} of {}, {world} x {} x {} x {} tokens per step, byte-unigram baseline {unigram:.4} bits/byte (fitted on train bytes, add-one smoothing, on held-out bytes)",
         cfg.preset,
         model_cfg.num_parameters(),
         set.vocab.size,
@@ -514,17 +611,22 @@ pub fn train(start: Start, out: &Path) -> Result<TrainSummary> {
         set.split(Split::Train, None).len(),
         set.root.display(),
         model.backend.name(),
+        dist.describe(),
         cfg.steps,
         cfg.grad_accum,
         cfg.batch,
         cfg.context
     );
+    }
     let t0 = Instant::now();
     let (mut last_loss, mut last_eval) = (f64::NAN, None::<Eval>);
-    let tokens_per_step = (cfg.batch * cfg.context * cfg.grad_accum) as u64;
+    let tokens_per_step = (world * cfg.batch * cfg.context * cfg.grad_accum) as u64;
     let mut run_tokens = 0u64;
-    let write_line = |f: &mut std::fs::File, v: serde_json::Value| -> Result<()> {
-        writeln!(f, "{v}").map_err(Error::io(&metrics_path))
+    let write_line = |f: &mut Option<std::fs::File>, v: serde_json::Value| -> Result<()> {
+        match f {
+            Some(f) => writeln!(f, "{v}").map_err(Error::io(&metrics_path)),
+            None => Ok(()),
+        }
     };
     // The micro-batches' inputs and targets, filled in place every step.
     let n = cfg.batch * cfg.context;
@@ -539,20 +641,26 @@ pub fn train(start: Start, out: &Path) -> Result<TrainSummary> {
         }
         let views: Vec<(&[u32], &[u32])> = xs.chunks(n).zip(ys.chunks(n)).collect();
         let lr = cfg.lr_at(step);
-        let (loss, norm) = train_step(&mut model, &views, &cfg, step + 1, lr)?;
+        let (loss, norm) = train_step(&mut model, &views, &cfg, step + 1, lr, dist)?;
         let dt = ts.elapsed().as_secs_f64();
+        let comm = dist.take_comm_seconds();
         tokens_seen += tokens_per_step;
         run_tokens += tokens_per_step;
         last_loss = loss;
         let tps = tokens_per_step as f64 / dt;
-        info!("step {:>6}/{} loss {loss:.4} lr {lr:.3e} grad_norm {norm:.3} {:.0} ms tokens/s {tps:.0}", step + 1, cfg.steps, dt * 1e3);
-        write_line(
-            &mut metrics,
-            serde_json::json!({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_second": tps, "tokens": tokens_seen}),
-        )?;
+        if root {
+            info!("step {:>6}/{} loss {loss:.4} lr {lr:.3e} grad_norm {norm:.3} {:.0} ms (all-reduce {:.0} ms) tokens/s {tps:.0}", step + 1, cfg.steps, dt * 1e3, comm * 1e3);
+        }
+        let mut line = serde_json::json!({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_second": tps, "tokens": tokens_seen});
+        if world > 1 {
+            line["world"] = world.into();
+            line["comm_seconds"] = comm.into();
+            line["step_seconds"] = dt.into();
+        }
+        write_line(&mut metrics, line)?;
         history.0.push((step + 1, loss));
         let done = step + 1 == end;
-        if done || (cfg.eval_every > 0 && (step + 1) % cfg.eval_every == 0) {
+        if root && (done || (cfg.eval_every > 0 && (step + 1) % cfg.eval_every == 0)) {
             let e = evaluate(&mut model, &val_docs, val_bytes)?;
             info!(
                 "eval step {}: val {:.4} nats/token, {:.4} bits per codec byte (byte-unigram {unigram:.4}) over {} documents",
@@ -578,9 +686,23 @@ pub fn train(start: Start, out: &Path) -> Result<TrainSummary> {
                 token_manifest_hash: Some(set.manifest_hash.clone()),
                 dataset: std::fs::canonicalize(&set.root).unwrap_or(set.root.clone()),
                 tokens_seen,
+                world,
             };
-            save(out, &model, &state)?;
+            save(out, &model, &state, dist)?;
         }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    if !root {
+        let nan = f64::NAN;
+        return Ok(TrainSummary {
+            steps: end.max(start_step),
+            final_train_loss: last_loss,
+            val_nats_per_token: nan,
+            val_bits_per_byte: nan,
+            unigram_bits_per_byte: unigram,
+            tokens_per_second: run_tokens as f64 / secs.max(1e-9),
+            seconds: secs,
+        });
     }
     let eval = match last_eval {
         Some(e) => e,
@@ -588,7 +710,6 @@ pub fn train(start: Start, out: &Path) -> Result<TrainSummary> {
     };
     let png = out.join("loss.png");
     let ((x0, x1), (y0, y1)) = crate::plot::loss_curve(&png, &history.0, &history.1)?;
-    let secs = t0.elapsed().as_secs_f64();
     info!(
         "wrote {} (steps {x0}..{x1}, loss {y0:.3}..{y1:.3}; blue train, red validation nats/token)",
         png.display()
@@ -745,11 +866,12 @@ fn timed_steps<B: Backend>(
         y.extend_from_slice(&w[1..]);
     }
     let micro = [(x.as_slice(), y.as_slice())];
-    train_step(model, &micro, cfg, 1, 1e-4)?;
+    let one = Dist::single();
+    train_step(model, &micro, cfg, 1, 1e-4, &one)?;
     after_warmup(&model.backend);
     let (t, cpu) = (Instant::now(), process_cpu_seconds());
     for s in 0..steps {
-        train_step(model, &micro, cfg, 2 + s as u64, 1e-4)?;
+        train_step(model, &micro, cfg, 2 + s as u64, 1e-4, &one)?;
     }
     let secs = t.elapsed().as_secs_f64();
     let tokens = (steps * batch * context) as f64;

@@ -73,8 +73,9 @@ fn no_allocation_per_step_after_the_first() {
         let y: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 13 + 1) % 320).collect();
         let micro = [(x.as_slice(), y.as_slice()), (y.as_slice(), x.as_slice())];
         let tc = TrainConfig::preset("tiny").unwrap();
+        let one = codeclm_model::dist::Dist::single();
         ON.store(true, Ordering::SeqCst);
-        train_step(&mut model, &micro, &tc, 1, 1e-3).unwrap();
+        train_step(&mut model, &micro, &tc, 1, 1e-3, &one).unwrap();
         ON.store(false, Ordering::SeqCst);
         // The counter sees the engine: its first step grows the kernels' scratch space.
         let first = OURS.swap(0, Ordering::SeqCst);
@@ -83,7 +84,7 @@ fn no_allocation_per_step_after_the_first() {
         let steps = 5;
         ON.store(true, Ordering::SeqCst);
         for s in 0..steps {
-            train_step(&mut model, &micro, &tc, 2 + s, 1e-3).unwrap();
+            train_step(&mut model, &micro, &tc, 2 + s, 1e-3, &one).unwrap();
         }
         ON.store(false, Ordering::SeqCst);
         let (ours, gemm) = (OURS.load(Ordering::SeqCst), IN_GEMM.load(Ordering::SeqCst));

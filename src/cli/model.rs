@@ -66,9 +66,17 @@ pub struct TrainArgs {
     /// cpu, cuda or cuda:N (`cuda` stops: the engine's CUDA backend is not built yet).
     #[arg(long, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
-    /// CPU threads (default: RAYON_NUM_THREADS or all cores).
+    /// CPU threads (default: RAYON_NUM_THREADS, or the cores divided among the ranks on
+    /// this machine).
     #[arg(long)]
     threads: Option<usize>,
+    /// How the ranks are found: `auto` (MPI when mpirun or srun started several processes),
+    /// `none` (one process), `mpi` (MPI even for one rank). `--batch` is per rank.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "none", "mpi"])]
+    dist: String,
+    /// ZeRO-1: each rank keeps the AdamW moments of its slice of the parameters only.
+    #[arg(long)]
+    zero1: bool,
 }
 
 #[derive(Subcommand)]
@@ -95,8 +103,15 @@ pub enum ModelCommand {
         /// Default: the preset's training context.
         #[arg(long)]
         context: Option<usize>,
+        /// Windows per rank.
         #[arg(long, default_value_t = 1)]
         batch: usize,
+        /// Data-parallel ranks: memory per rank.
+        #[arg(long, default_value_t = 1)]
+        world: usize,
+        /// ZeRO-1: AdamW's moments split across the ranks.
+        #[arg(long)]
+        zero1: bool,
         /// Print only the JSON line (config with HF names, memory).
         #[arg(long)]
         json: bool,
@@ -173,7 +188,33 @@ fn parse_mix(s: &str) -> Result<BTreeMap<String, f64>> {
 }
 
 pub fn train_cmd(a: TrainArgs) -> Result<()> {
-    set_threads(a.threads);
+    use codeclm_model::dist::{Dist, Launch};
+    let launch = match a.dist.as_str() {
+        "none" => Launch::Single,
+        "mpi" => Launch::Mpi,
+        _ => Launch::Auto,
+    };
+    let dist = Dist::init(launch)?;
+    // Ranks on one machine share its cores unless told otherwise.
+    let threads = a.threads.or_else(|| {
+        (dist.local_world > 1 && std::env::var_os("RAYON_NUM_THREADS").is_none()).then(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / dist.local_world).max(1)
+        })
+    });
+    set_threads(threads);
+    let result = train_ranks(a, &dist);
+    if let Err(e) = &result {
+        if dist.world > 1 {
+            // The other ranks wait in a collective: end the whole job, not this rank alone.
+            eprintln!("error (rank {} of {}): {e:#}", dist.rank, dist.world);
+            dist.abort(1);
+        }
+    }
+    result
+}
+
+fn train_ranks(a: TrainArgs, dist: &codeclm_model::dist::Dist) -> Result<()> {
     a.device.engine("train")?;
     let (start, out) = if let Some(run) = a.resume {
         if a.config.is_some()
@@ -185,6 +226,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
             || a.mix.is_some()
             || a.val_docs.is_some()
             || a.recompute
+            || a.zero1
         {
             bail!("--resume continues the run with its saved settings; only --steps, --stop-at and --dataset may be given with it");
         }
@@ -225,6 +267,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         }
         cfg.stop_at = a.stop_at;
         cfg.recompute |= a.recompute;
+        cfg.zero1 |= a.zero1;
         let dataset = a.dataset.context("--dataset is required")?;
         (
             Start::New {
@@ -235,7 +278,10 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
             a.out,
         )
     };
-    let s = train::train(start, &out)?;
+    let s = train::train(start, &out, dist)?;
+    if !dist.is_root() {
+        return Ok(());
+    }
     println!(
         "held-out: {:.4} bits per codec byte ({:.4} nats/token) vs byte-unigram baseline {:.4} bits per byte (unigram fitted on the training bytes, add-one smoothing): {:.1}% of the baseline",
         s.val_bits_per_byte,
@@ -302,6 +348,8 @@ pub fn model_cmd(cmd: ModelCommand) -> Result<()> {
             vocab_size,
             context,
             batch,
+            world,
+            zero1,
             json,
         } => {
             let cfg = LlamaConfig::preset(&preset, vocab_size)?;
@@ -312,21 +360,26 @@ pub fn model_cmd(cmd: ModelCommand) -> Result<()> {
                 if json {
                     break;
                 }
-                let m = MemoryEstimate::new(&cfg, batch, ctx, bytes_per_act);
+                let m = MemoryEstimate::new(&cfg, batch, ctx, bytes_per_act).per_rank(world, zero1);
+                let ranks = match (world, zero1) {
+                    (1, _) => String::new(),
+                    (w, z) => format!(" per rank of {w}{}", if z { " with ZeRO-1" } else { "" }),
+                };
                 println!(
-                    "{preset}: {:.3} B parameters ({}); training at batch {batch} x context {ctx} with {label} (kept for backward, no activation checkpointing, attention scores materialised): weights {:.2} GiB + grads {:.2} GiB + AdamW {:.2} GiB + activations {:.2} GiB = {:.2} GiB",
+                    "{preset}: {:.3} B parameters ({}); training at batch {batch} x context {ctx}{ranks} with {label} (kept for backward, no activation checkpointing, attention scores materialised): weights {:.2} GiB + grads {:.2} GiB + AdamW {:.2} GiB + activations {:.2} GiB{} = {:.2} GiB",
                     m.parameters as f64 / 1e9,
                     m.parameters,
                     gb(m.weights_bytes),
                     gb(m.grads_bytes),
                     gb(m.adam_bytes),
                     gb(m.activations_bytes),
+                    if m.comm_bytes > 0 { format!(" + all-reduce buckets {:.3} GiB", gb(m.comm_bytes)) } else { String::new() },
                     gb(m.total_bytes)
                 );
             }
             println!(
                 "{}",
-                serde_json::json!({"preset": preset, "config": cfg.to_hf_json("float32"), "memory_bf16": MemoryEstimate::new(&cfg, batch, ctx, 2)})
+                serde_json::json!({"preset": preset, "config": cfg.to_hf_json("float32"), "memory_bf16": MemoryEstimate::new(&cfg, batch, ctx, 2).per_rank(world, zero1)})
             );
             Ok(())
         }

@@ -3,6 +3,8 @@
 mod bad_inputs;
 mod common;
 mod crops;
+#[cfg(feature = "mpi")]
+mod dist;
 mod fid;
 mod hardening;
 mod model;

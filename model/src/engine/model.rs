@@ -217,8 +217,12 @@ struct Cache<B: Backend> {
 
 struct Training<B: Backend> {
     grads: B::Buf,
+    /// AdamW's moments of the parameters in `opt` (all of them unless ZeRO-1 shards them).
     m: B::Buf,
     v: B::Buf,
+    opt: std::ops::Range<usize>,
+    /// `decay` cut to `opt`.
+    opt_decay: Vec<(Span, bool)>,
 }
 
 /// A Llama on a backend: parameters, (when training) gradients and AdamW moments, activations.
@@ -270,6 +274,8 @@ impl<B: Backend> Model<B> {
                 grads: backend.alloc(layout.total)?,
                 m: backend.alloc(layout.total)?,
                 v: backend.alloc(layout.total)?,
+                opt: 0..layout.total,
+                opt_decay: Vec::new(),
             })
         } else {
             None
@@ -312,11 +318,15 @@ impl<B: Backend> Model<B> {
             ),
             &s,
         );
-        let decay = layout
+        let decay: Vec<(Span, bool)> = layout
             .tensors
             .iter()
             .map(|(_, shape, span)| (*span, shape.len() >= 2))
             .collect();
+        let mut training = training;
+        if let Some(t) = training.as_mut() {
+            t.opt_decay = decay.clone();
+        }
         Ok(Model {
             config,
             backend,
@@ -384,14 +394,97 @@ impl<B: Backend> Model<B> {
             .ok_or_else(|| Error::Config("this model was built for inference only".into()))
     }
 
-    /// (gradients, first moments, second moments) to the host.
+    /// (gradients, first moments, second moments) to the host; the moments of the optimizer's
+    /// range only ([`Model::optimizer_range`]: everything unless sharded).
     pub fn read_state(&self, grads: &mut [f32], m: &mut [f32], v: &mut [f32]) -> Result<()> {
         let t = self.training()?;
         let all = self.all();
         self.backend.download(View::new(&t.grads, all), grads);
-        self.backend.download(View::new(&t.m, all), m);
-        self.backend.download(View::new(&t.v, all), v);
+        let own = Span {
+            off: 0,
+            len: t.opt.len(),
+        };
+        self.backend.download(View::new(&t.m, own), m);
+        self.backend.download(View::new(&t.v, own), v);
         Ok(())
+    }
+
+    /// Keeps AdamW's moments for the parameters in `range` only (ZeRO-1: this rank's slice of
+    /// the flat buffer); [`Model::adamw`] then updates those parameters alone. The moments
+    /// start at zero.
+    pub fn set_optimizer_range(&mut self, range: std::ops::Range<usize>) -> Result<()> {
+        let total = self.layout.total;
+        if range.start > range.end || range.end > total {
+            return Err(Error::Config(format!(
+                "optimizer range {range:?} is outside the {total} parameters"
+            )));
+        }
+        let decay: Vec<(Span, bool)> = self
+            .decay
+            .iter()
+            .filter_map(|&(sp, d)| {
+                let (lo, hi) = (sp.off.max(range.start), sp.end().min(range.end));
+                (lo < hi).then_some((
+                    Span {
+                        off: lo,
+                        len: hi - lo,
+                    },
+                    d,
+                ))
+            })
+            .collect();
+        let n = range.len().max(1);
+        let (m, v) = (self.backend.alloc(n)?, self.backend.alloc(n)?);
+        let t = self
+            .training
+            .as_mut()
+            .ok_or_else(|| Error::Config("this model was built for inference only".into()))?;
+        (t.m, t.v, t.opt, t.opt_decay) = (m, v, range, decay);
+        Ok(())
+    }
+
+    /// The parameters AdamW updates here (all of them unless [`Model::set_optimizer_range`]).
+    pub fn optimizer_range(&self) -> std::ops::Range<usize> {
+        self.training
+            .as_ref()
+            .map_or(0..self.layout.total, |t| t.opt.clone())
+    }
+
+    /// Runs `f` over the gradient buffer on the host, bucket by bucket (at most `bucket`
+    /// floats each: download, `f(offset, values)`, upload): how ranks sum their gradients.
+    pub fn map_grads(&mut self, bucket: usize, mut f: impl FnMut(usize, &mut [f32])) -> Result<()> {
+        let total = self.layout.total;
+        let t = self.training()?;
+        let mut host = vec![0f32; bucket.min(total).max(1)];
+        let mut off = 0;
+        while off < total {
+            let len = bucket.min(total - off);
+            let span = Span { off, len };
+            let h = &mut host[..len];
+            self.backend.download(View::new(&t.grads, span), h);
+            f(off, h);
+            self.backend.upload(View::new(&t.grads, span), h);
+            off += len;
+        }
+        Ok(())
+    }
+
+    /// Host values into parameters `range` of the flat buffer.
+    pub fn write_params_range(&mut self, range: std::ops::Range<usize>, src: &[f32]) {
+        let span = Span {
+            off: range.start,
+            len: range.len(),
+        };
+        self.backend.upload(View::new(&self.params, span), src);
+    }
+
+    /// Parameters `range` of the flat buffer to the host.
+    pub fn read_params_range(&self, range: std::ops::Range<usize>, out: &mut [f32]) {
+        let span = Span {
+            off: range.start,
+            len: range.len(),
+        };
+        self.backend.download(View::new(&self.params, span), out);
     }
 
     /// Replaces the gradient buffer (gradients computed elsewhere: a reference, another rank).
@@ -402,12 +495,16 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// AdamW's moments from a checkpoint.
+    /// AdamW's moments from a checkpoint (every parameter's; a sharded optimizer keeps its
+    /// range).
     pub fn write_moments(&mut self, m: &[f32], v: &[f32]) -> Result<()> {
-        let all = self.all();
         let t = self.training()?;
-        self.backend.upload(View::new(&t.m, all), m);
-        self.backend.upload(View::new(&t.v, all), v);
+        let own = Span {
+            off: 0,
+            len: t.opt.len(),
+        };
+        self.backend.upload(View::new(&t.m, own), &m[t.opt.clone()]);
+        self.backend.upload(View::new(&t.v, own), &v[t.opt.clone()]);
         Ok(())
     }
 
@@ -804,11 +901,18 @@ impl<B: Backend> Model<B> {
             .sqrt())
     }
 
-    /// One AdamW update of every parameter (decay on matrices only).
+    /// One AdamW update of every parameter in the optimizer's range (decay on matrices only).
     pub fn adamw(&mut self, hp: backend::AdamW) -> Result<()> {
         let t = self.training()?;
-        self.backend
-            .adamw(&self.params, &t.grads, &t.m, &t.v, &self.decay, hp);
+        self.backend.adamw(
+            &self.params,
+            &t.grads,
+            &t.m,
+            &t.v,
+            &t.opt_decay,
+            t.opt.start,
+            hp,
+        );
         Ok(())
     }
 }
