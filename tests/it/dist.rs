@@ -6,15 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::common::*;
-
-fn token_dataset(root: &Path) -> PathBuf {
-    let ds = root.join("ds");
-    build(&fixtures("images"), &ds, &["--val-fraction", "0.2"]);
-    let vocab = root.join("vocab.json");
-    vocab_train(&ds, &vocab, &["--modality", "image", "--size", "320"]);
-    tokenize(&ds, &vocab, &[]);
-    ds
-}
+use crate::model::token_dataset;
 
 const STEPS: &str = "5";
 

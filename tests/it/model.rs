@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::common::*;
 
 /// The bundled photos as a dataset with 2 held-out images and a 320-entry vocabulary's tokens.
-fn token_dataset(root: &Path) -> PathBuf {
+pub(crate) fn token_dataset(root: &Path) -> PathBuf {
     let ds = root.join("ds");
     build(&fixtures("images"), &ds, &["--val-fraction", "0.2"]);
     let vocab = root.join("vocab.json");
