@@ -3,7 +3,7 @@
 # libraries (e.g. in PyTorch's wheels) but no Rust toolchain and no network.
 #
 # On the build machine (CPU only):
-#   make build && make dataset             # target/release/codeclm, data/
+#   make build dataset FEATURES=           # target/release/codeclm (no MPI: the GPU machine has none), data/
 #   tools/gpu_check.sh --bundle            # .gpu-bundle/: stripped binary + data/ (< 64 MiB)
 # On the GPU machine, from the repository root, with .gpu-bundle/ carried over:
 #   OUT=/some/dir tools/gpu_check.sh       # everything lands in $OUT (default gpu-check-out/)
@@ -29,7 +29,12 @@ if [ "${1:-}" = "--bundle" ]; then
   set -e
   BIN=${2:-$ROOT/target/release/codeclm}
   DATA=${DATA:-$ROOT/data}
-  [ -x "$BIN" ] || { echo "gpu_check: no binary at $BIN; run 'make build' first" >&2; exit 1; }
+  [ -x "$BIN" ] || { echo "gpu_check: no binary at $BIN; run 'make build FEATURES=' first" >&2; exit 1; }
+  # The GPU machine has no Open MPI: carry a binary that does not link it.
+  if ldd "$BIN" 2>/dev/null | grep -q libmpi; then
+    echo "gpu_check: $BIN links libmpi (the mpi feature), which the GPU machine lacks; build one without: CARGO_TARGET_DIR=target/gpu make build FEATURES= && tools/gpu_check.sh --bundle target/gpu/release/codeclm" >&2
+    exit 1
+  fi
   [ -f "$DATA/dataset.json" ] || { echo "gpu_check: no dataset at $DATA; run 'make dataset' first" >&2; exit 1; }
   rm -rf "$BUNDLE.tmp"
   mkdir -p "$BUNDLE.tmp"
