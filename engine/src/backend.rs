@@ -160,6 +160,12 @@ pub trait Backend: Send + Sync {
     /// A human-readable name ("cpu (avx512f, 2 threads)").
     fn name(&self) -> String;
 
+    /// The first error of an asynchronous device since it was made (waits for its work);
+    /// a CPU never has one.
+    fn status(&self) -> Result<()> {
+        Ok(())
+    }
+
     // -- memory ------------------------------------------------------------------------------
     /// `len` zeroed elements.
     fn alloc(&self, len: usize) -> Result<Self::Buf>;

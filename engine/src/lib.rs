@@ -9,11 +9,22 @@
 pub mod backend;
 mod conv;
 pub mod cpu;
+pub mod cuda;
 pub mod profile;
 pub mod simd;
 
 pub use backend::{Backend, Matmul, Span, View, Window, IGNORE};
 pub use cpu::Cpu;
+pub use cuda::Cuda;
+
+/// Which device a command runs on (`--device cpu|cuda|cuda:N`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// A CUDA device by ordinal.
+    Cuda(usize),
+}
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -22,4 +33,7 @@ pub enum Error {
     /// A buffer that cannot be allocated (names the size and the fix).
     #[error("{0}")]
     OutOfMemory(String),
+    /// A CUDA device or library problem (names the library or device and the fix).
+    #[error("{0}")]
+    Device(String),
 }

@@ -57,6 +57,10 @@ impl<B: Backend> Backend for Profiled<B> {
     fn name(&self) -> String {
         self.inner.name()
     }
+
+    fn status(&self) -> Result<()> {
+        self.inner.status()
+    }
     fn alloc(&self, len: usize) -> Result<Self::Buf> {
         self.inner.alloc(len)
     }

@@ -15,7 +15,7 @@ use tracing::info;
 use crate::checkpoint::{self, CheckpointFiles};
 use crate::data::{Loader, LoaderState, TrainingSet};
 use crate::dist::Dist;
-use crate::engine::{self, Backend, Capacity, Cpu, Model, IGNORE};
+use crate::engine::{self, Backend, Capacity, Cpu, Device, Model, IGNORE};
 use crate::llama::LlamaConfig;
 use crate::{Error, Result};
 use codeclm_formats::Split;
@@ -370,6 +370,7 @@ pub fn train_step<B: Backend>(
         step,
         grad_scale,
     })?;
+    model.backend.status()?;
     let n = model.num_parameters();
     if model.optimizer_range().len() < n {
         // ZeRO-1: every rank's updated slice to every rank, a bucket at a time.
@@ -395,7 +396,10 @@ pub fn train_step<B: Backend>(
 }
 
 /// Named views of a flat buffer, for safetensors.
-fn named<'a>(model: &'a Model<Cpu>, flat: &'a [f32]) -> Vec<(&'a str, &'a [usize], &'a [f32])> {
+fn named<'a, B: Backend>(
+    model: &'a Model<B>,
+    flat: &'a [f32],
+) -> Vec<(&'a str, &'a [usize], &'a [f32])> {
     model
         .layout
         .tensors
@@ -405,7 +409,7 @@ fn named<'a>(model: &'a Model<Cpu>, flat: &'a [f32]) -> Vec<(&'a str, &'a [usize
 }
 
 /// Writes a checkpoint from rank 0 (every rank calls it: ZeRO-1 gathers the moments there).
-fn save(out: &Path, model: &Model<Cpu>, state: &TrainerState, dist: &Dist) -> Result<()> {
+fn save<B: Backend>(out: &Path, model: &Model<B>, state: &TrainerState, dist: &Dist) -> Result<()> {
     let n = model.num_parameters();
     let own = model.optimizer_range().len();
     let (mut p, mut g) = (vec![0f32; n], vec![0f32; n]);
@@ -469,7 +473,7 @@ fn save(out: &Path, model: &Model<Cpu>, state: &TrainerState, dist: &Dist) -> Re
 }
 
 /// Loads a run's weights and AdamW moments into `model`.
-fn restore(out: &Path, model: &mut Model<Cpu>) -> Result<()> {
+fn restore<B: Backend>(out: &Path, model: &mut Model<B>) -> Result<()> {
     let flat = checkpoint::load_params(out, &model.config)?;
     model.write_params(&flat);
     let path = out.join(checkpoint::OPTIMIZER);
@@ -479,9 +483,16 @@ fn restore(out: &Path, model: &mut Model<Cpu>) -> Result<()> {
     model.write_moments(&m, &v)
 }
 
-/// Trains (or resumes) a run in `out` on the CPU engine; prints one line per step and returns
-/// the summary.
-pub fn train(start: Start, out: &Path, dist: &Dist) -> Result<TrainSummary> {
+/// Trains (or resumes) a run in `out` on `device`; prints one line per step and returns the
+/// summary.
+pub fn train(start: Start, out: &Path, dist: &Dist, device: Device) -> Result<TrainSummary> {
+    match device {
+        Device::Cpu => train_on(Cpu::new(), start, out, dist),
+        Device::Cuda(n) => train_on(engine::Cuda::new(n)?, start, out, dist),
+    }
+}
+
+fn train_on<B: Backend>(backend: B, start: Start, out: &Path, dist: &Dist) -> Result<TrainSummary> {
     if dist.is_root() {
         checkpoint::recover(out)?;
     }
@@ -558,7 +569,7 @@ pub fn train(start: Start, out: &Path, dist: &Dist) -> Result<TrainSummary> {
         batch: cfg.batch,
         context: cfg.context,
     };
-    let mut model = Model::new(Cpu::new(), model_cfg.clone(), cap, true, cfg.recompute)?;
+    let mut model = Model::new(backend, model_cfg.clone(), cap, true, cfg.recompute)?;
     if cfg.zero1 && dist.world > 1 {
         model.set_optimizer_range(dist.shard(model.num_parameters(), dist.rank))?;
     }
@@ -814,6 +825,7 @@ pub struct BenchTrain {
     pub profile: Vec<(String, f64, f64)>,
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn bench_train(
     preset: &str,
     vocab_size: usize,
@@ -822,6 +834,7 @@ pub fn bench_train(
     steps: usize,
     recompute: bool,
     profile: bool,
+    device: Device,
 ) -> Result<BenchTrain> {
     let model_cfg = LlamaConfig::preset(preset, vocab_size)?;
     let mut cfg = TrainConfig::preset(preset)?;
@@ -829,6 +842,19 @@ pub fn bench_train(
     cfg.batch = batch;
     cfg.validate(&model_cfg)?;
     let cap = Capacity { batch, context };
+    if let Device::Cuda(n) = device {
+        let be = engine::Cuda::new(n)?;
+        if profile {
+            return Err(Error::Config(
+                "--profile times CPU kernels; on CUDA, time the steps (kernels run asynchronously)"
+                    .into(),
+            ));
+        }
+        let mut model = Model::new(be, model_cfg, cap, true, recompute)?;
+        return timed_steps(&mut model, &cfg, steps, |b| {
+            let _ = b.status();
+        });
+    }
     if profile {
         let be = engine::profile::Profiled::new(Cpu::new());
         let mut model = Model::new(be, model_cfg, cap, true, recompute)?;

@@ -58,12 +58,20 @@ impl DeviceArg {
         }
     }
 
-    /// The language model and the FID network run on the engine, whose CUDA backend is not
-    /// built yet: `cuda` stops `what` with that said.
+    /// The engine device of a command that runs on either backend (`train`, `bench train`).
+    pub fn device(self) -> codeclm_model::engine::Device {
+        use codeclm_model::engine::Device;
+        match self {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda(n) => Device::Cuda(n),
+        }
+    }
+
+    /// A command not on the engine's CUDA backend yet: `cuda` stops `what` with that said.
     pub fn engine(self, what: &str) -> Result<()> {
         if let DeviceArg::Cuda(n) = self {
             anyhow::bail!(
-                "--device cuda:{n}: `codeclm {what}` runs on the training engine, whose CUDA backend is not built yet (docs/cuda.md); use --device cpu"
+                "--device cuda:{n}: `codeclm {what}` does not run on the engine's CUDA backend yet (`train` and `bench train` do; docs/cuda.md); use --device cpu"
             );
         }
         Ok(())

@@ -215,7 +215,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
 }
 
 fn train_ranks(a: TrainArgs, dist: &codeclm_model::dist::Dist) -> Result<()> {
-    a.device.engine("train")?;
+    let device = a.device.device();
     let (start, out) = if let Some(run) = a.resume {
         if a.config.is_some()
             || a.context.is_some()
@@ -278,7 +278,7 @@ fn train_ranks(a: TrainArgs, dist: &codeclm_model::dist::Dist) -> Result<()> {
             a.out,
         )
     };
-    let s = train::train(start, &out, dist)?;
+    let s = train::train(start, &out, dist, device)?;
     if !dist.is_root() {
         return Ok(());
     }
@@ -388,7 +388,6 @@ pub fn model_cmd(cmd: ModelCommand) -> Result<()> {
 
 pub fn bench_train(a: BenchTrainArgs) -> Result<()> {
     set_threads(Some(a.threads));
-    a.device.engine("bench train")?;
     let r = train::bench_train(
         &a.preset,
         a.vocab_size,
@@ -397,6 +396,7 @@ pub fn bench_train(a: BenchTrainArgs) -> Result<()> {
         a.steps,
         a.recompute,
         a.profile,
+        a.device.device(),
     )?;
     if a.profile {
         let total: f64 = r.profile.iter().map(|p| p.2).sum();

@@ -1,0 +1,396 @@
+// The CUDA backend's kernels, compiled at first use by NVRTC for the device's architecture
+// (engine/src/cuda/mod.rs). Each is the CPU backend's kernel of the same name, element for
+// element (engine/src/cpu.rs, engine/src/conv.rs): f32 in, f32 accumulation out. Correctness
+// first: one thread per output element, one block per row for reductions, one warp per query
+// row for attention (an online softmax over the keys, no T x T matrix), atomics where gradients
+// of many rows meet (embedding rows, attention keys and values). No headers: NVRTC has none.
+
+typedef unsigned long long u64;
+
+#define IGNORE_ID 0xFFFFFFFFu
+#define MAX_HEAD_DIM 256
+#define PER_LANE (MAX_HEAD_DIM / 32)
+#define CUDA_INF __int_as_float(0x7f800000)
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+__device__ float block_sum(float v) {
+    __shared__ float sh[32];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    v = (int)threadIdx.x < nw ? sh[threadIdx.x] : 0.0f;
+    if (w == 0) v = warp_sum(v);
+    if (threadIdx.x == 0) sh[0] = v;
+    __syncthreads();
+    return sh[0];
+}
+
+__device__ float block_max(float v) {
+    __shared__ float sh[32];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    v = (int)threadIdx.x < nw ? sh[threadIdx.x] : -CUDA_INF;
+    if (w == 0) v = warp_max(v);
+    if (threadIdx.x == 0) sh[0] = v;
+    __syncthreads();
+    return sh[0];
+}
+
+#define GRID_STRIDE(i, n) for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < (n); i += (u64)gridDim.x * blockDim.x)
+
+extern "C" __global__ void fill_f32(float* x, u64 n, float value) {
+    GRID_STRIDE(i, n) x[i] = value;
+}
+
+extern "C" __global__ void add_assign_f32(float* dst, const float* src, u64 n) {
+    GRID_STRIDE(i, n) dst[i] += src[i];
+}
+
+extern "C" __global__ void embedding_forward(float* out, const float* table, const unsigned* ids, int rows, int dim) {
+    GRID_STRIDE(i, (u64)rows * dim) {
+        u64 r = i / dim, c = i % dim;
+        out[i] = table[(u64)ids[r] * dim + c];
+    }
+}
+
+extern "C" __global__ void embedding_backward(float* dtable, const float* dout, const unsigned* ids, int rows, int dim) {
+    GRID_STRIDE(i, (u64)rows * dim) {
+        u64 r = i / dim, c = i % dim;
+        atomicAdd(&dtable[(u64)ids[r] * dim + c], dout[i]);
+    }
+}
+
+// One block per row.
+extern "C" __global__ void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int rows, int dim, float eps) {
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    const float* xr = x + (u64)r * dim;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) ss += xr[c] * xr[c];
+    ss = block_sum(ss);
+    float s = 1.0f / sqrtf(ss / dim + eps);
+    if (threadIdx.x == 0) rstd[r] = s;
+    float* o = out + (u64)r * dim;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) o[c] = xr[c] * s * w[c];
+}
+
+// dx (+)= r w g - r^3 x (sum_j g_j w_j x_j) / dim, one block per row.
+extern "C" __global__ void rmsnorm_backward_dx(float* dx, const float* dout, const float* x, const float* w, const float* rstd, int rows, int dim, int accumulate) {
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    const float* xr = x + (u64)r * dim;
+    const float* g = dout + (u64)r * dim;
+    float dot = 0.0f;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) dot += g[c] * w[c] * xr[c];
+    dot = block_sum(dot);
+    float s = rstd[r];
+    float k = s * s * s * dot / dim;
+    float* d = dx + (u64)r * dim;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+        float v = s * w[c] * g[c] - k * xr[c];
+        d[c] = accumulate ? d[c] + v : v;
+    }
+}
+
+// dw[c] += sum over rows of dout x rstd: one thread per column (a fixed order).
+extern "C" __global__ void rmsnorm_backward_dw(float* dw, const float* dout, const float* x, const float* rstd, int rows, int dim) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= dim) return;
+    float acc = 0.0f;
+    for (int r = 0; r < rows; r++) acc += dout[(u64)r * dim + c] * x[(u64)r * dim + c] * rstd[r];
+    dw[c] += acc;
+}
+
+// HF rotate_half on the q and k heads of each packed row, in place; sign -1 is the backward.
+extern "C" __global__ void rope(float* qkv, const float* cosv, const float* sinv, int rows, int seq, int heads, int kv_heads, int dh, int pos0, float sign) {
+    int half = dh / 2, rotated = heads + kv_heads, row = (heads + 2 * kv_heads) * dh;
+    GRID_STRIDE(idx, (u64)rows * rotated * half) {
+        u64 r = idx / ((u64)rotated * half);
+        int rest = (int)(idx % ((u64)rotated * half));
+        int head = rest / half, i = rest % half;
+        int pos = pos0 + (int)(r % seq);
+        float c = cosv[(u64)pos * half + i], s = sign * sinv[(u64)pos * half + i];
+        float* x = qkv + r * row + (u64)head * dh;
+        float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * c - x2 * s;
+        x[i + half] = x2 * c + x1 * s;
+    }
+}
+
+// One warp per (batch row, head, query row): keys lo..=qpos of its key/value head with an
+// online softmax. Queries at q + (b * seq + i) * q_rs + h * dh; keys and values at
+// k/v + (b * kv_rows + j) * kv_rs + g * dh; the first pads[b] keys are left padding no real
+// query sees (pads may be null). lse may be null.
+extern "C" __global__ void attention_forward(float* out, float* lse, const float* q, int q_rs, const float* k, const float* v, int kv_rs, int kv_rows, int n_keys, int pos0, const u64* pads, int batch, int seq, int heads, int kv_heads, int dh) {
+    u64 warp = (blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= (u64)batch * heads * seq) return;
+    int i = (int)(warp % seq), h = (int)(warp / seq % heads), b = (int)(warp / ((u64)seq * heads));
+    int g = h / (heads / kv_heads);
+    int pad = pads ? (int)pads[b] : 0;
+    int qpos = pos0 + i;
+    int lo = qpos >= pad ? pad : 0;
+    int hi = qpos + 1 < n_keys ? qpos + 1 : n_keys;
+    float scale = 1.0f / sqrtf((float)dh);
+    const float* qp = q + ((u64)b * seq + i) * q_rs + (u64)h * dh;
+    float qr[PER_LANE], acc[PER_LANE];
+    for (int c = 0; c < PER_LANE; c++) {
+        int d = lane + 32 * c;
+        qr[c] = d < dh ? qp[d] : 0.0f;
+        acc[c] = 0.0f;
+    }
+    float m = -CUDA_INF, s = 0.0f;
+    for (int j = lo; j < hi; j++) {
+        const float* kp = k + ((u64)b * kv_rows + j) * kv_rs + (u64)g * dh;
+        const float* vp = v + ((u64)b * kv_rows + j) * kv_rs + (u64)g * dh;
+        float dot = 0.0f;
+        for (int c = 0; c < PER_LANE; c++) {
+            int d = lane + 32 * c;
+            if (d < dh) dot += qr[c] * kp[d];
+        }
+        dot = warp_sum(dot) * scale;
+        float mn = fmaxf(m, dot);
+        float alpha = expf(m - mn), p = expf(dot - mn);
+        s = s * alpha + p;
+        for (int c = 0; c < PER_LANE; c++) {
+            int d = lane + 32 * c;
+            if (d < dh) acc[c] = acc[c] * alpha + p * vp[d];
+        }
+        m = mn;
+    }
+    float inv = s > 0.0f ? 1.0f / s : 0.0f;
+    float* op = out + ((u64)b * seq + i) * heads * dh + (u64)h * dh;
+    for (int c = 0; c < PER_LANE; c++) {
+        int d = lane + 32 * c;
+        if (d < dh) op[d] = acc[c] * inv;
+    }
+    if (lse && lane == 0) lse[((u64)b * heads + h) * seq + i] = m + logf(s);
+}
+
+// One warp per (batch row, head, query row): dq of its row, dk and dv of keys 0..=i added
+// atomically. dqkv's k and v parts must be zero on entry.
+extern "C" __global__ void attention_backward(float* dqkv, const float* dout, const float* out, const float* lse, const float* qkv, int batch, int seq, int heads, int kv_heads, int dh) {
+    u64 warp = (blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= (u64)batch * heads * seq) return;
+    int i = (int)(warp % seq), h = (int)(warp / seq % heads), b = (int)(warp / ((u64)seq * heads));
+    int g = h / (heads / kv_heads);
+    u64 row = (u64)(heads + 2 * kv_heads) * dh, d_out = (u64)heads * dh;
+    u64 koff = (u64)heads * dh + (u64)g * dh, voff = (u64)(heads + kv_heads) * dh + (u64)g * dh;
+    float scale = 1.0f / sqrtf((float)dh);
+    const float* qp = qkv + ((u64)b * seq + i) * row + (u64)h * dh;
+    const float* gp = dout + ((u64)b * seq + i) * d_out + (u64)h * dh;
+    const float* op = out + ((u64)b * seq + i) * d_out + (u64)h * dh;
+    float qr[PER_LANE], gr[PER_LANE], dq[PER_LANE];
+    float di = 0.0f;
+    for (int c = 0; c < PER_LANE; c++) {
+        int d = lane + 32 * c;
+        qr[c] = d < dh ? qp[d] : 0.0f;
+        gr[c] = d < dh ? gp[d] : 0.0f;
+        dq[c] = 0.0f;
+        if (d < dh) di += gr[c] * op[d];
+    }
+    di = warp_sum(di);
+    float l = lse[((u64)b * heads + h) * seq + i];
+    for (int j = 0; j <= i; j++) {
+        const float* kp = qkv + ((u64)b * seq + j) * row + koff;
+        const float* vp = qkv + ((u64)b * seq + j) * row + voff;
+        float sc = 0.0f, dp = 0.0f;
+        for (int c = 0; c < PER_LANE; c++) {
+            int d = lane + 32 * c;
+            if (d < dh) {
+                sc += qr[c] * kp[d];
+                dp += gr[c] * vp[d];
+            }
+        }
+        sc = warp_sum(sc);
+        dp = warp_sum(dp);
+        float p = expf(sc * scale - l);
+        float ds = scale * p * (dp - di);
+        float* dk = dqkv + ((u64)b * seq + j) * row + koff;
+        float* dv = dqkv + ((u64)b * seq + j) * row + voff;
+        for (int c = 0; c < PER_LANE; c++) {
+            int d = lane + 32 * c;
+            if (d < dh) {
+                dq[c] += ds * kp[d];
+                atomicAdd(&dk[d], ds * qr[c]);
+                atomicAdd(&dv[d], p * gr[c]);
+            }
+        }
+    }
+    float* dqp = dqkv + ((u64)b * seq + i) * row + (u64)h * dh;
+    for (int c = 0; c < PER_LANE; c++) {
+        int d = lane + 32 * c;
+        if (d < dh) dqp[d] = dq[c];
+    }
+}
+
+// The k and v heads of qkv's rows into the caches [batch, cache_len, kv_heads * dh].
+extern "C" __global__ void kv_store(float* kc, float* vc, const float* qkv, int batch, int seq, int heads, int kv_heads, int dh, int cache_len, int pos0) {
+    u64 kvd = (u64)kv_heads * dh, row = (u64)(heads + 2 * kv_heads) * dh;
+    GRID_STRIDE(idx, (u64)batch * seq * kvd) {
+        u64 e = idx % kvd, bt = idx / kvd;
+        u64 b = bt / seq, t = bt % seq;
+        const float* src = qkv + bt * row + (u64)heads * dh;
+        u64 at = (b * cache_len + pos0 + t) * kvd + e;
+        kc[at] = src[e];
+        vc[at] = src[kvd + e];
+    }
+}
+
+__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+extern "C" __global__ void swiglu_forward(float* out, const float* gate_up, int rows, int ffn) {
+    GRID_STRIDE(idx, (u64)rows * ffn) {
+        u64 r = idx / ffn, c = idx % ffn;
+        float g = gate_up[r * 2 * ffn + c], u = gate_up[r * 2 * ffn + ffn + c];
+        out[idx] = g * sigmoidf(g) * u;
+    }
+}
+
+extern "C" __global__ void swiglu_backward(float* dgate_up, const float* dout, const float* gate_up, int rows, int ffn) {
+    GRID_STRIDE(idx, (u64)rows * ffn) {
+        u64 r = idx / ffn, c = idx % ffn;
+        float g = gate_up[r * 2 * ffn + c], u = gate_up[r * 2 * ffn + ffn + c];
+        float sg = sigmoidf(g), d = dout[idx];
+        dgate_up[r * 2 * ffn + ffn + c] = d * g * sg;
+        dgate_up[r * 2 * ffn + c] = d * u * sg * (1.0f + g * (1.0f - sg));
+    }
+}
+
+// One block per row: the loss, and with has_grad the row overwritten by
+// scale * (softmax - onehot) (zero for an IGNORE target).
+extern "C" __global__ void cross_entropy(float* losses, float* logits, const unsigned* targets, int rows, int vocab, int has_grad, float scale) {
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    float* x = logits + (u64)r * vocab;
+    unsigned t = targets[r];
+    if (t == IGNORE_ID) {
+        if (threadIdx.x == 0) losses[r] = 0.0f;
+        if (has_grad) for (int c = threadIdx.x; c < vocab; c += blockDim.x) x[c] = 0.0f;
+        return;
+    }
+    float mx = -CUDA_INF;
+    for (int c = threadIdx.x; c < vocab; c += blockDim.x) mx = fmaxf(mx, x[c]);
+    mx = block_max(mx);
+    float sum = 0.0f;
+    for (int c = threadIdx.x; c < vocab; c += blockDim.x) sum += expf(x[c] - mx);
+    sum = block_sum(sum);
+    float lse = mx + logf(sum);
+    float target = x[t];
+    __syncthreads();  // every thread has read x[t] before the row is overwritten
+    if (threadIdx.x == 0) losses[r] = lse - target;
+    if (has_grad) {
+        float inv = 1.0f / sum;
+        for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
+            float p = expf(x[c] - mx) * inv;
+            x[c] = scale * (p - ((unsigned)c == t ? 1.0f : 0.0f));
+        }
+    }
+}
+
+// Per-block partial sums of x^2 in f64 (the host adds them in order: the same value every run).
+extern "C" __global__ void sum_squares(double* partials, const float* x, u64 n) {
+    __shared__ double sh[256];
+    double acc = 0.0;
+    GRID_STRIDE(i, n) acc += (double)x[i] * (double)x[i];
+    sh[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if ((int)threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partials[blockIdx.x] = sh[0];
+}
+
+// torch.optim.AdamW over one span: p *= keep; m += w1 (g - m); v = b2 v + (1 - b2) g^2;
+// p -= step * m / (sqrt(v) / bc2 + eps), with g scaled by grad_scale first.
+extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, u64 n, float grad_scale, float keep, float w1, float b2, float bc2, float eps, float step) {
+    GRID_STRIDE(i, n) {
+        float gi = g[i] * grad_scale;
+        float pi = p[i] * keep;
+        float mi = m[i] + w1 * (gi - m[i]);
+        float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = pi - step * (mi / (sqrtf(vi) / bc2 + eps));
+    }
+}
+
+// -- convolutional inference (NHWC), the FID network ---------------------------------------
+
+struct Window {
+    int batch, h, w, c, kh, kw, stride, pad_h, pad_w;
+};
+
+__device__ __forceinline__ int out_h(Window g) { return (g.h + 2 * g.pad_h - g.kh) / g.stride + 1; }
+__device__ __forceinline__ int out_w(Window g) { return (g.w + 2 * g.pad_w - g.kw) / g.stride + 1; }
+
+extern "C" __global__ void im2col(float* col, const float* x, Window g) {
+    int oh = out_h(g), ow = out_w(g);
+    u64 width = (u64)g.kh * g.kw * g.c;
+    GRID_STRIDE(idx, (u64)g.batch * oh * ow * width) {
+        u64 r = idx / width, e = idx % width;
+        int ky = (int)(e / ((u64)g.kw * g.c)), kx = (int)(e / g.c % g.kw), ch = (int)(e % g.c);
+        int b = (int)(r / ((u64)oh * ow)), oy = (int)(r / ow % oh), ox = (int)(r % ow);
+        int iy = oy * g.stride + ky - g.pad_h, ix = ox * g.stride + kx - g.pad_w;
+        col[idx] = (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) ? x[(((u64)b * g.h + iy) * g.w + ix) * g.c + ch] : 0.0f;
+    }
+}
+
+extern "C" __global__ void bias_relu(float* x, const float* bias, int rows, int channels) {
+    GRID_STRIDE(idx, (u64)rows * channels) x[idx] = fmaxf(x[idx] + bias[idx % channels], 0.0f);
+}
+
+// Max (is_max) or mean over the window's real pixels (padding never counts).
+extern "C" __global__ void pool(float* out, const float* x, Window g, int is_max) {
+    int oh = out_h(g), ow = out_w(g);
+    GRID_STRIDE(idx, (u64)g.batch * oh * ow * g.c) {
+        u64 r = idx / g.c;
+        int ch = (int)(idx % g.c);
+        int b = (int)(r / ((u64)oh * ow)), oy = (int)(r / ow % oh), ox = (int)(r % ow);
+        int y0 = oy * g.stride - g.pad_h, x0 = ox * g.stride - g.pad_w;
+        int y1 = y0 + g.kh < g.h ? y0 + g.kh : g.h, x1 = x0 + g.kw < g.w ? x0 + g.kw : g.w;
+        y0 = y0 > 0 ? y0 : 0;
+        x0 = x0 > 0 ? x0 : 0;
+        float acc = is_max ? -CUDA_INF : 0.0f;
+        for (int iy = y0; iy < y1; iy++)
+            for (int ix = x0; ix < x1; ix++) {
+                float v = x[(((u64)b * g.h + iy) * g.w + ix) * g.c + ch];
+                acc = is_max ? fmaxf(acc, v) : acc + v;
+            }
+        int count = (y1 - y0) * (x1 - x0);
+        out[idx] = is_max ? acc : (count > 0 ? acc / count : 0.0f);
+    }
+}
+
+extern "C" __global__ void copy_columns(float* dst, const float* src, int rows, int c, int dst_c, int c0) {
+    GRID_STRIDE(idx, (u64)rows * c) {
+        u64 r = idx / c, j = idx % c;
+        dst[r * dst_c + c0 + j] = src[idx];
+    }
+}
+
+extern "C" __global__ void global_avg_pool(float* out, const float* x, int batch, int pixels, int c) {
+    GRID_STRIDE(idx, (u64)batch * c) {
+        u64 b = idx / c, ch = idx % c;
+        float acc = 0.0f;
+        for (int p = 0; p < pixels; p++) acc += x[(b * pixels + p) * c + ch];
+        out[idx] = acc / pixels;
+    }
+}
