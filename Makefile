@@ -66,7 +66,7 @@ deps:
 	  else echo "please install: $(MPI_PKGS)"; exit 1; fi; }
 
 pydeps:
-	@$(PYTHON) -c "import PIL, polars, numpy, zstandard, pytest; assert PIL.__version__ == '13.0.0', PIL.__version__" 2>/dev/null && command -v moto_server >/dev/null || \
+	@$(PYTHON) -c "import PIL, polars, numpy, zstandard, pytest, nvidia.cu13; assert PIL.__version__ == '13.0.0', PIL.__version__" 2>/dev/null && command -v moto_server >/dev/null || \
 	  $(PYTHON) -m pip install -q -r tools/requirements.txt
 
 build: deps
@@ -90,8 +90,11 @@ endif
 ## test: unit tests, integration tests on real media, byte identity against Pillow and the
 ## ffmpeg CLI, the model and FID checks against their reference dumps (fetches the FID network)
 test: deps pydeps fid-weights
-	$(CARGO) test --release --workspace $(CARGO_FEATURES)
+	LD_LIBRARY_PATH="$(NVRTC_LIB)$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" $(CARGO) test --release --workspace $(CARGO_FEATURES)
 	$(MAKE) pytest
+
+# PyPI's NVRTC (tools/requirements.txt): the tests compile the CUDA kernels with it.
+NVRTC_LIB = $(shell $(PYTHON) -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))" 2>/dev/null)
 
 ## pytest: the Python package's abi3 wheel (maturin, into target/wheels), installed, then tested
 ## against the CLI, Hugging Face tokenizers and the pure-Python token reader

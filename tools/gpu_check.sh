@@ -10,13 +10,19 @@
 # Dry run on a CPU machine: GPU_CHECK_CPU=1 GPU_CHECK_BIN=target/release/codeclm runs every step
 # on the CPU with the tiny preset.
 #
-# Nothing runs on CUDA until the training engine has its CUDA backend (docs/cuda.md): a GPU run
-# stops after listing the GPU. The CPU dry run still runs every step.
-# Steps (~3 min on an H200; at most ~6 min with every time limit hit):
-#   1. `codeclm bench train --device cuda`: synthetic batches, no data loading: model tokens/s and MFU;
-#   2. `codeclm train --device cuda` on the bundled dataset for as many steps as step 1's speed fits in
-#      GPU_CHECK_SECONDS (real loader, per-step tokens/s and MFU, validation, checkpoint);
-#   3. `codeclm bench sample --device cuda` from that checkpoint (KV cache, batch 16).
+# The engine's CUDA backend (engine/src/cuda/) is compiled but had never run on a GPU when this
+# was written: this script is its first check. Steps (~4 min on an H200; at most ~7 with every
+# time limit hit):
+#   0. `codeclm bench kernels --device cuda`: every kernel against the CPU backend on the same
+#      random inputs (f32, tolerance 1e-4 of each output's largest magnitude);
+#   1. `codeclm bench train --device cuda`: synthetic batches, no data loading: tokens/s and MFU
+#      (f32 cuBLAS; no bf16 path yet), and PyTorch on the same GPU, model and batch when
+#      transformers is installed (LlamaForCausalLM, bf16 autocast, SDPA);
+#   2. 200 steps of `codeclm train` (tiny, f32) on the bundled dataset on the GPU and on the CPU
+#      from the same seed: the loss curves compared (tolerance 2e-2 per step);
+#   3. `codeclm train --device cuda` with PRESET for as many steps as step 1's speed fits in
+#      GPU_CHECK_SECONDS (real loader, validation, checkpoint).
+# Sampling and FID are not on the CUDA backend yet.
 # Knobs: GPU_CHECK_PRESET (base), GPU_CHECK_BATCH (16), GPU_CHECK_CONTEXT (1024),
 # GPU_CHECK_SECONDS (75), GPU_PEAK_TFLOPS (989: H100/H200 bf16 dense).
 set -uo pipefail
@@ -97,6 +103,15 @@ EOF
 }
 missing() { ldd "$BIN" 2>/dev/null | awk '/not found/ {print $1}' | sort -u; }
 
+# The CUDA backend opens NVRTC and cuBLAS at run time (no ldd entry): their directories too.
+for so in libnvrtc.so.13 libcublas.so.13; do
+  for d in $(lib_dirs); do
+    if [ -e "$d/$so" ]; then
+      case ":${LD_LIBRARY_PATH:-}:" in *":$d:"*) ;; *) export LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} ;; esac
+      break
+    fi
+  done
+done
 NEED=$(missing)
 if [ -n "$NEED" ]; then
   DIRS=$(lib_dirs)
@@ -122,10 +137,6 @@ echo "gpu_check: LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && [ "${GPU_CHECK_CPU:-0}" != 1 ]; then
   nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader
-  # Training and sampling moved to the project's engine, whose CUDA backend is not built yet
-  # (docs/cuda.md): `--device cuda` stops with that said, so there is nothing to time here.
-  echo "gpu_check: the training engine has no CUDA backend yet; steps 1-3 need it. Nothing to check on this GPU."
-  exit 0
 elif [ "${GPU_CHECK_CPU:-0}" = 1 ]; then
   echo "gpu_check: no CUDA device; GPU_CHECK_CPU=1: running every step on the CPU (tiny preset)"
   DEV="" PRESET=${GPU_CHECK_PRESET:-tiny} BATCH=${GPU_CHECK_BATCH:-4} CONTEXT=${GPU_CHECK_CONTEXT:-256} SECS=${GPU_CHECK_SECONDS:-20}
@@ -143,19 +154,85 @@ VOCAB=$(ls "$DATA"/tokens-*.parquet 2>/dev/null | head -1 | sed 's/.*tokens-\(.*
 echo "gpu_check: binary $BIN ($(du -m "$BIN" | cut -f1) MiB), preset $PRESET, batch $BATCH x context $CONTEXT, dataset $DATA (token set $VOCAB)"
 fail=0
 
+# --- 0. every kernel against the CPU backend --------------------------------------------------------
+echo "gpu_check: [0/3] bench kernels"
+timeout 120 "$BIN" bench kernels ${DEV:---device cpu} | tee "$OUT/kernels.jsonl"
+rc=${PIPESTATUS[0]}
+[ "$rc" = 0 ] || { echo "gpu_check: bench kernels: some kernel is off (exit $rc)"; fail=1; }
+
 # --- 1. model speed on synthetic batches --------------------------------------------------------
 echo "gpu_check: [1/3] bench train"
 timeout 120 "$BIN" bench train --preset "$PRESET" --batch "$BATCH" --context "$CONTEXT" --steps 10 $DEV --json \
   | tee "$OUT/bench-train.json"
 rc=${PIPESTATUS[0]}
 [ "$rc" = 0 ] || { echo "gpu_check: bench train failed (exit $rc)"; fail=1; }
+if [ -n "$DEV" ] && python3 -c "import torch, transformers" 2>/dev/null; then
+  timeout 150 python3 - "$OUT/bench-train.json" "$ROOT/tools" <<'EOF' | tee "$OUT/torch-train.json"
+import json, sys, time
+sys.path.insert(0, sys.argv[2])
+import torch
+import torch.nn.functional as F
+from benchlib import torch_llama
+b = json.loads([l for l in open(sys.argv[1]) if l.startswith("{")][-1])
+cfg, bs, t = b["config"], b["batch"], b["context"]
+model = torch_llama(cfg).cuda().train()
+opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+v = cfg["vocab_size"]
+def step():
+    x = torch.randint(0, v, (bs, t + 1), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(input_ids=x[:, :-1]).logits
+    F.cross_entropy(logits.float().reshape(-1, v), x[:, 1:].reshape(-1)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+for _ in range(3):
+    step()
+torch.cuda.synchronize()
+t0, n = time.perf_counter(), 0
+while n < 10 and time.perf_counter() - t0 < 60:
+    step(); n += 1
+torch.cuda.synchronize()
+dt = time.perf_counter() - t0
+print(json.dumps({"torch": torch.__version__, "steps": n, "tokens_per_s": n * bs * t / dt, "batch": bs, "context": t}))
+EOF
+else
+  echo "gpu_check: PyTorch comparison skipped (CPU dry run, or no torch + transformers here)"
+fi
+
+# --- 2. 200 steps on the GPU and on the CPU from the same seed -----------------------------------
+echo "gpu_check: [2/3] 200 tiny steps, f32, GPU and CPU, same seed"
+rm -rf "$OUT/parity-gpu" "$OUT/parity-cpu"
+common=(train --dataset "$DATA" --vocab "$VOCAB" --preset tiny --batch 4 --context 256 --steps 200 --eval-every 200 --save-every 200 --val-docs 8)
+timeout 180 "$BIN" "${common[@]}" --out "$OUT/parity-gpu" $DEV > "$OUT/parity-gpu.log" 2>&1 || { echo "gpu_check: GPU parity run failed"; fail=1; }
+timeout 180 "$BIN" "${common[@]}" --out "$OUT/parity-cpu" > "$OUT/parity-cpu.log" 2>&1 || { echo "gpu_check: CPU parity run failed"; fail=1; }
+python3 - "$OUT" <<'EOF' | tee "$OUT/parity.txt"
+import json, sys
+out = sys.argv[1]
+def losses(run):
+    try:
+        return [json.loads(l)["loss"] for l in open(f"{out}/{run}/metrics.jsonl") if '"loss"' in l]
+    except OSError:
+        return []
+g, c = losses("parity-gpu"), losses("parity-cpu")
+if not g or len(g) != len(c):
+    print(f"parity: missing curves ({len(g)} GPU steps, {len(c)} CPU steps)")
+    sys.exit(1)
+d = [abs(a - b) for a, b in zip(g, c)]
+worst = max(range(len(d)), key=d.__getitem__)
+ok = max(d) <= 2e-2
+print(f"parity: {len(d)} steps, loss {c[0]:.4f} -> {c[-1]:.4f} (CPU) / {g[0]:.4f} -> {g[-1]:.4f} (GPU); "
+      f"max |GPU - CPU| {max(d):.2e} at step {worst + 1}, first 10 steps max {max(d[:10]):.2e}: {'ok' if ok else 'OFF'} (tolerance 2e-2)")
+sys.exit(0 if ok else 1)
+EOF
+[ "${PIPESTATUS[0]}" = 0 ] || fail=1
 
 # --- 2. a short real training run -----------------------------------------------------------------
 # As many steps as fit in GPU_CHECK_SECONDS at step 1's speed, so the run ends normally
 # (validation, checkpoint, loss curve); the timeout is only a safety net.
 STEPS=$(python3 -c "import json,sys; b=json.loads([l for l in open(sys.argv[1]) if l.startswith('{')][-1]); print(max(20, min(5000, int(0.8*$SECS*b['tokens_per_s']/($BATCH*$CONTEXT)))))" \
   "$OUT/bench-train.json" 2>/dev/null || echo 50)
-echo "gpu_check: [2/3] train $STEPS steps (~${SECS}s)"
+echo "gpu_check: [3/3] train $PRESET $STEPS steps (~${SECS}s)"
 rm -rf "$OUT/run"
 timeout --signal=INT --kill-after=20 $((SECS + 90)) "$BIN" train --dataset "$DATA" --vocab "$VOCAB" \
   --preset "$PRESET" --batch "$BATCH" --context "$CONTEXT" --steps "$STEPS" --eval-every "$STEPS" \
@@ -163,14 +240,14 @@ timeout --signal=INT --kill-after=20 $((SECS + 90)) "$BIN" train --dataset "$DAT
 rc=${PIPESTATUS[0]}
 [ "$rc" = 0 ] || { echo "gpu_check: train failed (exit $rc)"; fail=1; }
 
-# --- 3. sampling with the KV cache ----------------------------------------------------------------
-if [ -f "$OUT/run/model.safetensors" ]; then
-  echo "gpu_check: [3/3] bench sample from $OUT/run"
+# --- sampling with the KV cache: not on the CUDA backend yet (the CPU dry run times it) ----------
+if [ -z "$DEV" ] && [ -f "$OUT/run/model.safetensors" ]; then
+  echo "gpu_check: bench sample from $OUT/run (CPU)"
   timeout 60 "$BIN" bench sample --run "$OUT/run" --batch 16 --max-tokens 256 $DEV --json | tee "$OUT/bench-sample.json"
   rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || { echo "gpu_check: bench sample failed (exit $rc)"; fail=1; }
 else
-  echo "gpu_check: [3/3] skipped: no checkpoint in $OUT/run"
+  echo "gpu_check: bench sample skipped (not on the CUDA backend yet, or no checkpoint in $OUT/run)"
 fi
 
 # --- summary --------------------------------------------------------------------------------------
@@ -207,6 +284,21 @@ if steps:
           + (f", MFU {sum(mfu)/len(mfu):.1f}%" if mfu else "") + " (mean of the second half of the steps)")
 else:
     print("train: no step lines found in train.log")
+p = last_json(os.path.join(out, "torch-train.json"))
+if b and p:
+    print(f"PyTorch {p['torch']} (bf16 autocast, SDPA), same model and batch: {p['tokens_per_s']:,.0f} tokens/s; "
+          f"codeclm f32 / PyTorch bf16 = {b['tokens_per_s'] / p['tokens_per_s']:.2f}x")
+kp = os.path.join(out, "kernels.jsonl")
+k = [json.loads(l) for l in open(kp) if l.startswith("{")] if os.path.exists(kp) else []
+if k:
+    rows = [x for x in k if "kernel" in x]
+    bad = [x for x in rows if not x["ok"]]
+    print(f"kernels: {len(rows) - len(bad)} of {len(rows)} outputs within tolerance"
+          + (": off: " + ", ".join(f"{x['kernel']} ({x['max_rel']:.1e})" for x in bad) if bad else ""))
+try:
+    print(open(os.path.join(out, "parity.txt")).read().strip())
+except OSError:
+    pass
 s = last_json(os.path.join(out, "bench-sample.json"))
 if s:
     print(f"bench sample: batch {s['batch']}, {s['max_tokens']} new tokens: {s['tokens_per_s']:,.0f} tokens/s")

@@ -46,6 +46,10 @@ pub enum BenchCommand {
     Train(super::model::BenchTrainArgs),
     /// Generation tokens/s of a trained run (batched, KV cache); prints one JSON line.
     Sample(super::model::BenchSampleArgs),
+    /// Every kernel of the engine on `--device` against the CPU backend, on the same
+    /// pseudo-random inputs: one JSON line per output (largest absolute and relative
+    /// difference, within the f32 tolerance or not); exits 1 when one is not.
+    Kernels(KernelsArgs),
     /// The training loader over a token set: batches/s, tokens/s and peak RSS (which should
     /// not grow with the dataset); or, with --write-synthetic, write a synthetic token set of
     /// any size to measure it on. Prints one JSON line (tools/bench_loader.py runs both).
@@ -61,6 +65,17 @@ pub enum BenchCommand {
         #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
         command: Vec<std::ffi::OsString>,
     },
+}
+
+#[derive(Args)]
+pub struct KernelsArgs {
+    #[arg(long, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Largest difference allowed, relative to the output's largest magnitude (f32 kernels).
+    #[arg(long, default_value_t = 1e-4)]
+    tolerance: f64,
 }
 
 #[derive(Args)]
@@ -170,10 +185,50 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Fid(args) => fid_bench(args),
         BenchCommand::Train(args) => super::model::bench_train(args),
         BenchCommand::Sample(args) => super::model::bench_sample(args),
+        BenchCommand::Kernels(args) => kernels(args),
         BenchCommand::Loader(args) => loader(args),
         BenchCommand::Scale(args) => super::scale::scale(args),
         BenchCommand::PeakRss { command } => super::scale::peak_rss(&command),
     }
+}
+
+fn kernels(args: KernelsArgs) -> Result<()> {
+    use codeclm_model::engine::{Cpu, Cuda, Device};
+    let cpu = Cpu::new();
+    let (diffs, name) = match args.device.device() {
+        Device::Cpu => (
+            codeclm_model::engine::check::compare(&cpu, &Cpu::new(), args.seed)?,
+            "cpu",
+        ),
+        Device::Cuda(n) => {
+            let cuda = Cuda::new(n)?;
+            (
+                codeclm_model::engine::check::compare(&cpu, &cuda, args.seed)?,
+                "cuda",
+            )
+        }
+    };
+    let mut bad = 0;
+    for d in &diffs {
+        let ok = d.max_rel <= args.tolerance && d.max_abs.is_finite();
+        bad += !ok as usize;
+        println!(
+            "{}",
+            serde_json::json!({"kernel": d.kernel, "device": name, "values": d.values, "max_abs": d.max_abs, "max_rel": d.max_rel, "tolerance": args.tolerance, "ok": ok})
+        );
+    }
+    println!(
+        "{}",
+        serde_json::json!({"kernels": diffs.len(), "within_tolerance": diffs.len() - bad, "device": name, "against": "cpu"})
+    );
+    if bad > 0 {
+        bail!(
+            "{bad} of {} kernel outputs on {name} differ from the CPU backend by more than {}",
+            diffs.len(),
+            args.tolerance
+        );
+    }
+    Ok(())
 }
 
 fn loader(args: LoaderArgs) -> Result<()> {

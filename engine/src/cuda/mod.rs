@@ -282,6 +282,13 @@ impl Cuda {
             .is_none()
     }
 
+    /// Makes the context current on this thread (raw driver calls need it; launches do it).
+    fn bind(&self) {
+        if let Err(e) = self.stream.context().bind_to_thread() {
+            self.fail(format!("binding the context: {e:?}"));
+        }
+    }
+
     fn ptr(&self, v: View<Self>) -> u64 {
         let (p, _) = v.buf.slice.device_ptr(&self.stream);
         p + (v.span.off * 4) as u64
@@ -378,6 +385,7 @@ impl Backend for Cuda {
         if !self.ok() || src.is_empty() {
             return;
         }
+        self.bind();
         // Safety: the view lies in its buffer; the copy completes before the call returns.
         if let Err(e) = unsafe { dr::memcpy_htod_sync(self.ptr(dst), src) } {
             self.fail(format!("upload: {e:?}"));
@@ -400,6 +408,7 @@ impl Backend for Cuda {
             dst.fill(f32::NAN);
             return;
         }
+        self.bind();
         // Safety: as upload.
         if let Err(e) = unsafe { dr::memcpy_dtoh_sync(dst, self.ptr(src)) } {
             self.fail(format!("download: {e:?}"));
@@ -412,6 +421,7 @@ impl Backend for Cuda {
         if !self.ok() || src.is_empty() {
             return;
         }
+        self.bind();
         // Safety: as upload.
         if let Err(e) = unsafe { dr::memcpy_htod_sync(self.ids_ptr(dst), src) } {
             self.fail(format!("upload_ids: {e:?}"));
