@@ -16,7 +16,7 @@ pub use frechet::{frechet_distance, Stats};
 pub use inception::{default_weights_path, FidInception, FEATURE_DIM};
 pub use preprocess::{RgbImage, INPUT_SIZE};
 
-/// Where the network runs: the engine's CPU backend (its CUDA backend is not built yet,
+/// Where the network runs: the engine's CPU backend (not on its CUDA backend yet,
 /// docs/cuda.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
@@ -29,7 +29,7 @@ pub fn device(cuda: Option<usize>) -> Result<Device, FidError> {
     match cuda {
         None => Ok(Device::Cpu),
         Some(n) => Err(FidError::Device(format!(
-            "--device cuda:{n}: the FID network runs on the training engine, whose CUDA backend is not built yet (docs/cuda.md); use --device cpu"
+            "--device cuda:{n}: the FID network does not run on the engine's CUDA backend yet (docs/cuda.md); use --device cpu"
         ))),
     }
 }

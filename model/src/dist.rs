@@ -5,7 +5,8 @@
 //! updates that slice, and each slice is broadcast from its rank, bucket by bucket. Rank and world come from the launcher
 //! (`mpirun`, `srun`: MPI itself says); the CPU backend's ranks talk through MPI (Open MPI from
 //! the system, through the `mpi` crate, behind this crate's `mpi` feature). NCCL for GPU ranks
-//! comes with the engine's CUDA backend, which is not built yet.
+//! is not built yet (the engine's CUDA backend is compiled, not yet run on a GPU; multi-rank CUDA
+//! runs sum through MPI's host buffers).
 
 use std::cell::Cell;
 use std::ops::Range;
@@ -96,7 +97,7 @@ impl Dist {
             if launch == Launch::Auto && found.is_none() && torchrun_world().is_some_and(|n| n > 1)
             {
                 return Err(Error::Config(format!(
-                    "WORLD_SIZE={} (a torchrun-style launch): ranks started that way talk through NCCL, which comes with the engine's CUDA backend (not built yet). On CPU, start the ranks with `mpirun -np N codeclm train ...` or `srun codeclm train ...`; or pass --dist none for one process",
+                    "WORLD_SIZE={} (a torchrun-style launch): ranks started that way talk through NCCL, which is not built yet (GPU ranks under mpirun sum through MPI meanwhile). On CPU, start the ranks with `mpirun -np N codeclm train ...` or `srun codeclm train ...`; or pass --dist none for one process",
                     torchrun_world().unwrap_or(0)
                 )));
             }

@@ -63,7 +63,7 @@ pub struct TrainArgs {
     /// Continue the run in this directory (its saved config; --steps may extend it).
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// cpu, cuda or cuda:N (`cuda` stops: the engine's CUDA backend is not built yet).
+    /// cpu, cuda or cuda:N (the engine's CUDA backend: compiled, not yet run on a GPU).
     #[arg(long, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
     /// CPU threads (default: RAYON_NUM_THREADS, or the cores divided among the ranks on

@@ -112,7 +112,7 @@ pub struct SampleArgs {
     dataset: Option<PathBuf>,
     #[arg(long)]
     out: PathBuf,
-    /// cpu, cuda or cuda:N (`cuda` stops: the engine's CUDA backend is not built yet).
+    /// cpu, cuda or cuda:N (`cuda` stops: sampling is not on the engine's CUDA backend yet).
     #[arg(long, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
     #[arg(long)]
