@@ -21,8 +21,9 @@
 #   2. 200 steps of `codeclm train` (tiny, f32) on the bundled dataset on the GPU and on the CPU
 #      from the same seed: the loss curves compared (tolerance 2e-2 per step);
 #   3. `codeclm train --device cuda` with PRESET for as many steps as step 1's speed fits in
-#      GPU_CHECK_SECONDS (real loader, validation, checkpoint).
-# Sampling and FID are not on the CUDA backend yet.
+#      GPU_CHECK_SECONDS (real loader, validation, checkpoint), then `codeclm bench sample
+#      --device cuda` from it against transformers' `generate` on the same checkpoint.
+# The FID network is not on the CUDA backend yet.
 # Knobs: GPU_CHECK_PRESET (base), GPU_CHECK_BATCH (16), GPU_CHECK_CONTEXT (1024),
 # GPU_CHECK_SECONDS (75), GPU_PEAK_TFLOPS (989: H100/H200 bf16 dense).
 set -uo pipefail
@@ -240,14 +241,32 @@ timeout --signal=INT --kill-after=20 $((SECS + 90)) "$BIN" train --dataset "$DAT
 rc=${PIPESTATUS[0]}
 [ "$rc" = 0 ] || { echo "gpu_check: train failed (exit $rc)"; fail=1; }
 
-# --- sampling with the KV cache: not on the CUDA backend yet (the CPU dry run times it) ----------
-if [ -z "$DEV" ] && [ -f "$OUT/run/model.safetensors" ]; then
-  echo "gpu_check: bench sample from $OUT/run (CPU)"
+# --- sampling with the KV cache, and transformers' generate on the same run ---------------------
+if [ -f "$OUT/run/model.safetensors" ]; then
+  echo "gpu_check: bench sample from $OUT/run"
   timeout 60 "$BIN" bench sample --run "$OUT/run" --batch 16 --max-tokens 256 $DEV --json | tee "$OUT/bench-sample.json"
   rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || { echo "gpu_check: bench sample failed (exit $rc)"; fail=1; }
+  if [ -n "$DEV" ] && python3 -c "import torch, transformers" 2>/dev/null; then
+    timeout 120 python3 - "$OUT/run" <<'EOF' | tee "$OUT/torch-generate.json"
+import json, sys, time
+import torch
+from transformers import LlamaForCausalLM
+m = LlamaForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.float32).cuda().eval()
+bos = m.config.bos_token_id or 0
+x = torch.full((16, 1), bos, device="cuda")
+kw = dict(do_sample=True, top_k=50, top_p=0.9, max_new_tokens=256, min_new_tokens=256, pad_token_id=m.config.pad_token_id)
+m.generate(x, **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})
+torch.cuda.synchronize()
+t0 = time.perf_counter()
+out = m.generate(x, **kw)
+torch.cuda.synchronize()
+n = (out.shape[1] - 1) * out.shape[0]
+print(json.dumps({"torch": torch.__version__, "batch": 16, "max_tokens": 256, "tokens_per_s": n / (time.perf_counter() - t0)}))
+EOF
+  fi
 else
-  echo "gpu_check: bench sample skipped (not on the CUDA backend yet, or no checkpoint in $OUT/run)"
+  echo "gpu_check: bench sample skipped (no checkpoint in $OUT/run)"
 fi
 
 # --- summary --------------------------------------------------------------------------------------
@@ -302,6 +321,10 @@ except OSError:
 s = last_json(os.path.join(out, "bench-sample.json"))
 if s:
     print(f"bench sample: batch {s['batch']}, {s['max_tokens']} new tokens: {s['tokens_per_s']:,.0f} tokens/s")
+g = last_json(os.path.join(out, "torch-generate.json"))
+if s and g:
+    print(f"transformers generate (f32, same run, batch 16, 256 new tokens): {g['tokens_per_s']:,.0f} tokens/s; "
+          f"codeclm / generate = {s['tokens_per_s'] / g['tokens_per_s']:.2f}x")
 EOF
 echo "gpu_check: done ($([ $fail = 0 ] && echo ok || echo FAILED)); everything is under $OUT"
 exit $fail

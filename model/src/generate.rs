@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use crate::engine::{Capacity, Cpu, Model};
+use crate::engine::{Backend, Capacity, Cpu, Cuda, Device, Model};
 use crate::llama::LlamaConfig;
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -20,7 +20,73 @@ use crate::{Error, Result};
 pub struct Lm {
     pub config: LlamaConfig,
     params: Vec<f32>,
-    model: Option<Model<Cpu>>,
+    model: Option<Net>,
+    device: Device,
+}
+
+/// An inference model on one of the engine's backends.
+pub enum Net {
+    Cpu(Model<Cpu>),
+    Cuda(Model<Cuda>),
+}
+
+macro_rules! on_net {
+    ($net:expr, $m:ident => $e:expr) => {
+        match $net {
+            Net::Cpu($m) => $e,
+            Net::Cuda($m) => $e,
+        }
+    };
+}
+
+impl Net {
+    pub fn cap(&self) -> Capacity {
+        on_net!(self, m => m.cap)
+    }
+
+    pub fn forward(
+        &mut self,
+        ids: &[u32],
+        targets: Option<&[u32]>,
+        b: usize,
+        t: usize,
+        grad_scale: Option<f32>,
+    ) -> Result<Option<f64>> {
+        on_net!(self, m => m.forward(ids, targets, b, t, grad_scale))
+    }
+
+    pub fn forward_cached(
+        &mut self,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        pos0: usize,
+        pads: &[usize],
+    ) -> Result<()> {
+        on_net!(self, m => m.forward_cached(ids, b, t, pos0, pads))?;
+        on_net!(self, m => m.backend.status())?;
+        Ok(())
+    }
+
+    pub fn read_logits(&self, out: &mut [f32]) {
+        on_net!(self, m => m.read_logits(out))
+    }
+
+    pub fn read_last_logits(&self, out: &mut [f32]) {
+        on_net!(self, m => m.read_last_logits(out))
+    }
+
+    fn build<B: Backend>(
+        backend: B,
+        config: &LlamaConfig,
+        cap: Capacity,
+        params: &[f32],
+    ) -> Result<Model<B>> {
+        let mut m = Model::new(backend, config.clone(), cap, false, false)?;
+        m.write_params(params);
+        m.enable_cache()?;
+        Ok(m)
+    }
 }
 
 impl Lm {
@@ -33,6 +99,7 @@ impl Lm {
             config,
             params,
             model: None,
+            device: Device::Cpu,
         })
     }
 
@@ -50,6 +117,7 @@ impl Lm {
             config,
             params,
             model: None,
+            device: Device::Cpu,
         })
     }
 
@@ -68,21 +136,31 @@ impl Lm {
     }
 
     /// The inference model, rebuilt when a larger batch or window is needed.
-    pub fn model(&mut self, batch: usize, context: usize) -> Result<&mut Model<Cpu>> {
-        let fits = self
-            .model
-            .as_ref()
-            .is_some_and(|m| m.cap.batch >= batch && m.cap.context >= context);
+    /// Runs on `device` from the next model built (the CPU by default).
+    pub fn on(mut self, device: Device) -> Lm {
+        if self.device != device {
+            self.model = None;
+        }
+        self.device = device;
+        self
+    }
+
+    pub fn model(&mut self, batch: usize, context: usize) -> Result<&mut Net> {
+        let fits = self.model.as_ref().is_some_and(|m| {
+            let cap = m.cap();
+            cap.batch >= batch && cap.context >= context
+        });
         if !fits {
             self.model = None;
             let cap = Capacity {
                 batch: batch.max(1),
                 context: context.max(1),
             };
-            let mut m = Model::new(Cpu::new(), self.config.clone(), cap, false, false)?;
-            m.write_params(&self.params);
-            m.enable_cache()?;
-            self.model = Some(m);
+            let (cfg, p) = (&self.config, &self.params);
+            self.model = Some(match self.device {
+                Device::Cpu => Net::Cpu(Net::build(Cpu::new(), cfg, cap, p)?),
+                Device::Cuda(n) => Net::Cuda(Net::build(Cuda::new(n)?, cfg, cap, p)?),
+            });
         }
         Ok(self.model.as_mut().expect("built above"))
     }
@@ -317,7 +395,7 @@ pub fn generate_with<'c>(
     let mut pos = 0;
     for _ in 0..steps {
         let mut t = input.len() / b;
-        if pos + t > model.cap.context.min(span) {
+        if pos + t > model.cap().context.min(span) {
             (input, pads) = window_input(&hist, keep);
             pos = 0;
             t = input.len() / b;

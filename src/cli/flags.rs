@@ -58,7 +58,7 @@ impl DeviceArg {
         }
     }
 
-    /// The engine device of a command that runs on either backend (`train`, `bench train`).
+    /// The engine device of a command that runs on either backend (training and generation).
     pub fn device(self) -> codeclm_model::engine::Device {
         use codeclm_model::engine::Device;
         match self {
@@ -71,7 +71,7 @@ impl DeviceArg {
     pub fn engine(self, what: &str) -> Result<()> {
         if let DeviceArg::Cuda(n) = self {
             anyhow::bail!(
-                "--device cuda:{n}: `codeclm {what}` does not run on the engine's CUDA backend yet (`train` and `bench train` do; docs/cuda.md); use --device cpu"
+                "--device cuda:{n}: `codeclm {what}` does not run on the engine's CUDA backend yet (`train`, `sample`, `model logits`, `bench train|sample|kernels` do; docs/cuda.md); use --device cpu"
             );
         }
         Ok(())

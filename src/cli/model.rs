@@ -308,8 +308,7 @@ pub fn model_cmd(cmd: ModelCommand) -> Result<()> {
             tokens_file,
             out,
         } => {
-            device.engine("model logits")?;
-            let mut model = Lm::load(&run)?;
+            let mut model = Lm::load(&run)?.on(device.device());
             let text = std::fs::read_to_string(&tokens_file)
                 .with_context(|| format!("reading {}", tokens_file.display()))?;
             let ids: Vec<u32> = text
@@ -439,8 +438,7 @@ pub fn bench_train(a: BenchTrainArgs) -> Result<()> {
 
 pub fn bench_sample(a: BenchSampleArgs) -> Result<()> {
     set_threads(a.threads);
-    a.device.engine("bench sample")?;
-    let mut model = Lm::load(&a.run)?;
+    let mut model = Lm::load(&a.run)?.on(a.device.device());
     let bos = model.config.bos_token_id.unwrap_or(0);
     let v = model.config.vocab_size;
     let mut rng = codeclm_model::rng::Rng::new(7);

@@ -112,7 +112,7 @@ pub struct SampleArgs {
     dataset: Option<PathBuf>,
     #[arg(long)]
     out: PathBuf,
-    /// cpu, cuda or cuda:N (`cuda` stops: sampling is not on the engine's CUDA backend yet).
+    /// cpu, cuda or cuda:N (the engine's CUDA backend: compiled, not yet run on a GPU).
     #[arg(long, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
     #[arg(long)]
@@ -123,8 +123,8 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     if args.n == 0 {
         bail!("--n must be at least 1");
     }
-    args.device.engine("sample")?;
-    let (open, mut lm) = TrainedRun::open(&args.run, args.dataset.as_deref())?;
+    let (open, lm) = TrainedRun::open(&args.run, args.dataset.as_deref())?;
+    let mut lm = lm.on(args.device.device());
     let modality = Modality::from(args.modality);
     let default_max = match modality {
         Modality::Image => DEFAULT_MAX_TOKENS,

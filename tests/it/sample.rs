@@ -161,6 +161,26 @@ fn sample_end_to_end_from_a_trained_run() {
     let tmp = tempfile::tempdir().unwrap();
     let (ds_dir, run) = trained_run(tmp.path());
     let g = codeclm_sample::contact_sheet::GAP;
+    // Generation runs on the engine's CUDA backend too: without the NVIDIA driver (CI) that is a
+    // clean error naming it.
+    if !Path::new("/usr/lib/x86_64-linux-gnu/libcuda.so.1").exists() {
+        let err = run_err(
+            codeclm()
+                .args([
+                    "sample",
+                    "--no-progress",
+                    "--n",
+                    "1",
+                    "--device",
+                    "cuda",
+                    "--run",
+                ])
+                .arg(&run)
+                .arg("--out")
+                .arg(tmp.path().join("cuda")),
+        );
+        assert!(err.contains("cannot load libcuda.so.1"), "{err}");
+    }
 
     // Unconditional, seeded: the same files twice.
     let args = [

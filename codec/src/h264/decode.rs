@@ -58,7 +58,13 @@ fn access_units(h264: &[u8]) -> Result<(Vec<AccessUnit>, (i32, i32)), VideoError
         let ctx = Codec::new(codec)?;
         let mut units = Vec::new();
         let mut size = (0, 0);
-        let mut rest = h264;
+        // The parser reads up to AV_INPUT_BUFFER_PADDING_SIZE bytes past the input's end: give
+        // it a zero-padded copy, never the caller's slice.
+        let pad = ffi::AV_INPUT_BUFFER_PADDING_SIZE as usize;
+        let mut padded = Vec::with_capacity(h264.len() + pad);
+        padded.extend_from_slice(h264);
+        padded.resize(h264.len() + pad, 0);
+        let mut rest = &padded[..h264.len()];
         loop {
             let mut out: *mut u8 = ptr::null_mut();
             let mut out_len = 0i32;
@@ -118,6 +124,7 @@ pub fn decode_h264(h264: &[u8], max_frames: usize) -> Result<DecodedVideo, Video
         let pkt = Packet::new()?;
         let frame = Frame::new()?;
         let mut sws: *mut ffi::SwsContext = ptr::null_mut();
+        let mut staging: Vec<u8> = Vec::new();
         let mut receive = |out: &mut DecodedVideo| -> bool {
             loop {
                 if out.frames.len() >= max_frames {
@@ -159,14 +166,19 @@ pub fn decode_h264(h264: &[u8], max_frames: usize) -> Result<DecodedVideo, Video
                     ffi::av_frame_unref(frame.0);
                     continue;
                 }
-                let mut rgb = RgbImage::new(w as u32, h as u32);
+                // swscale's SIMD paths write whole vectors: rows aligned to 64 bytes and a
+                // padded end (as av_image_alloc gives), then the pixels copied out compact.
+                let row = w as usize * 3;
+                let line = row.div_ceil(64) * 64;
+                staging.clear();
+                staging.resize(line * h as usize + 64, 0);
                 let dst = [
-                    rgb.as_mut_ptr(),
+                    staging.as_mut_ptr(),
                     ptr::null_mut(),
                     ptr::null_mut(),
                     ptr::null_mut(),
                 ];
-                let stride = [w * 3, 0, 0, 0];
+                let stride = [line as i32, 0, 0, 0];
                 ffi::sws_scale(
                     sws,
                     f.data.as_ptr() as *const *const u8,
@@ -176,6 +188,10 @@ pub fn decode_h264(h264: &[u8], max_frames: usize) -> Result<DecodedVideo, Video
                     dst.as_ptr(),
                     stride.as_ptr(),
                 );
+                let mut rgb = RgbImage::new(w as u32, h as u32);
+                for (y, out_row) in rgb.chunks_exact_mut(row).enumerate() {
+                    out_row.copy_from_slice(&staging[y * line..y * line + row]);
+                }
                 out.frames.push(rgb);
                 ffi::av_frame_unref(frame.0);
             }
@@ -321,6 +337,76 @@ pub fn annexb_to_mp4(h264: &[u8], fps: u32, out: &Path) -> Result<(), VideoError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ffmpeg(args: &[&str]) -> std::process::Output {
+        let out = std::process::Command::new("ffmpeg")
+            .args(["-nostdin", "-loglevel", "error", "-y"])
+            .args(args)
+            .output()
+            .expect("the ffmpeg CLI (the byte-identity tests need it too)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// A width whose RGB rows are not a multiple of swscale's vector width (250 x 3 bytes):
+    /// frames decode to exactly their pixels, as the ffmpeg CLI converts them. (swscale writes
+    /// whole vectors; into a compact w x 3 x h buffer the last row ran past its end, which
+    /// corrupted the heap under fuzzed streams.)
+    #[test]
+    fn odd_widths_decode_within_their_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let h264 = dir.path().join("odd.h264");
+        let h = h264.to_str().unwrap();
+        ffmpeg(&[
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=250x146:rate=15",
+            "-t",
+            "0.4",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:v",
+            "libx264",
+            "-f",
+            "h264",
+            h,
+        ]);
+        let data = std::fs::read(&h264).unwrap();
+        let decoded = decode_h264(&data, 16).unwrap();
+        assert_eq!(decoded.frames.len(), 6);
+        let raw = ffmpeg(&[
+            "-i",
+            h,
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-sws_flags",
+            "bicubic",
+            "-",
+        ])
+        .stdout;
+        assert_eq!(raw.len(), 6 * 250 * 146 * 3);
+        for (f, reference) in decoded.frames.iter().zip(raw.chunks(250 * 146 * 3)) {
+            assert_eq!(f.dimensions(), (250, 146));
+            let diff: u64 = f
+                .as_raw()
+                .iter()
+                .zip(reference)
+                .map(|(&a, &b)| a.abs_diff(b) as u64)
+                .sum();
+            assert!(
+                diff as f64 / reference.len() as f64 <= 1.0,
+                "mean |diff| {}",
+                diff as f64 / reference.len() as f64
+            );
+        }
+    }
 
     #[test]
     fn pictures_over_the_pixel_limit_are_refused_before_allocation() {
