@@ -26,8 +26,8 @@ pub struct Lm {
 
 /// An inference model on one of the engine's backends.
 pub enum Net {
-    Cpu(Model<Cpu>),
-    Cuda(Model<Cuda>),
+    Cpu(Box<Model<Cpu>>),
+    Cuda(Box<Model<Cuda>>),
 }
 
 macro_rules! on_net {
@@ -158,8 +158,8 @@ impl Lm {
             };
             let (cfg, p) = (&self.config, &self.params);
             self.model = Some(match self.device {
-                Device::Cpu => Net::Cpu(Net::build(Cpu::new(), cfg, cap, p)?),
-                Device::Cuda(n) => Net::Cuda(Net::build(Cuda::new(n)?, cfg, cap, p)?),
+                Device::Cpu => Net::Cpu(Box::new(Net::build(Cpu::new(), cfg, cap, p)?)),
+                Device::Cuda(n) => Net::Cuda(Box::new(Net::build(Cuda::new(n)?, cfg, cap, p)?)),
             });
         }
         Ok(self.model.as_mut().expect("built above"))
