@@ -199,23 +199,26 @@ impl Mirror {
         Ok(())
     }
 
+    /// A path of the stage as the object name it has under the dataset's URL.
+    fn rel(&self, path: &Path) -> String {
+        path.strip_prefix(&self.layout.root)
+            .unwrap_or(path)
+            .to_string_lossy()
+            .replace('\\', "/")
+    }
+
     /// Commits a part the stage finished: its shards, then its manifest, then the stage's
     /// copies of the shards are freed.
     pub fn push_part(&self, part: u32) -> Result<(), BuildError> {
         let shards = self.layout.shards_of_part(part)?;
         for s in &shards {
-            let rel = s
-                .strip_prefix(&self.layout.root)
-                .expect("shards are under the root")
-                .to_string_lossy()
-                .to_string();
-            self.push(&rel)?;
+            self.push(&self.rel(s))?;
         }
         // Test failpoint: die as a killed worker would, the shards uploaded, not the manifest.
         fail::fail_point!("etl::kill-before-remote-manifest", |_| {
             std::process::abort()
         });
-        self.push(&format!("parts/part-{part:06}.parquet"))?;
+        self.push(&self.rel(&self.layout.part_manifest(part)))?;
         for s in &shards {
             std::fs::remove_file(s).map_err(io(s))?;
         }
@@ -234,12 +237,12 @@ impl Mirror {
         for &p in &finished {
             let local = self.layout.part_manifest(p);
             if !local.exists() {
-                let bytes = self.remote.get(&format!("parts/part-{p:06}.parquet"))?;
+                let bytes = self.remote.get(&self.rel(&local))?;
                 codeclm_formats::write_atomic(&local, &bytes)?;
             }
         }
         self.layout.consolidate()?;
-        self.push("samples.parquet")?;
+        self.push(&self.rel(&self.layout.samples_path()))?;
         Ok(true)
     }
 }
@@ -270,7 +273,7 @@ pub fn pull(url: &str, dir: &Path) -> Result<(u64, u64), BuildError> {
         files += 1;
         bytes += listed.size;
     }
-    if !dir.join("dataset.json").exists() {
+    if !DatasetLayout::new(dir).config_path().exists() {
         return Err(BuildError::Config(format!(
             "{url} holds no dataset (no dataset.json). Fix: check the URL, and that the credentials may list it"
         )));
