@@ -23,7 +23,7 @@
 #   3. `codeclm train --device cuda` with PRESET for as many steps as step 1's speed fits in
 #      GPU_CHECK_SECONDS (real loader, validation, checkpoint), then `codeclm bench sample
 #      --device cuda` from it against transformers' `generate` on the same checkpoint.
-# The FID network is not on the CUDA backend yet.
+# The FID network also runs on the CUDA backend (`eval fid`, `bench fid`); its weights (81 MB) are not bundled.
 # Knobs: GPU_CHECK_PRESET (base), GPU_CHECK_BATCH (16), GPU_CHECK_CONTEXT (1024),
 # GPU_CHECK_SECONDS (75), GPU_PEAK_TFLOPS (989: H100/H200 bf16 dense).
 set -uo pipefail

@@ -17,8 +17,7 @@ use std::path::{Path, PathBuf};
 
 use std::sync::Mutex;
 
-use codeclm_engine::cpu::CpuBuf;
-use codeclm_engine::{Backend, Cpu, Matmul, Span, View, Window};
+use codeclm_engine::{Backend, Cpu, Cuda, Matmul, Span, View, Window};
 
 use crate::error::FidError;
 use crate::preprocess::{batch_input, RgbImage, INPUT_SIZE};
@@ -45,9 +44,9 @@ pub fn default_weights_path() -> PathBuf {
 }
 
 /// Convolution + batch norm (folded into the weights and a bias at load) + ReLU, NHWC.
-struct ConvBn {
-    weight: CpuBuf, // [c_out, kh, kw, c_in], scaled by 1 / sqrt(var + eps)
-    bias: CpuBuf,   // [c_out]: beta - mean / sqrt(var + eps)
+struct ConvBn<B: Backend> {
+    weight: B::Buf, // [c_out, kh, kw, c_in], scaled by 1 / sqrt(var + eps)
+    bias: B::Buf,   // [c_out]: beta - mean / sqrt(var + eps)
     c_in: usize,
     c_out: usize,
     kh: usize,
@@ -56,7 +55,7 @@ struct ConvBn {
     pad: (usize, usize),
 }
 
-impl ConvBn {
+impl<B: Backend> ConvBn<B> {
     fn window(&self, batch: usize, x: Shape) -> Window {
         Window {
             batch,
@@ -78,9 +77,9 @@ impl ConvBn {
 }
 
 /// Convs applied in order (a `Sequential` of `conv`, `conv_1`, ...).
-struct Tower(Vec<ConvBn>);
+struct Tower<B: Backend>(Vec<ConvBn<B>>);
 
-impl Tower {
+impl<B: Backend> Tower<B> {
     fn c_out(&self) -> usize {
         self.0.last().map_or(0, |c| c.c_out)
     }
@@ -119,34 +118,34 @@ fn pool_window(batch: usize, x: Shape, stride2: bool) -> Window {
     }
 }
 
-enum Block {
+enum Block<B: Backend> {
     /// `mixed`..`mixed_2`: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1.
     A {
-        conv: ConvBn,
-        tower: Tower,
-        tower_1: Tower,
-        tower_2: ConvBn,
+        conv: ConvBn<B>,
+        tower: Tower<B>,
+        tower_1: Tower<B>,
+        tower_2: ConvBn<B>,
     },
     /// `mixed_3`: 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2.
-    B { conv: ConvBn, tower: Tower },
+    B { conv: ConvBn<B>, tower: Tower<B> },
     /// `mixed_4`..`mixed_7`: 1x1 | 1x1-1x7-7x1 | 1x1-7x1-1x7-7x1-1x7 | avgpool-1x1.
     C {
-        conv: ConvBn,
-        tower: Tower,
-        tower_1: Tower,
-        tower_2: ConvBn,
+        conv: ConvBn<B>,
+        tower: Tower<B>,
+        tower_1: Tower<B>,
+        tower_2: ConvBn<B>,
     },
     /// `mixed_8`: 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2.
-    D { tower: Tower, tower_1: Tower },
+    D { tower: Tower<B>, tower_1: Tower<B> },
     /// `mixed_9`, `mixed_10`: 1x1 | 1x1-(1x3, 3x1) | 1x1-3x3-(1x3, 3x1) | pool-1x1.
     E {
-        c: Box<[ConvBn; 8]>,
-        tower_2: ConvBn,
+        c: Box<[ConvBn<B>; 8]>,
+        tower_2: ConvBn<B>,
         max_pool: bool,
     },
 }
 
-impl Block {
+impl<B: Backend> Block<B> {
     /// The concatenated output's shape for an input of shape `x`.
     fn out_shape(&self, x: Shape) -> Shape {
         let half = |n: usize| (n - 3) / 2 + 1; // the 3x3 stride-2 convs and pool
@@ -206,34 +205,36 @@ const SLOTS: usize = 7;
 /// batch size; 4 x 64 rows at the last blocks are still enough for the matmuls.
 const SUB_BATCH: usize = 4;
 
-struct Work {
-    bufs: Vec<CpuBuf>,
+/// Each slot's buffer and its length.
+struct Work<B: Backend> {
+    bufs: Vec<(B::Buf, usize)>,
 }
 
 /// One forward over `batch` images: the backend, the buffers, the sub-batch size.
-struct Run<'a> {
-    cpu: &'a Cpu,
-    work: &'a mut Work,
+struct Run<'a, B: Backend> {
+    cpu: &'a B,
+    work: &'a mut Work<B>,
     batch: usize,
 }
 
-impl Run<'_> {
+impl<B: Backend> Run<'_, B> {
     /// Makes `slot` hold at least `len` floats (its contents are then undefined).
     fn ensure(&mut self, slot: Slot, len: usize) -> Result<(), FidError> {
-        let b = &mut self.work.bufs[slot as usize];
-        if b.len() < len {
+        let (b, n) = &mut self.work.bufs[slot as usize];
+        if *n < len {
             *b = self.cpu.alloc(len)?;
+            *n = len;
         }
         Ok(())
     }
 
-    fn view(&self, slot: Slot, len: usize) -> View<'_, Cpu> {
-        View::new(&self.work.bufs[slot as usize], Span { off: 0, len })
+    fn view(&self, slot: Slot, len: usize) -> View<'_, B> {
+        View::new(&self.work.bufs[slot as usize].0, Span { off: 0, len })
     }
 
     /// `dst` = relu(conv(`src`) + bias): im2col (unless pointwise), one matmul against the
     /// [c_out, kh * kw * c_in] weights, bias + ReLU in place.
-    fn conv(&mut self, c: &ConvBn, src: Slot, x: Shape, dst: Slot) -> Result<Shape, FidError> {
+    fn conv(&mut self, c: &ConvBn<B>, src: Slot, x: Shape, dst: Slot) -> Result<Shape, FidError> {
         debug_assert_eq!(x.c, c.c_in);
         let g = c.window(self.batch, x);
         let (rows, k) = (g.out_rows(), g.col_width());
@@ -284,7 +285,7 @@ impl Run<'_> {
     }
 
     /// A tower's convs from `src` through the temporaries, the last into `dst`.
-    fn tower(&mut self, t: &Tower, src: Slot, x: Shape, dst: Slot) -> Result<Shape, FidError> {
+    fn tower(&mut self, t: &Tower<B>, src: Slot, x: Shape, dst: Slot) -> Result<Shape, FidError> {
         let (mut at, mut shape) = (src, x);
         let n = t.0.len();
         for (i, c) in t.0.iter().enumerate() {
@@ -335,7 +336,7 @@ impl Run<'_> {
     }
 
     /// One block from `X` into `Y`.
-    fn block(&mut self, blk: &Block, x: Shape) -> Result<Shape, FidError> {
+    fn block(&mut self, blk: &Block<B>, x: Shape) -> Result<Shape, FidError> {
         use Slot::{Branch, T1, T2, X};
         let out = blk.out_shape(x);
         self.ensure(Slot::Y, self.batch * out.pixels() * out.c)?;
@@ -413,11 +414,21 @@ impl Run<'_> {
 /// The FID Inception-v3 feature extractor.
 pub struct FidInception {
     device: Device,
-    cpu: Cpu,
-    stem: [ConvBn; 5],
-    blocks: Vec<Block>,
+    net: Net,
+}
+
+/// The network on one of the engine's backends.
+enum Net {
+    Cpu(Box<Inner<Cpu>>),
+    Cuda(Box<Inner<Cuda>>),
+}
+
+struct Inner<B: Backend> {
+    cpu: B,
+    stem: [ConvBn<B>; 5],
+    blocks: Vec<Block<B>>,
     /// The forward's buffers, kept between calls.
-    work: Mutex<Work>,
+    work: Mutex<Work<B>>,
 }
 
 /// A tensor of the converted file: shape and f32 values.
@@ -427,14 +438,14 @@ struct Tensor {
 }
 
 /// Reads tensors and per-conv metadata from the converted file.
-struct Loader<'a> {
+struct Loader<'a, B: Backend> {
     path: &'a Path,
     tensors: HashMap<String, Tensor>,
     conv_meta: serde_json::Map<String, serde_json::Value>,
-    cpu: &'a Cpu,
+    cpu: &'a B,
 }
 
-impl Loader<'_> {
+impl<B: Backend> Loader<'_, B> {
     fn bad(&self, problem: String) -> FidError {
         FidError::BadWeights {
             path: self.path.to_path_buf(),
@@ -471,7 +482,7 @@ impl Loader<'_> {
         }
     }
 
-    fn upload(&self, v: &[f32]) -> Result<CpuBuf, FidError> {
+    fn upload(&self, v: &[f32]) -> Result<B::Buf, FidError> {
         let b = self.cpu.alloc(v.len())?;
         self.cpu.upload(
             View::new(
@@ -486,7 +497,7 @@ impl Loader<'_> {
         Ok(b)
     }
 
-    fn conv(&self, prefix: &str) -> Result<ConvBn, FidError> {
+    fn conv(&self, prefix: &str) -> Result<ConvBn<B>, FidError> {
         let w = self.tensor(&format!("{prefix}.weight"))?;
         let &[c_out, c_in, kh, kw] = w.shape.as_slice() else {
             return Err(self.bad(format!("{prefix}.weight: shape {:?}", w.shape)));
@@ -536,7 +547,7 @@ impl Loader<'_> {
         })
     }
 
-    fn tower(&self, prefix: &str) -> Result<Tower, FidError> {
+    fn tower(&self, prefix: &str) -> Result<Tower<B>, FidError> {
         let mut convs = vec![self.conv(&format!("{prefix}.conv"))?];
         while self.has(&format!("{prefix}.conv_{}", convs.len())) {
             convs.push(self.conv(&format!("{prefix}.conv_{}", convs.len()))?);
@@ -581,7 +592,48 @@ impl FidInception {
             let shape = t.shape().to_vec();
             tensors.insert(name, Tensor { shape, data });
         }
-        let cpu = Cpu::new();
+        let net = match *device {
+            Device::Cpu => Net::Cpu(Box::new(Inner::build(
+                Cpu::new(),
+                path,
+                tensors,
+                conv_meta,
+            )?)),
+            Device::Cuda(n) => Net::Cuda(Box::new(Inner::build(
+                Cuda::new(n)?,
+                path,
+                tensors,
+                conv_meta,
+            )?)),
+        };
+        Ok(FidInception {
+            device: *device,
+            net,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Features of a batch of RGB images (any sizes), row-major `N x 2048`; the network runs
+    /// on sub-batches of [`SUB_BATCH`] images.
+    pub fn features(&self, images: &[RgbImage]) -> Result<Vec<f32>, FidError> {
+        match &self.net {
+            Net::Cpu(n) => n.features(images),
+            Net::Cuda(n) => n.features(images),
+        }
+    }
+}
+
+impl<B: Backend> Inner<B> {
+    /// The network's weights (`tensors`, `conv_meta` of the converted file at `path`) on `cpu`.
+    fn build(
+        cpu: B,
+        path: &Path,
+        tensors: HashMap<String, Tensor>,
+        conv_meta: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Self, FidError> {
         let l = Loader {
             path,
             tensors,
@@ -655,8 +707,7 @@ impl FidInception {
             blocks.push(block);
         }
         drop(l);
-        Ok(FidInception {
-            device: *device,
+        Ok(Inner {
             cpu,
             stem,
             blocks,
@@ -664,13 +715,9 @@ impl FidInception {
         })
     }
 
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
     /// `input` [batch, 299, 299, 3] (NHWC, in [-1, 0.9921875]) in `work`'s input slot ->
     /// `out` [batch, 2048] pool features.
-    fn forward(&self, work: &mut Work, batch: usize, out: &mut [f32]) -> Result<(), FidError> {
+    fn forward(&self, work: &mut Work<B>, batch: usize, out: &mut [f32]) -> Result<(), FidError> {
         use Slot::{Input, X, Y};
         let mut r = Run {
             cpu: &self.cpu,
@@ -701,12 +748,11 @@ impl FidInception {
         self.cpu
             .global_avg_pool(pooled, last, batch, x.pixels(), x.c); // (N, 2048)
         self.cpu.download(pooled, out);
+        self.cpu.status()?;
         Ok(())
     }
 
-    /// Features of a batch of RGB images (any sizes), row-major `N x 2048`; the network runs
-    /// on sub-batches of [`SUB_BATCH`] images.
-    pub fn features(&self, images: &[RgbImage]) -> Result<Vec<f32>, FidError> {
+    fn features(&self, images: &[RgbImage]) -> Result<Vec<f32>, FidError> {
         if images.is_empty() {
             return Ok(Vec::new());
         }
@@ -716,7 +762,7 @@ impl FidInception {
         let mut work = self.work.lock().unwrap_or_else(|e| e.into_inner());
         if work.bufs.len() < SLOTS {
             work.bufs = (0..SLOTS)
-                .map(|_| self.cpu.alloc(0))
+                .map(|_| self.cpu.alloc(0).map(|b| (b, 0)))
                 .collect::<Result<_, _>>()?;
         }
         let mut nhwc = Vec::new();

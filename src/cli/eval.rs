@@ -97,10 +97,9 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
 }
 
 /// The FID network from `--weights` (default: where `make fid-weights` puts it) on `device`
-/// (the engine's CPU backend: `cuda` stops `codeclm {what}` saying so).
+/// (the engine's CPU or CUDA backend), for `codeclm {what}`.
 pub fn load_net(weights: Option<&Path>, device: DeviceArg, what: &str) -> Result<FidInception> {
-    device.engine(what)?;
-    let device = fid::device(device.cuda())?;
+    let device = fid::device(device.cuda()).with_context(|| format!("codeclm {what}"))?;
     let path = weights
         .map(Path::to_path_buf)
         .unwrap_or_else(fid::default_weights_path);
@@ -110,7 +109,8 @@ pub fn load_net(weights: Option<&Path>, device: DeviceArg, what: &str) -> Result
 fn fid_run(args: &FidArgs, run: &Path) -> Result<()> {
     // The FID network first: a missing one fails before any sampling.
     let net = load_net(args.weights.as_deref(), args.device, "eval fid --run")?;
-    let (open, mut lm) = TrainedRun::open(run, args.dataset.as_deref())?;
+    let (open, lm) = TrainedRun::open(run, args.dataset.as_deref())?;
+    let mut lm = lm.on(args.device.device());
     let cfg = FidRun {
         split: args.split.into(),
         ratios: args.ratios.clone(),

@@ -66,16 +66,6 @@ impl DeviceArg {
             DeviceArg::Cuda(n) => Device::Cuda(n),
         }
     }
-
-    /// A command not on the engine's CUDA backend yet: `cuda` stops `what` with that said.
-    pub fn engine(self, what: &str) -> Result<()> {
-        if let DeviceArg::Cuda(n) = self {
-            anyhow::bail!(
-                "--device cuda:{n}: `codeclm {what}` does not run on the engine's CUDA backend yet (`train`, `sample`, `model logits`, `bench train|sample|kernels` do; docs/cuda.md); use --device cpu"
-            );
-        }
-        Ok(())
-    }
 }
 
 /// `--modality image|video`.
