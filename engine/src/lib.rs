@@ -7,7 +7,6 @@
 //! heap allocation per call after the first.
 
 pub mod backend;
-pub mod check;
 mod conv;
 pub mod cpu;
 pub mod cuda;

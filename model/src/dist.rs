@@ -8,7 +8,7 @@
 //! is not built yet (the engine's CUDA backend is compiled, not yet run on a GPU; multi-rank CUDA
 //! runs sum through MPI's host buffers).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::ops::Range;
 use std::time::Instant;
 
@@ -67,6 +67,8 @@ pub struct Dist {
     comm: Comm,
     /// Seconds spent in collectives since the last [`Dist::take_comm_seconds`].
     comm_seconds: Cell<f64>,
+    /// Two host buckets the trainer stages gradients and parameters through (allocated once).
+    scratch: RefCell<Vec<f32>>,
 }
 
 /// Floats per all-reduce call: bounds the host copy a bucket needs (4 MiB).
@@ -82,6 +84,7 @@ impl Dist {
             local_world: 1,
             comm: Comm::Single,
             comm_seconds: Cell::new(0.0),
+            scratch: RefCell::new(Vec::new()),
         }
     }
 
@@ -123,6 +126,7 @@ impl Dist {
                 _universe: universe,
             },
             comm_seconds: Cell::new(0.0),
+            scratch: RefCell::new(Vec::new()),
         })
     }
 
@@ -165,6 +169,17 @@ impl Dist {
     /// Seconds spent in collectives since the last call.
     pub fn take_comm_seconds(&self) -> f64 {
         self.comm_seconds.replace(0.0)
+    }
+
+    /// Runs `f` on two host buckets of [`BUCKET`] floats each, allocated on first use and kept:
+    /// no allocation per step.
+    pub fn with_scratch<R>(&self, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+        let mut s = self.scratch.borrow_mut();
+        if s.len() < 2 * BUCKET {
+            s.resize(2 * BUCKET, 0.0);
+        }
+        let (a, b) = s.split_at_mut(BUCKET);
+        f(a, b)
     }
 
     /// `recv = sum over ranks of send` (same length on every rank).

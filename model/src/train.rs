@@ -337,12 +337,13 @@ pub fn train_step<B: Backend>(
     let mut loss = loss / k as f64;
     if dist.world > 1 {
         let inv = 1.0 / dist.world as f32;
-        let mut send = vec![0f32; crate::dist::BUCKET.min(model.num_parameters())];
-        model.map_grads(crate::dist::BUCKET, |_, g| {
-            let send = &mut send[..g.len()];
-            send.copy_from_slice(g);
-            dist.all_reduce_sum(send, g);
-            g.iter_mut().for_each(|x| *x *= inv);
+        dist.with_scratch(|host, send| {
+            model.map_grads(host, |_, g| {
+                let send = &mut send[..g.len()];
+                send.copy_from_slice(g);
+                dist.all_reduce_sum(send, g);
+                g.iter_mut().for_each(|x| *x *= inv);
+            })
         })?;
         let mut l = [loss];
         dist.all_reduce_f64(&mut l);
@@ -374,23 +375,24 @@ pub fn train_step<B: Backend>(
     let n = model.num_parameters();
     if model.optimizer_range().len() < n {
         // ZeRO-1: every rank's updated slice to every rank, a bucket at a time.
-        let mut host = vec![0f32; crate::dist::BUCKET.min(n)];
-        for r in 0..dist.world {
-            let shard = dist.shard(n, r);
-            let mut off = shard.start;
-            while off < shard.end {
-                let len = crate::dist::BUCKET.min(shard.end - off);
-                let buf = &mut host[..len];
-                if r == dist.rank {
-                    model.read_params_range(off..off + len, buf);
+        dist.with_scratch(|host, _| {
+            for r in 0..dist.world {
+                let shard = dist.shard(n, r);
+                let mut off = shard.start;
+                while off < shard.end {
+                    let len = host.len().min(shard.end - off);
+                    let buf = &mut host[..len];
+                    if r == dist.rank {
+                        model.read_params_range(off..off + len, buf);
+                    }
+                    dist.broadcast_from(r, buf);
+                    if r != dist.rank {
+                        model.write_params_range(off..off + len, buf);
+                    }
+                    off += len;
                 }
-                dist.broadcast_from(r, buf);
-                if r != dist.rank {
-                    model.write_params_range(off..off + len, buf);
-                }
-                off += len;
             }
-        }
+        });
     }
     Ok((loss, norm))
 }

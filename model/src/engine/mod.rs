@@ -6,7 +6,9 @@
 
 pub mod model;
 
-pub use codeclm_engine::{backend, check, cpu, profile, simd};
+pub mod check;
+
+pub use codeclm_engine::{backend, cpu, profile, simd};
 pub use codeclm_engine::{Backend, Cpu, Cuda, Device, Span, View, IGNORE};
 pub use model::{Capacity, Model, ParamLayout};
 

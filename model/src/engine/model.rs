@@ -450,15 +450,22 @@ impl<B: Backend> Model<B> {
             .map_or(0..self.layout.total, |t| t.opt.clone())
     }
 
-    /// Runs `f` over the gradient buffer on the host, bucket by bucket (at most `bucket`
-    /// floats each: download, `f(offset, values)`, upload): how ranks sum their gradients.
-    pub fn map_grads(&mut self, bucket: usize, mut f: impl FnMut(usize, &mut [f32])) -> Result<()> {
+    /// Runs `f` over the gradient buffer on the host, bucket by bucket through `host` (as many
+    /// floats as it holds each: download, `f(offset, values)`, upload): how ranks sum their
+    /// gradients.
+    pub fn map_grads(
+        &mut self,
+        host: &mut [f32],
+        mut f: impl FnMut(usize, &mut [f32]),
+    ) -> Result<()> {
         let total = self.layout.total;
         let t = self.training()?;
-        let mut host = vec![0f32; bucket.min(total).max(1)];
+        if host.is_empty() {
+            return Err(Error::Config("map_grads needs a host buffer".into()));
+        }
         let mut off = 0;
         while off < total {
-            let len = bucket.min(total - off);
+            let len = host.len().min(total - off);
             let span = Span { off, len };
             let h = &mut host[..len];
             self.backend.download(View::new(&t.grads, span), h);

@@ -3,7 +3,9 @@
 //! (`codeclm bench kernels --device cuda`). Shapes are small and deliberately ragged (a
 //! sequence of 37, grouped-query attention, a conv window with padding and stride 2).
 
-use crate::backend::{AdamW, Attention, Backend, Matmul, Span, View, Window};
+use codeclm_engine::backend::{AdamW, Attention, Backend, Matmul, Span, View, Window};
+
+use crate::rng::Rng;
 use crate::Result;
 
 /// One output of one kernel on two backends.
@@ -16,21 +18,11 @@ pub struct KernelDiff {
     pub max_rel: f64,
 }
 
-/// A SplitMix64 stream of floats in [-1, 1).
-struct Rand(u64);
-
-impl Rand {
-    fn next(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.next() * scale).collect()
-    }
+/// `n` floats uniform in [-scale, scale), from the project's SplitMix64.
+fn uniform(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| (rng.uniform() * 2.0 - 1.0) as f32 * scale)
+        .collect()
 }
 
 fn whole(n: usize) -> Span {
@@ -44,7 +36,7 @@ fn v<K: Backend>(b: &K::Buf, n: usize) -> View<'_, K> {
 
 /// Runs every kernel on `be`, returning each output by name (host copies).
 pub fn run_all<K: Backend>(be: &K, seed: u64) -> Result<Vec<(String, Vec<f32>)>> {
-    let mut rng = Rand(seed);
+    let mut rng = Rng::new(seed);
     let mut out: Vec<(String, Vec<f32>)> = Vec::new();
     let up = |v: &[f32]| -> Result<K::Buf> {
         let b = be.alloc(v.len())?;
@@ -58,8 +50,8 @@ pub fn run_all<K: Backend>(be: &K, seed: u64) -> Result<Vec<(String, Vec<f32>)>>
     };
 
     // Memory and elementwise.
-    let x = rng.vec(1000, 1.0);
-    let (xb, yb) = (up(&x)?, up(&rng.vec(1000, 1.0))?);
+    let x = uniform(&mut rng, 1000, 1.0);
+    let (xb, yb) = (up(&x)?, up(&uniform(&mut rng, 1000, 1.0))?);
     be.add_assign(v(&xb, 1000), v(&yb, 1000));
     out.push(("add_assign".into(), down(&xb, 1000)));
     be.fill(View::new(&xb, Span { off: 100, len: 300 }), 0.5);
@@ -71,14 +63,17 @@ pub fn run_all<K: Backend>(be: &K, seed: u64) -> Result<Vec<(String, Vec<f32>)>>
 
     // Matmuls, every layout, with and without accumulation.
     let (m, n, k) = (37, 29, 23);
-    let (a, b) = (up(&rng.vec(m * k, 1.0))?, up(&rng.vec(k * n, 1.0))?);
+    let (a, b) = (
+        up(&uniform(&mut rng, m * k, 1.0))?,
+        up(&uniform(&mut rng, k * n, 1.0))?,
+    );
     for (ta, tb, acc) in [
         (false, false, false),
         (true, false, false),
         (false, true, false),
         (true, true, true),
     ] {
-        let c = up(&rng.vec(m * n, 1.0))?;
+        let c = up(&uniform(&mut rng, m * n, 1.0))?;
         let mm = Matmul {
             m,
             n,
@@ -96,17 +91,20 @@ pub fn run_all<K: Backend>(be: &K, seed: u64) -> Result<Vec<(String, Vec<f32>)>>
     let ids: Vec<u32> = (0..rows).map(|i| ((i * 7919) % 40) as u32).collect();
     let idb = be.alloc_ids(rows)?;
     be.upload_ids(&idb, &ids);
-    let table = up(&rng.vec(vocab * dim, 1.0))?;
+    let table = up(&uniform(&mut rng, vocab * dim, 1.0))?;
     let e = be.alloc(rows * dim)?;
     be.embedding_forward(v(&e, rows * dim), v(&table, vocab * dim), &idb, rows, dim);
     out.push(("embedding_forward".into(), down(&e, rows * dim)));
     let dtable = be.alloc(vocab * dim)?;
-    let de = up(&rng.vec(rows * dim, 1.0))?;
+    let de = up(&uniform(&mut rng, rows * dim, 1.0))?;
     be.embedding_backward(v(&dtable, vocab * dim), v(&de, rows * dim), &idb, rows, dim);
     out.push(("embedding_backward".into(), down(&dtable, vocab * dim)));
 
     // RMSNorm.
-    let (xn, wn) = (up(&rng.vec(rows * dim, 2.0))?, up(&rng.vec(dim, 1.0))?);
+    let (xn, wn) = (
+        up(&uniform(&mut rng, rows * dim, 2.0))?,
+        up(&uniform(&mut rng, dim, 1.0))?,
+    );
     let (yn, rstd) = (be.alloc(rows * dim)?, be.alloc(rows)?);
     be.rmsnorm_forward(
         v(&yn, rows * dim),
@@ -119,8 +117,11 @@ pub fn run_all<K: Backend>(be: &K, seed: u64) -> Result<Vec<(String, Vec<f32>)>>
     );
     out.push(("rmsnorm_forward".into(), down(&yn, rows * dim)));
     out.push(("rmsnorm_forward rstd".into(), down(&rstd, rows)));
-    let g = up(&rng.vec(rows * dim, 1.0))?;
-    let (dx, dw) = (up(&rng.vec(rows * dim, 1.0))?, up(&rng.vec(dim, 1.0))?);
+    let g = up(&uniform(&mut rng, rows * dim, 1.0))?;
+    let (dx, dw) = (
+        up(&uniform(&mut rng, rows * dim, 1.0))?,
+        up(&uniform(&mut rng, dim, 1.0))?,
+    );
     be.rmsnorm_backward(
         v(&dx, rows * dim),
         v(&dw, dim),
@@ -149,7 +150,7 @@ pub fn run_all<K: Backend>(be: &K, seed: u64) -> Result<Vec<(String, Vec<f32>)>>
         .collect();
     let cos = up(&angles.iter().map(|a| a.cos()).collect::<Vec<_>>())?;
     let sin = up(&angles.iter().map(|a| a.sin()).collect::<Vec<_>>())?;
-    let qkv = up(&rng.vec(bt * row, 1.0))?;
+    let qkv = up(&uniform(&mut rng, bt * row, 1.0))?;
     let table_len = positions * half;
     be.rope_forward(
         v(&qkv, bt * row),
@@ -159,7 +160,7 @@ pub fn run_all<K: Backend>(be: &K, seed: u64) -> Result<Vec<(String, Vec<f32>)>>
         3,
     );
     out.push(("rope_forward".into(), down(&qkv, bt * row)));
-    let dq = up(&rng.vec(bt * row, 1.0))?;
+    let dq = up(&uniform(&mut rng, bt * row, 1.0))?;
     be.rope_backward(
         v(&dq, bt * row),
         v(&cos, table_len),
@@ -181,7 +182,7 @@ pub fn run_all<K: Backend>(be: &K, seed: u64) -> Result<Vec<(String, Vec<f32>)>>
         "attention_forward lse".into(),
         down(&lse, s.batch * s.heads * s.seq),
     ));
-    let datt = up(&rng.vec(bt * d_out, 1.0))?;
+    let datt = up(&uniform(&mut rng, bt * d_out, 1.0))?;
     let dqkv = be.alloc(bt * row)?;
     be.attention_backward(
         v(&dqkv, bt * row),
@@ -197,8 +198,8 @@ pub fn run_all<K: Backend>(be: &K, seed: u64) -> Result<Vec<(String, Vec<f32>)>>
     let (cache_len, pos0) = (48, 5);
     let kvd = s.kv_heads * s.head_dim;
     let (kc, vc) = (
-        up(&rng.vec(s.batch * cache_len * kvd, 1.0))?,
-        up(&rng.vec(s.batch * cache_len * kvd, 1.0))?,
+        up(&uniform(&mut rng, s.batch * cache_len * kvd, 1.0))?,
+        up(&uniform(&mut rng, s.batch * cache_len * kvd, 1.0))?,
     );
     be.kv_store(
         v(&kc, s.batch * cache_len * kvd),
@@ -225,11 +226,14 @@ pub fn run_all<K: Backend>(be: &K, seed: u64) -> Result<Vec<(String, Vec<f32>)>>
 
     // SwiGLU and cross-entropy.
     let ffn = 96;
-    let gu = up(&rng.vec(rows * 2 * ffn, 3.0))?;
+    let gu = up(&uniform(&mut rng, rows * 2 * ffn, 3.0))?;
     let sw = be.alloc(rows * ffn)?;
     be.swiglu_forward(v(&sw, rows * ffn), v(&gu, rows * 2 * ffn), rows, ffn);
     out.push(("swiglu_forward".into(), down(&sw, rows * ffn)));
-    let (dsw, dgu) = (up(&rng.vec(rows * ffn, 1.0))?, be.alloc(rows * 2 * ffn)?);
+    let (dsw, dgu) = (
+        up(&uniform(&mut rng, rows * ffn, 1.0))?,
+        be.alloc(rows * 2 * ffn)?,
+    );
     be.swiglu_backward(
         v(&dgu, rows * 2 * ffn),
         v(&dsw, rows * ffn),
@@ -239,10 +243,10 @@ pub fn run_all<K: Backend>(be: &K, seed: u64) -> Result<Vec<(String, Vec<f32>)>>
     );
     out.push(("swiglu_backward".into(), down(&dgu, rows * 2 * ffn)));
     let mut targets: Vec<u32> = (0..rows).map(|i| ((i * 31) % vocab) as u32).collect();
-    targets[5] = crate::IGNORE;
+    targets[5] = codeclm_engine::IGNORE;
     let tb = be.alloc_ids(rows)?;
     be.upload_ids(&tb, &targets);
-    let logits = up(&rng.vec(rows * vocab, 4.0))?;
+    let logits = up(&uniform(&mut rng, rows * vocab, 4.0))?;
     let losses = be.alloc(rows)?;
     be.cross_entropy(
         v(&losses, rows),
@@ -257,11 +261,13 @@ pub fn run_all<K: Backend>(be: &K, seed: u64) -> Result<Vec<(String, Vec<f32>)>>
 
     // AdamW over two spans (one decayed), moments of the second half only (ZeRO-1's layout).
     let np = 600;
-    let (p, gr) = (up(&rng.vec(np, 1.0))?, up(&rng.vec(np, 0.1))?);
+    let (p, gr) = (
+        up(&uniform(&mut rng, np, 1.0))?,
+        up(&uniform(&mut rng, np, 0.1))?,
+    );
     let (mm, vv) = (
-        up(&rng.vec(np / 2, 0.01))?,
-        up(&rng
-            .vec(np / 2, 0.01)
+        up(&uniform(&mut rng, np / 2, 0.01))?,
+        up(&uniform(&mut rng, np / 2, 0.01)
             .iter()
             .map(|x| x.abs())
             .collect::<Vec<_>>())?,
@@ -296,7 +302,7 @@ pub fn run_all<K: Backend>(be: &K, seed: u64) -> Result<Vec<(String, Vec<f32>)>>
         pad_h: 1,
         pad_w: 1,
     };
-    let img = up(&rng.vec(w.in_len(), 1.0))?;
+    let img = up(&uniform(&mut rng, w.in_len(), 1.0))?;
     let col = be.alloc(w.out_rows() * w.col_width())?;
     be.im2col(
         v(&col, w.out_rows() * w.col_width()),
@@ -309,11 +315,11 @@ pub fn run_all<K: Backend>(be: &K, seed: u64) -> Result<Vec<(String, Vec<f32>)>>
     out.push(("max_pool".into(), down(&pooled, w.out_rows() * w.c)));
     be.avg_pool(v(&pooled, w.out_rows() * w.c), v(&img, w.in_len()), w);
     out.push(("avg_pool".into(), down(&pooled, w.out_rows() * w.c)));
-    let bias = up(&rng.vec(w.c, 1.0))?;
+    let bias = up(&uniform(&mut rng, w.c, 1.0))?;
     be.bias_relu(v(&img, w.in_len()), v(&bias, w.c), w.in_len() / w.c, w.c);
     out.push(("bias_relu".into(), down(&img, w.in_len())));
     let px = w.batch * w.h * w.w;
-    let wide = up(&rng.vec(px * 12, 1.0))?;
+    let wide = up(&uniform(&mut rng, px * 12, 1.0))?;
     be.copy_columns(v(&wide, px * 12), v(&img, w.in_len()), px, w.c, 12, 4);
     out.push(("copy_columns".into(), down(&wide, px * 12)));
     let gap = be.alloc(w.batch * 12)?;
@@ -364,8 +370,8 @@ mod tests {
     /// being thread-count independent), every output finite, the IGNORE row zero.
     #[test]
     fn cpu_against_cpu_is_exact() {
-        let cpu = crate::Cpu::new();
-        let d = compare(&cpu, &crate::Cpu::new(), 7).unwrap();
+        let cpu = codeclm_engine::Cpu::new();
+        let d = compare(&cpu, &codeclm_engine::Cpu::new(), 7).unwrap();
         assert!(d.len() >= 30, "{} outputs", d.len());
         for k in &d {
             assert_eq!(k.max_abs, 0.0, "{}", k.kernel);
