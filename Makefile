@@ -28,7 +28,7 @@ else
 VAL_FRACTION ?= 0.01
 endif
 
-.PHONY: all help setup deps pydeps build dataset demo test pytest fuzz-corpus bench bench-video bench-tokens bench-loader train sample fid-weights fid-ref bench-fid eval fmt clippy clean
+.PHONY: all help setup deps pydeps build dataset demo test pytest fuzz-corpus bench bench-video bench-tokens bench-loader train sample fid-weights nccl-link fid-ref bench-fid eval fmt clippy clean
 
 all: build
 
@@ -66,7 +66,7 @@ deps:
 	  else echo "please install: $(MPI_PKGS)"; exit 1; fi; }
 
 pydeps:
-	@$(PYTHON) -c "import PIL, polars, numpy, zstandard, pytest, nvidia.cu13; assert PIL.__version__ == '13.0.0', PIL.__version__" 2>/dev/null && command -v moto_server >/dev/null || \
+	@$(PYTHON) -c "import PIL, polars, numpy, zstandard, pytest, nvidia.cu13, nvidia.nccl; assert PIL.__version__ == '13.0.0', PIL.__version__" 2>/dev/null && command -v moto_server >/dev/null || \
 	  $(PYTHON) -m pip install -q -r tools/requirements.txt
 
 build: deps
@@ -89,12 +89,17 @@ endif
 
 ## test: unit tests, integration tests on real media, byte identity against Pillow and the
 ## ffmpeg CLI, the model and FID checks against their reference dumps (fetches the FID network)
-test: deps pydeps fid-weights
-	LD_LIBRARY_PATH="$(NVRTC_LIB)$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" $(CARGO) test --release --workspace $(CARGO_FEATURES)
+test: deps pydeps fid-weights nccl-link
+	LD_LIBRARY_PATH="$(NVRTC_LIB):$(NCCL_LINK)$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" $(CARGO) test --release --workspace $(CARGO_FEATURES)
 	$(MAKE) pytest
 
 # PyPI's NVRTC (tools/requirements.txt): the tests compile the CUDA kernels with it.
 NVRTC_LIB = $(shell $(PYTHON) -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))" 2>/dev/null)
+# PyPI's NCCL ships libnccl.so.2 only; cudarc opens libnccl.so: a link to it in target/nccl.
+NCCL_SO = $(shell $(PYTHON) -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'nccl', 'lib', 'libnccl.so.2'))" 2>/dev/null)
+NCCL_LINK = $(abspath target/nccl)
+nccl-link: pydeps
+	@mkdir -p $(NCCL_LINK) && { [ ! -f "$(NCCL_SO)" ] || ln -sf "$(NCCL_SO)" $(NCCL_LINK)/libnccl.so; }
 
 ## pytest: the Python package's abi3 wheel (maturin, into target/wheels), installed, then tested
 ## against the CLI, Hugging Face tokenizers and the pure-Python token reader

@@ -20,6 +20,8 @@
 #      transformers is installed (LlamaForCausalLM, bf16 autocast, SDPA);
 #   2. 200 steps of `codeclm train` (tiny, f32) on the bundled dataset on the GPU and on the CPU
 #      from the same seed: the loss curves compared (tolerance 2e-2 per step);
+#   2b. NCCL with one rank: 20 tiny steps with --dist nccl give the losses and weights of
+#      --dist none, and `bench allreduce` times the average of PRESET's gradient buffer;
 #   3. `codeclm train --device cuda` with PRESET for as many steps as step 1's speed fits in
 #      GPU_CHECK_SECONDS (real loader, validation, checkpoint), then `codeclm bench sample
 #      --device cuda` from it against transformers' `generate` on the same checkpoint.
@@ -113,6 +115,18 @@ for so in libnvrtc.so.13 libcublas.so.13; do
     fi
   done
 done
+# libnccl (the NCCL steps): PyTorch's nvidia-nccl wheel ships libnccl.so.2 only, and cudarc opens
+# libnccl.so: link it under that name.
+for d in $(lib_dirs); do
+  if [ -e "$d/libnccl.so" ]; then
+    case ":${LD_LIBRARY_PATH:-}:" in *":$d:"*) ;; *) export LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} ;; esac
+    break
+  elif [ -e "$d/libnccl.so.2" ]; then
+    ln -sf "$d/libnccl.so.2" "$UNPACK/lib/libnccl.so"
+    export LD_LIBRARY_PATH=$UNPACK/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    break
+  fi
+done
 NEED=$(missing)
 if [ -n "$NEED" ]; then
   DIRS=$(lib_dirs)
@@ -154,6 +168,43 @@ fi
 VOCAB=$(ls "$DATA"/tokens-*.parquet 2>/dev/null | head -1 | sed 's/.*tokens-\(.*\)\.parquet/\1/')
 echo "gpu_check: binary $BIN ($(du -m "$BIN" | cut -f1) MiB), preset $PRESET, batch $BATCH x context $CONTEXT, dataset $DATA (token set $VOCAB)"
 fail=0
+
+# compare_runs LABEL RUN_A RUN_B TOLERANCE WEIGHTS: the two runs' loss curves under $OUT, step by
+# step within TOLERANCE (0: identical), and with WEIGHTS=1 their final weights byte for byte.
+compare_runs() {
+python3 - "$OUT" "$@" <<'EOF'
+import json, struct, sys
+out, label, ra, rb, tol, check_w = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5]), sys.argv[6] == "1"
+def losses(run):
+    try:
+        return [json.loads(l)["loss"] for l in open(f"{out}/{run}/metrics.jsonl") if '"loss"' in l]
+    except OSError:
+        return []
+def weights(run):
+    # The header parsed (its metadata's key order varies between writes) and the tensor bytes.
+    try:
+        b = open(f"{out}/{run}/model.safetensors", "rb").read()
+    except OSError:
+        return b""
+    n = struct.unpack("<Q", b[:8])[0]
+    return (json.loads(b[8:8 + n]), b[8 + n:])
+a, b = losses(ra), losses(rb)
+if not a or len(a) != len(b):
+    print(f"{label}: missing curves ({len(a)} steps in {ra}, {len(b)} in {rb})")
+    sys.exit(1)
+d = [abs(x - y) for x, y in zip(a, b)]
+worst = max(range(len(d)), key=d.__getitem__)
+ok = max(d) <= tol
+msg = (f"{label}: {len(d)} steps, loss {b[0]:.4f} -> {b[-1]:.4f} ({rb}) / {a[0]:.4f} -> {a[-1]:.4f} ({ra}); "
+       f"max difference {max(d):.2e} at step {worst + 1}, first 10 steps max {max(d[:10]):.2e}")
+if check_w:
+    same = weights(ra) == weights(rb) and weights(ra) != b""
+    ok = ok and same
+    msg += f"; final weights {'identical' if same else 'DIFFER'}"
+print(msg + f": {'ok' if ok else 'OFF'} (tolerance {tol:g})")
+sys.exit(0 if ok else 1)
+EOF
+}
 
 # --- 0. every kernel against the CPU backend --------------------------------------------------------
 echo "gpu_check: [0/3] bench kernels"
@@ -207,26 +258,19 @@ rm -rf "$OUT/parity-gpu" "$OUT/parity-cpu"
 common=(train --dataset "$DATA" --vocab "$VOCAB" --preset tiny --batch 4 --context 256 --steps 200 --eval-every 200 --save-every 200 --val-docs 8)
 timeout 180 "$BIN" "${common[@]}" --out "$OUT/parity-gpu" $DEV > "$OUT/parity-gpu.log" 2>&1 || { echo "gpu_check: GPU parity run failed"; fail=1; }
 timeout 180 "$BIN" "${common[@]}" --out "$OUT/parity-cpu" > "$OUT/parity-cpu.log" 2>&1 || { echo "gpu_check: CPU parity run failed"; fail=1; }
-python3 - "$OUT" <<'EOF' | tee "$OUT/parity.txt"
-import json, sys
-out = sys.argv[1]
-def losses(run):
-    try:
-        return [json.loads(l)["loss"] for l in open(f"{out}/{run}/metrics.jsonl") if '"loss"' in l]
-    except OSError:
-        return []
-g, c = losses("parity-gpu"), losses("parity-cpu")
-if not g or len(g) != len(c):
-    print(f"parity: missing curves ({len(g)} GPU steps, {len(c)} CPU steps)")
-    sys.exit(1)
-d = [abs(a - b) for a, b in zip(g, c)]
-worst = max(range(len(d)), key=d.__getitem__)
-ok = max(d) <= 2e-2
-print(f"parity: {len(d)} steps, loss {c[0]:.4f} -> {c[-1]:.4f} (CPU) / {g[0]:.4f} -> {g[-1]:.4f} (GPU); "
-      f"max |GPU - CPU| {max(d):.2e} at step {worst + 1}, first 10 steps max {max(d[:10]):.2e}: {'ok' if ok else 'OFF'} (tolerance 2e-2)")
-sys.exit(0 if ok else 1)
-EOF
+compare_runs parity parity-gpu parity-cpu 2e-2 0 | tee "$OUT/parity.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || fail=1
+
+# --- NCCL with one rank: the same steps as without it, and the all-reduce cost of a step -------
+echo "gpu_check: NCCL, world size 1: 20 tiny steps with --dist nccl and --dist none; bench allreduce ($PRESET)"
+rm -rf "$OUT/nccl-on" "$OUT/nccl-off"
+one=(train --dataset "$DATA" --vocab "$VOCAB" --preset tiny --batch 4 --context 256 --steps 20 --eval-every 20 --save-every 20 --val-docs 8)
+timeout 90 "$BIN" "${one[@]}" --out "$OUT/nccl-on" --dist nccl $DEV > "$OUT/nccl-on.log" 2>&1 || { echo "gpu_check: --dist nccl run failed (tail of its log:)"; tail -5 "$OUT/nccl-on.log"; fail=1; }
+timeout 90 "$BIN" "${one[@]}" --out "$OUT/nccl-off" --dist none $DEV > "$OUT/nccl-off.log" 2>&1 || { echo "gpu_check: --dist none run failed"; fail=1; }
+compare_runs "nccl world 1" nccl-on nccl-off 0 1 | tee "$OUT/nccl-parity.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || fail=1
+timeout 60 "$BIN" bench allreduce --preset "$PRESET" --dist nccl --iters 20 $DEV 2>&1 | tee "$OUT/allreduce.json"
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu_check: bench allreduce failed"; fail=1; }
 
 # --- 2. a short real training run -----------------------------------------------------------------
 # As many steps as fit in GPU_CHECK_SECONDS at step 1's speed, so the run ends normally
@@ -318,6 +362,13 @@ try:
     print(open(os.path.join(out, "parity.txt")).read().strip())
 except OSError:
     pass
+try:
+    print(open(os.path.join(out, "nccl-parity.txt")).read().strip())
+except OSError:
+    pass
+a = last_json(os.path.join(out, "allreduce.json"))
+if a:
+    print(f"all-reduce ({a['comm']}, world {a['world']}): {a['floats']/1e6:.1f}M floats in {a['seconds_per_allreduce']*1e3:.2f} ms")
 s = last_json(os.path.join(out, "bench-sample.json"))
 if s:
     print(f"bench sample: batch {s['batch']}, {s['max_tokens']} new tokens: {s['tokens_per_s']:,.0f} tokens/s")

@@ -166,6 +166,21 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    // -- collectives of a data-parallel run, on the device ------------------------------------
+    /// Averages `x` over the ranks in place through the communicator attached to this backend
+    /// (NCCL on CUDA), ordered with the kernels; `false` when none is attached (the caller
+    /// goes through host memory and MPI instead). Errors surface in [`Backend::status`].
+    fn all_average(&self, x: View<Self>) -> bool {
+        let _ = x;
+        false
+    }
+
+    /// Rank `root`'s `x` into `x` on every rank, as [`Backend::all_average`].
+    fn broadcast(&self, root: usize, x: View<Self>) -> bool {
+        let _ = (root, x);
+        false
+    }
+
     // -- memory ------------------------------------------------------------------------------
     /// `len` zeroed elements.
     fn alloc(&self, len: usize) -> Result<Self::Buf>;

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod generate;
 pub mod llama;
 pub mod plot;
+pub mod rendezvous;
 pub use codeclm_loader::rng;
 pub mod train;
 

@@ -335,18 +335,22 @@ pub fn train_step<B: Backend>(
         model.backward()?;
     }
     let mut loss = loss / k as f64;
-    if dist.world > 1 {
-        let inv = 1.0 / dist.world as f32;
-        dist.with_scratch(|host, send| {
-            model.map_grads(host, |_, g| {
-                let send = &mut send[..g.len()];
-                send.copy_from_slice(g);
-                dist.all_reduce_sum(send, g);
-                g.iter_mut().for_each(|x| *x *= inv);
-            })
-        })?;
+    if dist.world > 1 || dist.has_nccl() {
+        // On the device when the backend has a communicator (NCCL), else through host buckets
+        // and MPI.
+        if !model.all_average_grads()? {
+            dist.with_scratch(|host, send| {
+                let mut r = Ok(());
+                model.map_grads(host, |_, g| {
+                    if r.is_ok() {
+                        r = dist.average_in(g, send);
+                    }
+                })?;
+                r
+            })?;
+        }
         let mut l = [loss];
-        dist.all_reduce_f64(&mut l);
+        dist.all_reduce_f64(&mut l)?;
         loss = l[0] / dist.world as f64;
     }
     let norm = model.grad_norm()?;
@@ -374,10 +378,14 @@ pub fn train_step<B: Backend>(
     model.backend.status()?;
     let n = model.num_parameters();
     if model.optimizer_range().len() < n {
-        // ZeRO-1: every rank's updated slice to every rank, a bucket at a time.
-        dist.with_scratch(|host, _| {
-            for r in 0..dist.world {
-                let shard = dist.shard(n, r);
+        // ZeRO-1: every rank's updated slice to every rank: on the device through the
+        // backend's communicator, else a bucket at a time through the host.
+        for r in 0..dist.world {
+            let shard = dist.shard(n, r);
+            if model.broadcast_params(r, shard.clone()) {
+                continue;
+            }
+            dist.with_scratch(|host, _| {
                 let mut off = shard.start;
                 while off < shard.end {
                     let len = host.len().min(shard.end - off);
@@ -385,14 +393,16 @@ pub fn train_step<B: Backend>(
                     if r == dist.rank {
                         model.read_params_range(off..off + len, buf);
                     }
-                    dist.broadcast_from(r, buf);
+                    dist.broadcast_from(r, buf)?;
                     if r != dist.rank {
                         model.write_params_range(off..off + len, buf);
                     }
                     off += len;
                 }
-            }
-        });
+                Ok::<_, Error>(())
+            })?;
+        }
+        model.backend.status()?;
     }
     Ok((loss, norm))
 }
@@ -420,8 +430,8 @@ fn save<B: Backend>(out: &Path, model: &Model<B>, state: &TrainerState, dist: &D
     model.read_state(&mut g, &mut m, &mut v)?;
     if own < n {
         let (mut m_all, mut v_all) = (vec![0f32; n], vec![0f32; n]);
-        dist.gather_shards(&m, &mut m_all);
-        dist.gather_shards(&v, &mut v_all);
+        dist.gather_shards(&m, &mut m_all)?;
+        dist.gather_shards(&v, &mut v_all)?;
         (m, v) = (m_all, v_all);
     }
     if !dist.is_root() {
@@ -489,16 +499,33 @@ fn restore<B: Backend>(out: &Path, model: &mut Model<B>) -> Result<()> {
 /// summary.
 pub fn train(start: Start, out: &Path, dist: &Dist, device: Device) -> Result<TrainSummary> {
     match device {
+        Device::Cpu if dist.needs_cuda() => Err(dist.cpu_error()),
         Device::Cpu => train_on(Cpu::new(), start, out, dist),
-        Device::Cuda(n) => train_on(engine::Cuda::new(n)?, start, out, dist),
+        Device::Cuda(n) => train_on(cuda_for(dist, n)?, start, out, dist),
     }
+}
+
+/// The CUDA backend of this rank (its local device), with the run's NCCL communicator attached
+/// when the gradients go through NCCL: the id is exchanged first (it needs libnccl, not the
+/// device), then the device is opened and the communicator made.
+pub fn cuda_for(dist: &Dist, asked: usize) -> Result<engine::Cuda> {
+    let id = if dist.wants_nccl() {
+        Some(dist.nccl_id()?)
+    } else {
+        None
+    };
+    let cuda = engine::Cuda::new(dist.cuda_ordinal(asked)?)?;
+    if let Some(id) = id {
+        dist.bind_cuda(&cuda, &id)?;
+    }
+    Ok(cuda)
 }
 
 fn train_on<B: Backend>(backend: B, start: Start, out: &Path, dist: &Dist) -> Result<TrainSummary> {
     if dist.is_root() {
         checkpoint::recover(out)?;
     }
-    dist.barrier();
+    dist.barrier()?;
     let (set, cfg, model_cfg, resume) = match start {
         Start::New {
             dataset,

@@ -50,6 +50,10 @@ pub enum BenchCommand {
     /// pseudo-random inputs: one JSON line per output (largest absolute and relative
     /// difference, within the f32 tolerance or not); exits 1 when one is not.
     Kernels(KernelsArgs),
+    /// The data-parallel gradient average alone, under the launcher (`mpirun -np N codeclm
+    /// bench allreduce`, srun, torchrun's variables with --device cuda): checked against the
+    /// exact average, then timed over a preset's parameter count; one JSON line from rank 0.
+    Allreduce(super::allreduce::AllReduceArgs),
     /// The training loader over a token set: batches/s, tokens/s and peak RSS (which should
     /// not grow with the dataset); or, with --write-synthetic, write a synthetic token set of
     /// any size to measure it on. Prints one JSON line (tools/bench_loader.py runs both).
@@ -188,6 +192,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Kernels(args) => kernels(args),
         BenchCommand::Loader(args) => loader(args),
         BenchCommand::Scale(args) => super::scale::scale(args),
+        BenchCommand::Allreduce(args) => super::allreduce::allreduce(args),
         BenchCommand::PeakRss { command } => super::scale::peak_rss(&command),
     }
 }

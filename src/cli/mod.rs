@@ -2,6 +2,7 @@
 //! ([`flags`]). Vocabulary: a row of a dataset is a *sample*; what a model writes is a
 //! *generation* (the command that makes them is `codeclm sample`).
 
+pub mod allreduce;
 pub mod bench;
 pub mod dataset;
 pub mod eval;

@@ -70,9 +70,11 @@ pub struct TrainArgs {
     /// this machine).
     #[arg(long)]
     threads: Option<usize>,
-    /// How the ranks are found: `auto` (MPI when mpirun or srun started several processes),
-    /// `none` (one process), `mpi` (MPI even for one rank). `--batch` is per rank.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "none", "mpi"])]
+    /// How the ranks are found and talk: `auto` (MPI when mpirun or srun started several
+    /// processes, torchrun's RANK/WORLD_SIZE otherwise; CUDA gradients through NCCL), `none`
+    /// (one process), `mpi` (MPI even for one rank; CUDA gradients through host memory),
+    /// `nccl` (NCCL even for one rank). `--batch` is per rank.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "none", "mpi", "nccl"])]
     dist: String,
     /// ZeRO-1: each rank keeps the AdamW moments of its slice of the parameters only.
     #[arg(long)]
@@ -187,14 +189,33 @@ fn parse_mix(s: &str) -> Result<BTreeMap<String, f64>> {
         .collect()
 }
 
-pub fn train_cmd(a: TrainArgs) -> Result<()> {
-    use codeclm_model::dist::{Dist, Launch};
-    let launch = match a.dist.as_str() {
+/// `--dist`'s value as a launch.
+pub fn launch(dist: &str) -> codeclm_model::dist::Launch {
+    use codeclm_model::dist::Launch;
+    match dist {
         "none" => Launch::Single,
         "mpi" => Launch::Mpi,
+        "nccl" => Launch::Nccl,
         _ => Launch::Auto,
-    };
-    let dist = Dist::init(launch)?;
+    }
+}
+
+/// Runs `f` on this rank; a failing rank of several ends the whole job (the others would wait
+/// in a collective).
+pub fn on_ranks(dist: &codeclm_model::dist::Dist, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    let result = f();
+    if let Err(e) = &result {
+        if dist.world > 1 {
+            eprintln!("error (rank {} of {}): {e:#}", dist.rank, dist.world);
+            dist.abort(1);
+        }
+    }
+    result
+}
+
+pub fn train_cmd(a: TrainArgs) -> Result<()> {
+    use codeclm_model::dist::Dist;
+    let dist = Dist::init(launch(&a.dist))?;
     // Ranks on one machine share its cores unless told otherwise.
     let threads = a.threads.or_else(|| {
         (dist.local_world > 1 && std::env::var_os("RAYON_NUM_THREADS").is_none()).then(|| {
@@ -203,15 +224,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         })
     });
     set_threads(threads);
-    let result = train_ranks(a, &dist);
-    if let Err(e) = &result {
-        if dist.world > 1 {
-            // The other ranks wait in a collective: end the whole job, not this rank alone.
-            eprintln!("error (rank {} of {}): {e:#}", dist.rank, dist.world);
-            dist.abort(1);
-        }
-    }
-    result
+    on_ranks(&dist, || train_ranks(a, &dist))
 }
 
 fn train_ranks(a: TrainArgs, dist: &codeclm_model::dist::Dist) -> Result<()> {

@@ -179,3 +179,37 @@ fn a_torchrun_launch_on_cpu_says_what_to_use() {
     );
     assert!(err.contains("mpirun") && err.contains("NCCL"), "{err}");
 }
+
+/// `bench allreduce` on 2 MPI ranks: the average is exact and timed; one JSON line from rank 0.
+#[test]
+fn bench_allreduce_averages_over_mpi_ranks() {
+    let out = mpirun(
+        2,
+        &[
+            "bench",
+            "allreduce",
+            "--floats",
+            "2500000",
+            "--iters",
+            "2",
+            "--threads",
+            "1",
+        ]
+        .map(String::from),
+    )
+    .output()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "rank 0 alone prints: {stdout}");
+    let j: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(j["world"], 2);
+    assert_eq!(j["max_error"], 0.0);
+    assert_eq!(j["bytes"], 10_000_000);
+    assert!(j["seconds_per_allreduce"].as_f64().unwrap() > 0.0);
+}

@@ -8,6 +8,7 @@ mod dist;
 mod fid;
 mod hardening;
 mod model;
+mod nccl;
 mod object_storage;
 mod pillow_identity;
 mod resume_and_shards;

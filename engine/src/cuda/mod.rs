@@ -11,13 +11,16 @@
 //! tiling, no bf16, no cuBLASLt).
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::driver::{
     result as dr, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
     DeviceRepr, LaunchConfig, PushKernelArg,
 };
+
+pub mod nccl;
+pub use nccl::{Nccl, NcclId};
 
 use crate::backend::{AdamW, Attention, Backend, Matmul, Span, View, Window};
 use crate::{Error, Result};
@@ -85,6 +88,15 @@ pub fn check_libraries() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// CUDA devices this process sees (after `CUDA_VISIBLE_DEVICES`); the libraries are checked
+/// first.
+pub fn device_count() -> Result<usize> {
+    check_libraries()?;
+    CudaContext::device_count()
+        .map(|n| n.max(0) as usize)
+        .map_err(|e| Error::Device(format!("counting CUDA devices: {e:?}")))
 }
 
 /// PTX of the kernels for `arch` (e.g. "sm_90"), through NVRTC; cached under
@@ -207,6 +219,8 @@ pub struct Cuda {
     blas: Mutex<Blas>,
     /// The first device error, reported by [`Cuda::status`]; later calls are skipped.
     failed: Mutex<Option<String>>,
+    /// The ranks' communicator of a data-parallel run (NCCL), once attached.
+    comm: OnceLock<Arc<Nccl>>,
 }
 
 fn blocks(n: usize, per: u32) -> u32 {
@@ -249,7 +263,25 @@ impl Cuda {
             funcs,
             blas: Mutex::new(Blas(blas)),
             failed: Mutex::new(None),
+            comm: OnceLock::new(),
         })
+    }
+
+    /// Attaches the communicator of a data-parallel run: from then on
+    /// [`Backend::all_average`] and [`Backend::broadcast`] run through it on the device. Once
+    /// per backend.
+    pub fn attach(&self, comm: Arc<Nccl>) -> Result<()> {
+        self.comm.set(comm).map_err(|_| {
+            Error::Device(format!(
+                "CUDA device {}: a communicator is attached already",
+                self.ordinal
+            ))
+        })
+    }
+
+    /// The device's ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
     }
 
     /// The first device error since this backend was made (kernels launch asynchronously).
@@ -352,6 +384,32 @@ impl Backend for Cuda {
 
     fn status(&self) -> Result<()> {
         self.first_error()
+    }
+
+    fn all_average(&self, x: View<Self>) -> bool {
+        let Some(comm) = self.comm.get() else {
+            return false;
+        };
+        if self.ok() && !x.is_empty() {
+            self.bind();
+            if let Err(e) = comm.average_raw(self.ptr(x), x.len()) {
+                self.fail(e.to_string());
+            }
+        }
+        true
+    }
+
+    fn broadcast(&self, root: usize, x: View<Self>) -> bool {
+        let Some(comm) = self.comm.get() else {
+            return false;
+        };
+        if self.ok() && !x.is_empty() {
+            self.bind();
+            if let Err(e) = comm.broadcast_raw(root, self.ptr(x), x.len()) {
+                self.fail(e.to_string());
+            }
+        }
+        true
     }
 
     fn alloc(&self, len: usize) -> Result<CudaBuf> {

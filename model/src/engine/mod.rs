@@ -8,7 +8,7 @@ pub mod model;
 
 pub mod check;
 
-pub use codeclm_engine::{backend, cpu, profile, simd};
+pub use codeclm_engine::{backend, cpu, cuda, profile, simd};
 pub use codeclm_engine::{Backend, Cpu, Cuda, Device, Span, View, IGNORE};
 pub use model::{Capacity, Model, ParamLayout};
 

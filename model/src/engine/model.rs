@@ -494,6 +494,25 @@ impl<B: Backend> Model<B> {
         self.backend.download(View::new(&self.params, span), out);
     }
 
+    /// Averages the gradient buffer over the ranks on the device, through the communicator
+    /// attached to the backend (NCCL); `false` when it has none (the caller goes through host
+    /// memory). Device errors surface in the backend's `status`.
+    pub fn all_average_grads(&mut self) -> Result<bool> {
+        let all = self.all();
+        let t = self.training()?;
+        Ok(self.backend.all_average(View::new(&t.grads, all)))
+    }
+
+    /// Rank `root`'s parameters `range` to every rank on the device (ZeRO-1's exchange);
+    /// `false` when the backend has no communicator.
+    pub fn broadcast_params(&mut self, root: usize, range: std::ops::Range<usize>) -> bool {
+        let span = Span {
+            off: range.start,
+            len: range.len(),
+        };
+        self.backend.broadcast(root, View::new(&self.params, span))
+    }
+
     /// Replaces the gradient buffer (gradients computed elsewhere: a reference, another rank).
     pub fn write_grads(&mut self, g: &[f32]) -> Result<()> {
         let all = self.all();
