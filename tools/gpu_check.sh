@@ -208,7 +208,9 @@ EOF
 
 # --- 0. every kernel against the CPU backend --------------------------------------------------------
 echo "gpu_check: [0/3] bench kernels"
-timeout 120 "$BIN" bench kernels ${DEV:---device cpu} | tee "$OUT/kernels.jsonl"
+# (The CPU dry run checks the CUDA kernels on the emulated device: kernels.cu built for the CPU.)
+emu=CODECLM_CUDA_EMULATE=$([ -n "$DEV" ] && echo 0 || echo 1)
+env "$emu" timeout 120 "$BIN" bench kernels --device cuda | tee "$OUT/kernels.jsonl"
 rc=${PIPESTATUS[0]}
 [ "$rc" = 0 ] || { echo "gpu_check: bench kernels: some kernel is off (exit $rc)"; fail=1; }
 

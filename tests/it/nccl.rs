@@ -4,7 +4,7 @@
 //! which on a machine without the driver is the clean libcuda error. What follows on a GPU
 //! (the communicator, the all-reduce) has not run here.
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use crate::common::*;
 
@@ -112,7 +112,7 @@ fn mpi_ranks_get_rank_zeros_nccl_id_over_mpi() {
     if !nccl_here() {
         return;
     }
-    let out = Command::new("mpirun")
+    let out = std::process::Command::new("mpirun")
         .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
         .arg(env!("CARGO_BIN_EXE_codeclm"))
         .args([

@@ -4,8 +4,10 @@
 //! kernels of `kernels.cu` compiled at first use by NVRTC for the device's architecture (PTX
 //! cached on disk), and f32 matmuls through cuBLAS (no TF32: the parity mode).
 //!
-//! Status: compiled and its kernels compiled by NVRTC for sm_80 and sm_90 in CI; it has not run
-//! on a GPU yet (none was available to this work). The kernels are the CPU backend's, one thread
+//! Status: compiled and its kernels compiled by NVRTC for sm_80 and sm_90 in CI, and the kernels
+//! with this module's glue run in CI on the emulated device of [`emu`] (`CODECLM_CUDA_EMULATE=1`:
+//! the same CUDA C on the CPU) against the CPU backend; it has not run on a GPU yet (none was
+//! available to this work). The kernels are the CPU backend's, one thread
 //! per element or one block per row, and one warp per query row for attention (an online
 //! softmax, no T x T matrix): a correct first version, not yet a fast one (no shared-memory
 //! tiling, no bf16, no cuBLASLt).
@@ -16,9 +18,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::driver::{
     result as dr, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
-    DeviceRepr, LaunchConfig, PushKernelArg,
+    DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 
+pub mod emu;
 pub mod nccl;
 pub use nccl::{Nccl, NcclId};
 
@@ -93,6 +96,9 @@ pub fn check_libraries() -> Result<()> {
 /// CUDA devices this process sees (after `CUDA_VISIBLE_DEVICES`); the libraries are checked
 /// first.
 pub fn device_count() -> Result<usize> {
+    if emu::enabled() {
+        return Ok(1);
+    }
     check_libraries()?;
     CudaContext::device_count()
         .map(|n| n.max(0) as usize)
@@ -160,14 +166,20 @@ pub fn compile(arch: &str) -> Result<String> {
     Ok(src)
 }
 
+/// Device memory of T: on the GPU, or host memory on the emulated device.
+enum Mem<T> {
+    Gpu(CudaSlice<T>),
+    Host(emu::HostMem<T>),
+}
+
 /// f32 device memory.
 pub struct CudaBuf {
-    slice: CudaSlice<f32>,
+    mem: Mem<f32>,
 }
 
 /// u32 token ids in device memory.
 pub struct CudaIds {
-    slice: CudaSlice<u32>,
+    mem: Mem<u32>,
     len: usize,
 }
 
@@ -209,14 +221,24 @@ struct Blas(cudarc::cublas::CudaBlas);
 // Safety: the handle is used from one thread at a time (behind the backend's mutex).
 unsafe impl Send for Blas {}
 
+/// The device behind a [`Cuda`] backend.
+enum Dev {
+    /// A GPU through the driver: the kernels' module and cuBLAS on one stream.
+    Gpu {
+        stream: Arc<CudaStream>,
+        _module: Arc<CudaModule>,
+        funcs: std::collections::HashMap<&'static str, CudaFunction>,
+        blas: Mutex<Blas>,
+    },
+    /// The emulated device (`CODECLM_CUDA_EMULATE=1`): the same kernels on the CPU.
+    Emu(emu::Emu),
+}
+
 /// A CUDA device and its kernels.
 pub struct Cuda {
     ordinal: usize,
     arch: String,
-    stream: Arc<CudaStream>,
-    _module: Arc<CudaModule>,
-    funcs: std::collections::HashMap<&'static str, CudaFunction>,
-    blas: Mutex<Blas>,
+    dev: Dev,
     /// The first device error, reported by [`Cuda::status`]; later calls are skipped.
     failed: Mutex<Option<String>>,
     /// The ranks' communicator of a data-parallel run (NCCL), once attached.
@@ -229,8 +251,12 @@ fn blocks(n: usize, per: u32) -> u32 {
 
 impl Cuda {
     /// Device `ordinal`: the libraries loaded, the context made, the kernels compiled (or read
-    /// from the cache) for its architecture.
+    /// from the cache) for its architecture. With `CODECLM_CUDA_EMULATE=1`, the emulated device
+    /// instead ([`emu`]: the same kernels and glue on the CPU, for machines without a GPU).
     pub fn new(ordinal: usize) -> Result<Cuda> {
+        if emu::enabled() {
+            return Cuda::emulated();
+        }
         check_libraries()?;
         let dev = |e: dr::DriverError| Error::Device(format!("CUDA device {ordinal}: {e:?}"));
         let n = CudaContext::device_count().map_err(dev)?;
@@ -258,13 +284,108 @@ impl Cuda {
         Ok(Cuda {
             ordinal,
             arch,
-            stream,
-            _module: module,
-            funcs,
-            blas: Mutex::new(Blas(blas)),
+            dev: Dev::Gpu {
+                stream,
+                _module: module,
+                funcs,
+                blas: Mutex::new(Blas(blas)),
+            },
             failed: Mutex::new(None),
             comm: OnceLock::new(),
         })
+    }
+
+    /// The emulated device: kernels.cu compiled by the host C++ compiler, run on the CPU.
+    pub fn emulated() -> Result<Cuda> {
+        Ok(Cuda {
+            ordinal: 0,
+            arch: "emulated".into(),
+            dev: Dev::Emu(emu::Emu::load()?),
+            failed: Mutex::new(None),
+            comm: OnceLock::new(),
+        })
+    }
+
+    /// Whether this is the emulated device.
+    pub fn is_emulated(&self) -> bool {
+        matches!(self.dev, Dev::Emu(_))
+    }
+
+    /// The GPU's stream (none on the emulated device).
+    fn stream(&self) -> Option<&Arc<CudaStream>> {
+        match &self.dev {
+            Dev::Gpu { stream, .. } => Some(stream),
+            Dev::Emu(_) => None,
+        }
+    }
+
+    /// Waits for the device's queued work.
+    fn sync(&self) -> std::result::Result<(), String> {
+        match self.stream() {
+            Some(s) => s.synchronize().map_err(|e| format!("{e:?}")),
+            None => Ok(()),
+        }
+    }
+
+    /// `len` zeroed elements of device memory.
+    fn alloc_mem<T: DeviceRepr + ValidAsZeroBits + Copy + Default>(
+        &self,
+        len: usize,
+    ) -> std::result::Result<Mem<T>, String> {
+        match self.stream() {
+            Some(s) => s
+                .alloc_zeros::<T>(len.max(1))
+                .map(Mem::Gpu)
+                .map_err(|e| format!("{e:?}")),
+            None => Ok(Mem::Host(emu::HostMem::zeroed(len.max(1)))),
+        }
+    }
+
+    fn mem_ptr<T>(&self, m: &Mem<T>) -> u64 {
+        match (m, self.stream()) {
+            (Mem::Gpu(s), Some(st)) => s.device_ptr(st).0,
+            (Mem::Host(h), _) => h.addr(),
+            (Mem::Gpu(_), None) => unreachable!("GPU memory on the emulated device"),
+        }
+    }
+
+    /// Host `src` to device address `dst`, complete on return.
+    fn htod<T: DeviceRepr + Copy>(&self, dst: u64, src: &[T]) -> std::result::Result<(), String> {
+        match self.stream() {
+            Some(_) => {
+                self.bind();
+                // Safety: the caller passes an address with room for src.
+                unsafe { dr::memcpy_htod_sync(dst, src) }.map_err(|e| format!("{e:?}"))
+            }
+            None => {
+                // Safety: as above, a host address of the emulated device.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut T, src.len()) };
+                Ok(())
+            }
+        }
+    }
+
+    /// Device address `src` to host `dst` after the queued work, complete on return.
+    fn dtoh<T: DeviceRepr + Copy>(
+        &self,
+        dst: &mut [T],
+        src: u64,
+    ) -> std::result::Result<(), String> {
+        self.sync()?;
+        match self.stream() {
+            Some(_) => {
+                self.bind();
+                // Safety: the caller passes an address holding dst.len() values.
+                unsafe { dr::memcpy_dtoh_sync(dst, src) }.map_err(|e| format!("{e:?}"))
+            }
+            None => {
+                // Safety: as above.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src as *const T, dst.as_mut_ptr(), dst.len())
+                };
+                Ok(())
+            }
+        }
     }
 
     /// Attaches the communicator of a data-parallel run: from then on
@@ -286,8 +407,8 @@ impl Cuda {
 
     /// The first device error since this backend was made (kernels launch asynchronously).
     fn first_error(&self) -> Result<()> {
-        if let Err(e) = self.stream.synchronize() {
-            self.fail(format!("{e:?}"));
+        if let Err(e) = self.sync() {
+            self.fail(e);
         }
         match self
             .failed
@@ -316,18 +437,19 @@ impl Cuda {
 
     /// Makes the context current on this thread (raw driver calls need it; launches do it).
     fn bind(&self) {
-        if let Err(e) = self.stream.context().bind_to_thread() {
-            self.fail(format!("binding the context: {e:?}"));
+        if let Some(s) = self.stream() {
+            if let Err(e) = s.context().bind_to_thread() {
+                self.fail(format!("binding the context: {e:?}"));
+            }
         }
     }
 
     fn ptr(&self, v: View<Self>) -> u64 {
-        let (p, _) = v.buf.slice.device_ptr(&self.stream);
-        p + (v.span.off * 4) as u64
+        self.mem_ptr(&v.buf.mem) + (v.span.off * 4) as u64
     }
 
     fn ids_ptr(&self, ids: &CudaIds) -> u64 {
-        ids.slice.device_ptr(&self.stream).0
+        self.mem_ptr(&ids.mem)
     }
 
     /// Launches `name` with `grid` x `block` threads and `args` in its signature's order.
@@ -335,8 +457,27 @@ impl Cuda {
         if !self.ok() {
             return;
         }
-        let f = &self.funcs[name];
-        let mut b = self.stream.launch_builder(f);
+        let (stream, funcs) = match &self.dev {
+            Dev::Gpu { stream, funcs, .. } => (stream, funcs),
+            Dev::Emu(e) => {
+                let mut vals: Vec<Arg> = args.to_vec();
+                let mut ptrs: Vec<*mut std::ffi::c_void> = vals
+                    .iter_mut()
+                    .map(|a| match a {
+                        Arg::P(x) => x as *mut u64 as *mut _,
+                        Arg::I(x) => x as *mut i32 as *mut _,
+                        Arg::F(x) => x as *mut f32 as *mut _,
+                        Arg::W(x) => x as *mut KWindow as *mut _,
+                    })
+                    .collect();
+                if let Err(msg) = e.launch(name, grid, block, &mut ptrs) {
+                    self.fail(format!("{name} (emulated): {msg}"));
+                }
+                return;
+            }
+        };
+        let f = &funcs[name];
+        let mut b = stream.launch_builder(f);
         for a in args {
             match a {
                 Arg::P(x) => b.arg(x),
@@ -367,6 +508,7 @@ impl Cuda {
 }
 
 /// A kernel argument: a device pointer (or a u64 count), an int, a float, a window.
+#[derive(Clone, Copy)]
 enum Arg {
     P(u64),
     I(i32),
@@ -413,24 +555,24 @@ impl Backend for Cuda {
     }
 
     fn alloc(&self, len: usize) -> Result<CudaBuf> {
-        let slice = self.stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| {
+        let mem = self.alloc_mem::<f32>(len).map_err(|e| {
             Error::OutOfMemory(format!(
-                "cannot allocate {len} floats ({:.2} GiB) on CUDA device {}: {e:?}; use a smaller --batch or --context",
+                "cannot allocate {len} floats ({:.2} GiB) on CUDA device {}: {e}; use a smaller --batch or --context",
                 len as f64 * 4.0 / (1u64 << 30) as f64,
                 self.ordinal
             ))
         })?;
-        Ok(CudaBuf { slice })
+        Ok(CudaBuf { mem })
     }
 
     fn alloc_ids(&self, len: usize) -> Result<CudaIds> {
-        let slice = self.stream.alloc_zeros::<u32>(len.max(1)).map_err(|e| {
+        let mem = self.alloc_mem::<u32>(len).map_err(|e| {
             Error::OutOfMemory(format!(
-                "cannot allocate {len} ids on CUDA device {}: {e:?}",
+                "cannot allocate {len} ids on CUDA device {}: {e}",
                 self.ordinal
             ))
         })?;
-        Ok(CudaIds { slice, len })
+        Ok(CudaIds { mem, len })
     }
 
     fn upload(&self, dst: View<Self>, src: &[f32]) {
@@ -443,10 +585,9 @@ impl Backend for Cuda {
         if !self.ok() || src.is_empty() {
             return;
         }
-        self.bind();
-        // Safety: the view lies in its buffer; the copy completes before the call returns.
-        if let Err(e) = unsafe { dr::memcpy_htod_sync(self.ptr(dst), src) } {
-            self.fail(format!("upload: {e:?}"));
+        // The view lies in its buffer (asserted); the copy completes before the call returns.
+        if let Err(e) = self.htod(self.ptr(dst), src) {
+            self.fail(format!("upload: {e}"));
         }
     }
 
@@ -461,15 +602,8 @@ impl Backend for Cuda {
             dst.fill(f32::NAN);
             return;
         }
-        if let Err(e) = self.stream.synchronize() {
-            self.fail(format!("{e:?}"));
-            dst.fill(f32::NAN);
-            return;
-        }
-        self.bind();
-        // Safety: as upload.
-        if let Err(e) = unsafe { dr::memcpy_dtoh_sync(dst, self.ptr(src)) } {
-            self.fail(format!("download: {e:?}"));
+        if let Err(e) = self.dtoh(dst, self.ptr(src)) {
+            self.fail(format!("download: {e}"));
             dst.fill(f32::NAN);
         }
     }
@@ -479,10 +613,8 @@ impl Backend for Cuda {
         if !self.ok() || src.is_empty() {
             return;
         }
-        self.bind();
-        // Safety: as upload.
-        if let Err(e) = unsafe { dr::memcpy_htod_sync(self.ids_ptr(dst), src) } {
-            self.fail(format!("upload_ids: {e:?}"));
+        if let Err(e) = self.htod(self.ids_ptr(dst), src) {
+            self.fail(format!("upload_ids: {e}"));
         }
     }
 
@@ -527,7 +659,21 @@ impl Backend for Cuda {
         };
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
         let (pa, pb, pc) = (self.ptr(a), self.ptr(b), self.ptr(c));
-        let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+        let (lda, ldb) = (if trans_a { m } else { k }, if trans_b { k } else { n });
+        let blas = match &self.dev {
+            Dev::Gpu { blas, .. } => blas,
+            Dev::Emu(_) => {
+                // Safety: the pointers cover the matrices (asserted above); same arguments as
+                // the cuBLAS call below.
+                unsafe {
+                    emu::sgemm(
+                        trans_b, trans_a, n, m, k, alpha, pb, ldb, pa, lda, beta, pc, n,
+                    )
+                };
+                return;
+            }
+        };
+        let blas = blas.lock().unwrap_or_else(|e| e.into_inner());
         // Safety: the pointers cover m x k, k x n and m x n floats (asserted above).
         let r = unsafe {
             cudarc::cublas::result::sgemm(
@@ -539,9 +685,9 @@ impl Backend for Cuda {
                 k as i32,
                 &alpha,
                 pb as *const f32,
-                if trans_b { k } else { n } as i32,
+                ldb as i32,
                 pa as *const f32,
-                if trans_a { m } else { k } as i32,
+                lda as i32,
                 &beta,
                 pc as *mut f32,
                 n as i32,
@@ -732,11 +878,14 @@ impl Backend for Cuda {
     ) {
         assert!(pads.len() >= s.batch && pos0 + s.seq <= cache_len && s.head_dim <= MAX_HEAD_DIM);
         let pads: Vec<u64> = pads[..s.batch].iter().map(|&p| p as u64).collect();
-        let dev_pads = match self.stream.clone_htod(&pads) {
+        let dev_pads = match self.alloc_mem::<u64>(pads.len()) {
             Ok(p) => p,
-            Err(e) => return self.fail(format!("pads: {e:?}")),
+            Err(e) => return self.fail(format!("pads: {e}")),
         };
-        let pp = dev_pads.device_ptr(&self.stream).0;
+        let pp = self.mem_ptr(&dev_pads);
+        if let Err(e) = self.htod(pp, &pads) {
+            return self.fail(format!("pads: {e}"));
+        }
         let kv_rs = (s.kv_heads * s.head_dim) as i32;
         let src = (
             self.ptr(k),
@@ -748,8 +897,8 @@ impl Backend for Cuda {
         );
         self.attend(out, None, (self.ptr(qkv), s.row() as i32), src, Some(pp), s);
         // The pads buffer must outlive the kernel.
-        if let Err(e) = self.stream.synchronize() {
-            self.fail(format!("{e:?}"));
+        if let Err(e) = self.sync() {
+            self.fail(e);
         }
         drop(dev_pads);
     }
@@ -838,18 +987,14 @@ impl Backend for Cuda {
 
     fn sum_squares(&self, x: View<Self>) -> f64 {
         const BLOCKS: usize = 256;
-        let mut partials = match self.stream.alloc_zeros::<f64>(BLOCKS) {
+        let partials = match self.alloc_mem::<f64>(BLOCKS) {
             Ok(p) => p,
             Err(e) => {
-                self.fail(format!("{e:?}"));
+                self.fail(e);
                 return f64::NAN;
             }
         };
-        let (pp, xp, n) = (
-            partials.device_ptr(&self.stream).0,
-            self.ptr(x),
-            x.len() as u64,
-        );
+        let (pp, xp, n) = (self.mem_ptr(&partials), self.ptr(x), x.len() as u64);
         self.launch(
             "sum_squares",
             BLOCKS as u32,
@@ -857,12 +1002,11 @@ impl Backend for Cuda {
             &[Arg::P(pp), Arg::P(xp), Arg::P(n)],
         );
         let mut host = vec![0f64; BLOCKS];
-        match self.stream.memcpy_dtoh(&partials, &mut host) {
+        match self.dtoh(&mut host, pp) {
             Ok(()) if self.ok() => host.iter().sum(),
             Ok(()) => f64::NAN,
             Err(e) => {
-                self.fail(format!("{e:?}"));
-                let _ = &mut partials;
+                self.fail(e);
                 f64::NAN
             }
         }

@@ -199,6 +199,9 @@ impl Nccl {
     /// every rank has joined).
     pub fn new(cuda: &Cuda, rank: usize, world: usize, id: &NcclId) -> Result<Arc<Nccl>> {
         check_library()?;
+        let stream = cuda.stream().cloned().ok_or_else(|| {
+            Error::Device("the emulated CUDA device (CODECLM_CUDA_EMULATE) has no NCCL; use --dist mpi or none".into())
+        })?;
         cuda.bind();
         let mut comm = std::mem::MaybeUninit::uninit();
         // Safety: comm is written by NCCL on success; world and rank fit an i32 (checked).
@@ -214,7 +217,7 @@ impl Nccl {
         };
         Ok(Arc::new(Nccl {
             comm,
-            stream: cuda.stream.clone(),
+            stream,
             rank,
             world,
         }))
