@@ -1,9 +1,10 @@
 // The CUDA backend's kernels, compiled at first use by NVRTC for the device's architecture
 // (engine/src/cuda/mod.rs). Each is the CPU backend's kernel of the same name, element for
-// element (engine/src/cpu.rs, engine/src/conv.rs): f32 in, f32 accumulation out. Correctness
-// first: one thread per output element, one block per row for reductions, one warp per query
-// row for attention (an online softmax over the keys, no T x T matrix), atomics where gradients
-// of many rows meet (embedding rows, attention keys and values). No headers: NVRTC has none.
+// element (engine/src/cpu.rs, engine/src/conv.rs): f32 in, f32 accumulation out. One thread per
+// output element, one block per row for reductions; attention tiled through shared memory for
+// training (flash_*: an online softmax, no T x T matrix, a backward without atomics) and one warp
+// per query row for the KV cache and heads above 128 (its backward uses atomics); atomics where
+// embedding rows meet. No headers: NVRTC has none.
 
 typedef unsigned long long u64;
 
@@ -241,6 +242,194 @@ extern "C" __global__ void attention_backward(float* dqkv, const float* dout, co
 }
 
 // The k and v heads of qkv's rows into the caches [batch, cache_len, kv_heads * dh].
+// Tiled causal attention of a training (or prefill) batch, flash-attention style: a block holds
+// FQ query rows of one (batch row, head), one thread each, and walks the keys FK rows at a time
+// through shared memory (each key and value row is read from global memory once per block, not
+// once per query); an online softmax in f32, the log-sum-exp kept for the backward. Head
+// dimensions up to FD (the warp kernels above take larger ones). qkv rows are packed
+// [q heads | k heads | v heads]; out is [B, T, heads, dh].
+#define FQ 64
+#define FK 32
+#define FD 128
+
+// Keys and values j0..j0+nk of key/value head g into shared ks, vs (rows of FD), between barriers
+// (the previous tile is consumed before it is overwritten).
+__device__ void kv_tile(float* ks, float* vs, const float* base, u64 row, int heads, int kv_heads, int g, int dh, int j0, int nk) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < nk * dh; e += blockDim.x) {
+        int r = e / dh, d = e % dh;
+        const float* kr = base + (u64)(j0 + r) * row + (u64)(heads + g) * dh;
+        ks[r * FD + d] = kr[d];
+        vs[r * FD + d] = kr[(u64)kv_heads * dh + d];
+    }
+    __syncthreads();
+}
+
+// A block's query tile, batch row, head and key/value head (blocks run tile-fastest).
+struct FlashTile {
+    int tile, b, h, g;
+};
+
+__device__ FlashTile flash_tile(int seq, int heads, int kv_heads) {
+    int nt = (seq + FQ - 1) / FQ;
+    int bh = blockIdx.x / nt;
+    FlashTile t = {(int)(blockIdx.x % nt), bh / heads, bh % heads, (bh % heads) / (heads / kv_heads)};
+    return t;
+}
+
+extern "C" __global__ void flash_forward(float* out, float* lse, const float* qkv, int batch, int seq, int heads, int kv_heads, int dh) {
+    __shared__ float ks[FK * FD];
+    __shared__ float vs[FK * FD];
+    FlashTile t = flash_tile(seq, heads, kv_heads);
+    int tile = t.tile, b = t.b, h = t.h, g = t.g;
+    if (b >= batch) return;
+    u64 row = (u64)(heads + 2 * kv_heads) * dh;
+    const float* base = qkv + (u64)b * seq * row;
+    int i = tile * FQ + threadIdx.x;
+    bool live = i < seq;
+    float q[FD], acc[FD];
+    for (int d = 0; d < dh; d++) {
+        q[d] = live ? base[(u64)i * row + (u64)h * dh + d] : 0.0f;
+        acc[d] = 0.0f;
+    }
+    float scale = 1.0f / sqrtf((float)dh), m = -CUDA_INF, s = 0.0f;
+    int last = tile * FQ + FQ < seq ? tile * FQ + FQ : seq;  // keys the block's last query sees
+    for (int j0 = 0; j0 < last; j0 += FK) {
+        int nk = last - j0 < FK ? last - j0 : FK;
+        kv_tile(ks, vs, base, row, heads, kv_heads, g, dh, j0, nk);
+        int jend = live ? (i - j0 + 1 < nk ? i - j0 + 1 : nk) : 0;
+        for (int r = 0; r < jend; r++) {
+            float dot = 0.0f;
+            for (int d = 0; d < dh; d++) dot += q[d] * ks[r * FD + d];
+            dot *= scale;
+            float mn = fmaxf(m, dot);
+            float alpha = expf(m - mn), p = expf(dot - mn);
+            s = s * alpha + p;
+            for (int d = 0; d < dh; d++) acc[d] = acc[d] * alpha + p * vs[r * FD + d];
+            m = mn;
+        }
+    }
+    if (!live) return;
+    float inv = 1.0f / s;
+    float* op = out + ((u64)b * seq + i) * heads * dh + (u64)h * dh;
+    for (int d = 0; d < dh; d++) op[d] = acc[d] * inv;
+    if (lse) lse[((u64)b * heads + h) * seq + i] = m + logf(s);
+}
+
+// The backward of flash_forward without atomics, in two kernels. dq: a block of FQ query rows
+// (one thread each) walks the keys in shared tiles, recomputing each probability from the saved
+// log-sum-exp: ds = p (dout . v - D) with D = dout . out of the row.
+extern "C" __global__ void flash_backward_dq(float* dqkv, const float* dout, const float* out, const float* lse, const float* qkv, int batch, int seq, int heads, int kv_heads, int dh) {
+    __shared__ float ks[FK * FD];
+    __shared__ float vs[FK * FD];
+    FlashTile t = flash_tile(seq, heads, kv_heads);
+    int tile = t.tile, b = t.b, h = t.h, g = t.g;
+    if (b >= batch) return;
+    u64 row = (u64)(heads + 2 * kv_heads) * dh, d_out = (u64)heads * dh;
+    const float* base = qkv + (u64)b * seq * row;
+    int i = tile * FQ + threadIdx.x;
+    bool live = i < seq;
+    float q[FD], go[FD], dq[FD];
+    float di = 0.0f, l = 0.0f;
+    for (int d = 0; d < dh; d++) {
+        q[d] = live ? base[(u64)i * row + (u64)h * dh + d] : 0.0f;
+        go[d] = live ? dout[((u64)b * seq + i) * d_out + (u64)h * dh + d] : 0.0f;
+        dq[d] = 0.0f;
+        if (live) di += go[d] * out[((u64)b * seq + i) * d_out + (u64)h * dh + d];
+    }
+    if (live) l = lse[((u64)b * heads + h) * seq + i];
+    float scale = 1.0f / sqrtf((float)dh);
+    int last = tile * FQ + FQ < seq ? tile * FQ + FQ : seq;
+    for (int j0 = 0; j0 < last; j0 += FK) {
+        int nk = last - j0 < FK ? last - j0 : FK;
+        kv_tile(ks, vs, base, row, heads, kv_heads, g, dh, j0, nk);
+        int jend = live ? (i - j0 + 1 < nk ? i - j0 + 1 : nk) : 0;
+        for (int r = 0; r < jend; r++) {
+            float sc = 0.0f, dp = 0.0f;
+            for (int d = 0; d < dh; d++) {
+                sc += q[d] * ks[r * FD + d];
+                dp += go[d] * vs[r * FD + d];
+            }
+            float p = expf(sc * scale - l);
+            float ds = scale * p * (dp - di);
+            for (int d = 0; d < dh; d++) dq[d] += ds * ks[r * FD + d];
+        }
+    }
+    if (!live) return;
+    float* dqp = dqkv + ((u64)b * seq + i) * row + (u64)h * dh;
+    for (int d = 0; d < dh; d++) dqp[d] = dq[d];
+}
+
+// dk and dv: a block of FQ key rows of one (batch row, key/value head), one thread each, walks
+// the queries that see them (i >= j) of every head of its group in shared tiles (q, dout, the
+// log-sum-exp and D per query row) and writes its rows once.
+extern "C" __global__ void flash_backward_dkv(float* dqkv, const float* dout, const float* out, const float* lse, const float* qkv, int batch, int seq, int heads, int kv_heads, int dh) {
+    __shared__ float qs[FK * FD];
+    __shared__ float gs[FK * FD];
+    __shared__ float ls[FK];
+    __shared__ float dd[FK];
+    int nt = (seq + FQ - 1) / FQ;
+    int tile = blockIdx.x % nt, bg = blockIdx.x / nt;
+    int b = bg / kv_heads, g = bg % kv_heads;
+    if (b >= batch) return;
+    int group = heads / kv_heads;
+    u64 row = (u64)(heads + 2 * kv_heads) * dh, d_out = (u64)heads * dh;
+    const float* base = qkv + (u64)b * seq * row;
+    int j = tile * FQ + threadIdx.x;
+    bool live = j < seq;
+    float k[FD], v[FD], dk[FD], dv[FD];
+    for (int d = 0; d < dh; d++) {
+        k[d] = live ? base[(u64)j * row + (u64)(heads + g) * dh + d] : 0.0f;
+        v[d] = live ? base[(u64)j * row + (u64)(heads + kv_heads + g) * dh + d] : 0.0f;
+        dk[d] = 0.0f;
+        dv[d] = 0.0f;
+    }
+    float scale = 1.0f / sqrtf((float)dh);
+    for (int hh = 0; hh < group; hh++) {
+        int h = g * group + hh;
+        for (int i0 = tile * FQ; i0 < seq; i0 += FK) {
+            int nq = seq - i0 < FK ? seq - i0 : FK;
+            __syncthreads();
+            for (int e = threadIdx.x; e < nq * dh; e += blockDim.x) {
+                int r = e / dh, d = e % dh;
+                qs[r * FD + d] = base[(u64)(i0 + r) * row + (u64)h * dh + d];
+                gs[r * FD + d] = dout[((u64)b * seq + i0 + r) * d_out + (u64)h * dh + d];
+            }
+            for (int r = threadIdx.x; r < nq; r += blockDim.x) {
+                const float* gr = dout + ((u64)b * seq + i0 + r) * d_out + (u64)h * dh;
+                const float* orow = out + ((u64)b * seq + i0 + r) * d_out + (u64)h * dh;
+                float di = 0.0f;
+                for (int d = 0; d < dh; d++) di += gr[d] * orow[d];
+                dd[r] = di;
+                ls[r] = lse[((u64)b * heads + h) * seq + i0 + r];
+            }
+            __syncthreads();
+            if (!live) continue;
+            for (int r = 0; r < nq; r++) {
+                if (i0 + r < j) continue;  // causal: query i sees keys j <= i
+                float sc = 0.0f, dp = 0.0f;
+                for (int d = 0; d < dh; d++) {
+                    sc += qs[r * FD + d] * k[d];
+                    dp += gs[r * FD + d] * v[d];
+                }
+                float p = expf(sc * scale - ls[r]);
+                float ds = scale * p * (dp - dd[r]);
+                for (int d = 0; d < dh; d++) {
+                    dv[d] += p * gs[r * FD + d];
+                    dk[d] += ds * qs[r * FD + d];
+                }
+            }
+        }
+    }
+    if (!live) return;
+    float* dkp = dqkv + ((u64)b * seq + j) * row + (u64)(heads + g) * dh;
+    float* dvp = dqkv + ((u64)b * seq + j) * row + (u64)(heads + kv_heads + g) * dh;
+    for (int d = 0; d < dh; d++) {
+        dkp[d] = dk[d];
+        dvp[d] = dv[d];
+    }
+}
+
 extern "C" __global__ void kv_store(float* kc, float* vc, const float* qkv, int batch, int seq, int heads, int kv_heads, int dh, int cache_len, int pos0) {
     u64 kvd = (u64)kv_heads * dh, row = (u64)(heads + 2 * kv_heads) * dh;
     GRID_STRIDE(idx, (u64)batch * seq * kvd) {

@@ -7,10 +7,10 @@
 //! Status: compiled and its kernels compiled by NVRTC for sm_80 and sm_90 in CI, and the kernels
 //! with this module's glue run in CI on the emulated device of [`emu`] (`CODECLM_CUDA_EMULATE=1`:
 //! the same CUDA C on the CPU) against the CPU backend; it has not run on a GPU yet (none was
-//! available to this work). The kernels are the CPU backend's, one thread
-//! per element or one block per row, and one warp per query row for attention (an online
-//! softmax, no T x T matrix): a correct first version, not yet a fast one (no shared-memory
-//! tiling, no bf16, no cuBLASLt).
+//! available to this work). The kernels are the CPU backend's, one thread per element or one
+//! block per row; training attention is tiled through shared memory (flash style, f32, heads up
+//! to 128; the backward in two kernels without atomics), cached attention one warp per query
+//! row. No bf16 and no cuBLASLt yet: f32 throughout.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -43,6 +43,9 @@ pub const KERNEL_NAMES: &[&str] = &[
     "rope",
     "attention_forward",
     "attention_backward",
+    "flash_forward",
+    "flash_backward_dq",
+    "flash_backward_dkv",
     "kv_store",
     "swiglu_forward",
     "swiglu_backward",
@@ -58,6 +61,11 @@ pub const KERNEL_NAMES: &[&str] = &[
 
 /// Largest head dimension the attention kernels take (8 values per lane of a warp).
 pub const MAX_HEAD_DIM: usize = 256;
+
+/// The tiled (flash) attention kernels: query rows per block, largest head dimension (`FQ`,
+/// `FD` of kernels.cu); larger heads go through the warp kernels.
+const FLASH_ROWS: usize = 64;
+const FLASH_MAX_HEAD_DIM: usize = 128;
 
 /// Where each library comes from, for the error that names a missing one.
 fn missing(lib: &str, fix: &str) -> Error {
@@ -839,6 +847,17 @@ impl Backend for Cuda {
             "head_dim {} > {MAX_HEAD_DIM}",
             s.head_dim
         );
+        if s.head_dim <= FLASH_MAX_HEAD_DIM {
+            let args = self.flash_args(None, None, Some(out), Some(lse), qkv, s);
+            let tiles = s.seq.div_ceil(FLASH_ROWS);
+            self.launch(
+                "flash_forward",
+                (tiles * s.batch * s.heads) as u32,
+                FLASH_ROWS as u32,
+                &args,
+            );
+            return;
+        }
         let q = self.ptr(qkv);
         let k = q + (s.heads * s.head_dim * 4) as u64;
         let v = k + (s.kv_heads * s.head_dim * 4) as u64;
@@ -913,6 +932,16 @@ impl Backend for Cuda {
         s: Attention,
     ) {
         assert!(s.head_dim <= MAX_HEAD_DIM);
+        if s.head_dim <= FLASH_MAX_HEAD_DIM {
+            // Every element of dqkv is written once: no zeroing, no atomics.
+            let args = self.flash_args(Some(dqkv), Some(dout), Some(out), Some(lse), qkv, s);
+            let tiles = s.seq.div_ceil(FLASH_ROWS) as u32;
+            let rows = FLASH_ROWS as u32;
+            let (bh, bg) = ((s.batch * s.heads) as u32, (s.batch * s.kv_heads) as u32);
+            self.launch("flash_backward_dq", tiles * bh, rows, &args);
+            self.launch("flash_backward_dkv", tiles * bg, rows, &args);
+            return;
+        }
         self.fill(dqkv.prefix(s.batch * s.seq * s.row()), 0.0);
         let (d, g, o, l, q) = (
             self.ptr(dqkv),
@@ -1144,6 +1173,27 @@ impl Cuda {
 
     /// The attention kernel: queries (pointer, row stride), keys and values (k, v, row stride,
     /// rows per batch row, keys per batch row, pos0), optional pads.
+    /// The flash kernels' arguments: the forward's (out, lse, qkv, dims) or, with dqkv and dout,
+    /// the backward's (dqkv, dout, out, lse, qkv, dims).
+    fn flash_args(
+        &self,
+        dqkv: Option<View<Self>>,
+        dout: Option<View<Self>>,
+        out: Option<View<Self>>,
+        lse: Option<View<Self>>,
+        qkv: View<Self>,
+        s: Attention,
+    ) -> Vec<Arg> {
+        let p = |v: Option<View<Self>>| v.map(|v| Arg::P(self.ptr(v)));
+        let mut args: Vec<Arg> = [p(dqkv), p(dout), p(out), p(lse)]
+            .into_iter()
+            .flatten()
+            .collect();
+        args.push(Arg::P(self.ptr(qkv)));
+        args.extend([s.batch, s.seq, s.heads, s.kv_heads, s.head_dim].map(|x| Arg::I(x as i32)));
+        args
+    }
+
     fn attend(
         &self,
         out: View<Self>,

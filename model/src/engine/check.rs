@@ -34,6 +34,42 @@ fn v<K: Backend>(b: &K::Buf, n: usize) -> View<'_, K> {
     View::new(b, whole(n))
 }
 
+/// Attention forward and backward on `qkv` (random output gradients): pushes the output, the
+/// log-sum-exp and dqkv as "attention_forward{suffix}" ..., returns the output and lse buffers.
+fn attention<K: Backend>(
+    be: &K,
+    rng: &mut Rng,
+    out: &mut Vec<(String, Vec<f32>)>,
+    qkv: &K::Buf,
+    s: Attention,
+    suffix: &str,
+) -> Result<(K::Buf, K::Buf)> {
+    let down = |b: &K::Buf, n: usize| -> Vec<f32> {
+        let mut h = vec![0f32; n];
+        be.download(v::<K>(b, n), &mut h);
+        h
+    };
+    let (bt, row, d_out) = (s.batch * s.seq, s.row(), s.heads * s.head_dim);
+    let nl = s.batch * s.heads * s.seq;
+    let (att, lse) = (be.alloc(bt * d_out)?, be.alloc(nl)?);
+    be.attention_forward(v(&att, bt * d_out), v(&lse, nl), v(qkv, bt * row), s);
+    out.push((format!("attention_forward{suffix}"), down(&att, bt * d_out)));
+    out.push((format!("attention_forward lse{suffix}"), down(&lse, nl)));
+    let datt = be.alloc(bt * d_out)?;
+    be.upload(v(&datt, bt * d_out), &uniform(rng, bt * d_out, 1.0));
+    let dqkv = be.alloc(bt * row)?;
+    be.attention_backward(
+        v(&dqkv, bt * row),
+        v(&datt, bt * d_out),
+        v(&att, bt * d_out),
+        v(&lse, nl),
+        v(qkv, bt * row),
+        s,
+    );
+    out.push((format!("attention_backward{suffix}"), down(&dqkv, bt * row)));
+    Ok((att, lse))
+}
+
 /// Runs every kernel on `be`, returning each output by name (host copies).
 pub fn run_all<K: Backend>(be: &K, seed: u64) -> Result<Vec<(String, Vec<f32>)>> {
     let mut rng = Rng::new(seed);
@@ -170,30 +206,34 @@ pub fn run_all<K: Backend>(be: &K, seed: u64) -> Result<Vec<(String, Vec<f32>)>>
     );
     out.push(("rope_backward".into(), down(&dq, bt * row)));
     let d_out = s.heads * s.head_dim;
-    let (att, lse) = (be.alloc(bt * d_out)?, be.alloc(s.batch * s.heads * s.seq)?);
-    be.attention_forward(
-        v(&att, bt * d_out),
-        v(&lse, s.batch * s.heads * s.seq),
-        v(&qkv, bt * row),
-        s,
-    );
-    out.push(("attention_forward".into(), down(&att, bt * d_out)));
-    out.push((
-        "attention_forward lse".into(),
-        down(&lse, s.batch * s.heads * s.seq),
-    ));
-    let datt = up(&uniform(&mut rng, bt * d_out, 1.0))?;
-    let dqkv = be.alloc(bt * row)?;
-    be.attention_backward(
-        v(&dqkv, bt * row),
-        v(&datt, bt * d_out),
-        v(&att, bt * d_out),
-        v(&lse, s.batch * s.heads * s.seq),
-        v(&qkv, bt * row),
-        s,
-    );
-    out.push(("attention_backward".into(), down(&dqkv, bt * row)));
-
+    attention(be, &mut rng, &mut out, &qkv, s, "")?;
+    // Several query and key tiles of the flash kernels (150 positions, groups of 3 heads, a head
+    // of 48), and a head too large for them (160: the warp kernels).
+    for (name, t) in [
+        (
+            " (tiles)",
+            Attention {
+                batch: 1,
+                seq: 150,
+                heads: 6,
+                kv_heads: 2,
+                head_dim: 48,
+            },
+        ),
+        (
+            " (large head)",
+            Attention {
+                batch: 1,
+                seq: 20,
+                heads: 2,
+                kv_heads: 1,
+                head_dim: 160,
+            },
+        ),
+    ] {
+        let x = up(&uniform(&mut rng, t.batch * t.seq * t.row(), 1.0))?;
+        attention(be, &mut rng, &mut out, &x, t, name)?;
+    }
     // The KV cache: all 37 positions stored at 5.., queries over them with left padding.
     let (cache_len, pos0) = (48, 5);
     let kvd = s.kv_heads * s.head_dim;
