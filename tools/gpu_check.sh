@@ -16,7 +16,7 @@
 #   0. `codeclm bench kernels --device cuda`: every kernel against the CPU backend on the same
 #      random inputs (f32, tolerance 1e-4 of each output's largest magnitude);
 #   1. `codeclm bench train --device cuda`: synthetic batches, no data loading: tokens/s and MFU
-#      (f32 cuBLAS; no bf16 path yet), and PyTorch on the same GPU, model and batch when
+#      (bf16 matmuls through cuBLASLt, then f32 cuBLAS), and PyTorch on the same GPU, model and batch when
 #      transformers is installed (LlamaForCausalLM, bf16 autocast, SDPA);
 #   2. 200 steps of `codeclm train` (tiny, f32) on the bundled dataset on the GPU and on the CPU
 #      from the same seed: the loss curves compared (tolerance 2e-2 per step);
@@ -220,6 +220,10 @@ timeout 120 "$BIN" bench train --preset "$PRESET" --batch "$BATCH" --context "$C
   | tee "$OUT/bench-train.json"
 rc=${PIPESTATUS[0]}
 [ "$rc" = 0 ] || { echo "gpu_check: bench train failed (exit $rc)"; fail=1; }
+# The same in f32 (cuBLAS, no TF32): what the bf16 matmuls buy.
+timeout 120 "$BIN" bench train --preset "$PRESET" --batch "$BATCH" --context "$CONTEXT" --steps 5 $DEV --precision f32 --json \
+  | tee "$OUT/bench-train-f32.json"
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu_check: bench train --precision f32 failed"; fail=1; }
 if [ -n "$DEV" ] && python3 -c "import torch, transformers" 2>/dev/null; then
   timeout 150 python3 - "$OUT/bench-train.json" "$ROOT/tools" <<'EOF' | tee "$OUT/torch-train.json"
 import json, sys, time
@@ -258,7 +262,7 @@ fi
 echo "gpu_check: [2/3] 200 tiny steps, f32, GPU and CPU, same seed"
 rm -rf "$OUT/parity-gpu" "$OUT/parity-cpu"
 common=(train --dataset "$DATA" --vocab "$VOCAB" --preset tiny --batch 4 --context 256 --steps 200 --eval-every 200 --save-every 200 --val-docs 8)
-timeout 180 "$BIN" "${common[@]}" --out "$OUT/parity-gpu" $DEV > "$OUT/parity-gpu.log" 2>&1 || { echo "gpu_check: GPU parity run failed"; fail=1; }
+timeout 180 "$BIN" "${common[@]}" --out "$OUT/parity-gpu" $DEV --precision f32 > "$OUT/parity-gpu.log" 2>&1 || { echo "gpu_check: GPU parity run failed"; fail=1; }
 timeout 180 "$BIN" "${common[@]}" --out "$OUT/parity-cpu" > "$OUT/parity-cpu.log" 2>&1 || { echo "gpu_check: CPU parity run failed"; fail=1; }
 compare_runs parity parity-gpu parity-cpu 2e-2 0 | tee "$OUT/parity.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || fail=1
@@ -331,8 +335,11 @@ if b:
     n = b.get("parameters")
     flops = 6 * n + 12 * c["num_hidden_layers"] * t * c["hidden_size"]
     tps = b["tokens_per_s"]
-    print(f"bench train: {b['preset']} ({n/1e6:.1f}M params), batch {b['batch']} x {t}: {tps:,.0f} tokens/s, "
+    print(f"bench train ({b['backend']}): {b['preset']} ({n/1e6:.1f}M params), batch {b['batch']} x {t}: {tps:,.0f} tokens/s, "
           f"MFU {flops * tps / (peak * 1e12) * 100:.1f}% of {peak:g} TFLOP/s")
+    f = last_json(os.path.join(out, "bench-train-f32.json"))
+    if f:
+        print(f"bench train ({f['backend']}): {f['tokens_per_s']:,.0f} tokens/s; bf16 / f32 = {tps / f['tokens_per_s']:.2f}x")
 steps = []
 try:
     for l in open(os.path.join(out, "train.log")):
@@ -352,7 +359,7 @@ else:
 p = last_json(os.path.join(out, "torch-train.json"))
 if b and p:
     print(f"PyTorch {p['torch']} (bf16 autocast, SDPA), same model and batch: {p['tokens_per_s']:,.0f} tokens/s; "
-          f"codeclm f32 / PyTorch bf16 = {b['tokens_per_s'] / p['tokens_per_s']:.2f}x")
+          f"codeclm / PyTorch = {b['tokens_per_s'] / p['tokens_per_s']:.2f}x")
 kp = os.path.join(out, "kernels.jsonl")
 k = [json.loads(l) for l in open(kp) if l.startswith("{")] if os.path.exists(kp) else []
 if k:

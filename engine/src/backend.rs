@@ -166,6 +166,14 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// Matmuls in bf16 with f32 accumulation (f32 weights, gradients and optimizer state) where
+    /// the backend has them: `Ok(true)` when applied, `Ok(false)` where matmuls are f32 only
+    /// (the CPU).
+    fn set_bf16(&self, on: bool) -> Result<bool> {
+        let _ = on;
+        Ok(false)
+    }
+
     // -- collectives of a data-parallel run, on the device ------------------------------------
     /// Averages `x` over the ranks in place through the communicator attached to this backend
     /// (NCCL on CUDA), ordered with the kernels; `false` when none is attached (the caller

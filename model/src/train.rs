@@ -598,6 +598,7 @@ fn train_on<B: Backend>(backend: B, start: Start, out: &Path, dist: &Dist) -> Re
         batch: cfg.batch,
         context: cfg.context,
     };
+    backend.set_bf16(cfg.bf16)?;
     let mut model = Model::new(backend, model_cfg.clone(), cap, true, cfg.recompute)?;
     if cfg.zero1 && dist.world > 1 {
         model.set_optimizer_range(dist.shard(model.num_parameters(), dist.rank))?;
@@ -864,15 +865,18 @@ pub fn bench_train(
     recompute: bool,
     profile: bool,
     device: Device,
+    bf16: bool,
 ) -> Result<BenchTrain> {
     let model_cfg = LlamaConfig::preset(preset, vocab_size)?;
     let mut cfg = TrainConfig::preset(preset)?;
+    cfg.bf16 = bf16;
     cfg.context = context;
     cfg.batch = batch;
     cfg.validate(&model_cfg)?;
     let cap = Capacity { batch, context };
     if let Device::Cuda(n) = device {
         let be = engine::Cuda::new(n)?;
+        be.enable_bf16(cfg.bf16)?;
         if profile {
             return Err(Error::Config(
                 "--profile times CPU kernels; on CUDA, time the steps (kernels run asynchronously)"

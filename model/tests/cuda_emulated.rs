@@ -5,7 +5,8 @@
 //! its concurrent memory model and rounding; those wait for `tools/gpu_check.sh`. Needs a C++
 //! compiler; CI insists (`CODECLM_REQUIRE_EMU`).
 
-use codeclm_model::engine::{Backend, Capacity, Cpu, Cuda, Device, Model};
+use codeclm_model::engine::backend::Matmul;
+use codeclm_model::engine::{Backend, Capacity, Cpu, Cuda, Device, Model, Span, View};
 use codeclm_model::train::{train_step, TrainConfig};
 use codeclm_model::{generate, GenerateConfig, LlamaConfig, Lm};
 
@@ -136,4 +137,115 @@ fn kv_cache_generation_matches_the_cpu() {
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max);
     assert!(worst <= 1e-4, "logits differ by {worst}");
+}
+
+/// f32 to the nearest bf16 (ties to even) and back: what the device rounds matmul inputs to.
+fn bf16(x: f32) -> f32 {
+    let u = x.to_bits();
+    f32::from_bits(((u + 0x7fff + ((u >> 16) & 1)) >> 16) << 16)
+}
+
+fn view<B: Backend>(x: &B::Buf, len: usize) -> View<'_, B> {
+    View::new(x, Span { off: 0, len })
+}
+
+/// `c0 (+)= op(a) op(b)` on `be`.
+fn product<B: Backend>(be: &B, a: &[f32], b: &[f32], c0: &[f32], mm: Matmul) -> Vec<f32> {
+    let (ba, bb, bc) = (
+        be.alloc(a.len()).unwrap(),
+        be.alloc(b.len()).unwrap(),
+        be.alloc(c0.len()).unwrap(),
+    );
+    be.upload(view::<B>(&ba, a.len()), a);
+    be.upload(view::<B>(&bb, b.len()), b);
+    be.upload(view::<B>(&bc, c0.len()), c0);
+    be.matmul(
+        view::<B>(&bc, c0.len()),
+        view::<B>(&ba, a.len()),
+        view::<B>(&bb, b.len()),
+        mm,
+    );
+    let mut out = vec![0f32; c0.len()];
+    be.download(view::<B>(&bc, c0.len()), &mut out);
+    be.status().unwrap();
+    out
+}
+
+#[test]
+fn bf16_matmuls_round_the_inputs_and_accumulate_in_f32() {
+    let Some(cuda) = emulated() else { return };
+    cuda.enable_bf16(true).unwrap();
+    let cpu = Cpu::new();
+    let (m, n, k) = (13usize, 9usize, 70usize);
+    let mut rng = codeclm_model::rng::Rng::new(11);
+    let mut draw = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
+            .collect()
+    };
+    let (a, b, c0) = (draw(m * k), draw(k * n), draw(m * n));
+    let rounded = |v: &[f32]| v.iter().map(|&x| bf16(x)).collect::<Vec<f32>>();
+    for (ta, tb, acc) in [
+        (false, false, false),
+        (true, false, false),
+        (false, true, true),
+        (true, true, true),
+    ] {
+        let mm = Matmul {
+            m,
+            n,
+            k,
+            trans_a: ta,
+            trans_b: tb,
+            accumulate: acc,
+        };
+        let got = product(&cuda, &a, &b, &c0, mm);
+        // The CPU's f32 product of the bf16-rounded inputs: the same up to summation order.
+        let want = product(&cpu, &rounded(&a), &rounded(&b), &c0, mm);
+        let exact = product(&cpu, &a, &b, &c0, mm);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        let moved = got
+            .iter()
+            .zip(&exact)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 1e-5,
+            "ta {ta} tb {tb}: {worst} from the rounded product"
+        );
+        assert!(
+            moved > 1e-4,
+            "ta {ta} tb {tb}: the inputs were not rounded ({moved})"
+        );
+    }
+}
+
+#[test]
+fn bf16_training_steps_follow_the_f32_ones() {
+    if emulated().is_none() {
+        return;
+    }
+    let one = codeclm_model::dist::Dist::single();
+    let tc = TrainConfig::preset("tiny").unwrap();
+    let (b, t) = (2usize, 24usize);
+    let x: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 7 + 3) % 320).collect();
+    let y: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 13 + 1) % 320).collect();
+    let micro = [(x.as_slice(), y.as_slice())];
+    let cuda = Cuda::emulated().unwrap();
+    cuda.enable_bf16(true).unwrap();
+    let (mut c, mut g) = (model(Cpu::new(), false), model(cuda, false));
+    for step in 1..=3 {
+        let (lc, _) = train_step(&mut c, &micro, &tc, step, 1e-3, &one).unwrap();
+        let (lg, _) = train_step(&mut g, &micro, &tc, step, 1e-3, &one).unwrap();
+        // bf16 inputs carry 8 bits of mantissa: the loss moves in its third digit at most.
+        assert!(
+            (lc - lg).abs() <= 5e-3 * lc.abs(),
+            "step {step}: loss {lc} (f32 cpu) vs {lg} (bf16)"
+        );
+        assert!(lc != lg, "step {step}: bf16 changed nothing ({lc})");
+    }
 }

@@ -79,6 +79,11 @@ pub struct TrainArgs {
     /// ZeRO-1: each rank keeps the AdamW moments of its slice of the parameters only.
     #[arg(long)]
     zero1: bool,
+    /// Matmuls on CUDA: bf16 inputs with f32 accumulation (cuBLASLt; the preset's default, as
+    /// the paper trained) or f32 (cuBLAS, the parity mode); the CPU is f32 either way. Weights,
+    /// gradients and AdamW state are f32 in both.
+    #[arg(long, value_parser = ["bf16", "f32"])]
+    precision: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -143,6 +148,10 @@ pub struct BenchTrainArgs {
     /// Time every kernel call and print where a step's time goes (stderr).
     #[arg(long)]
     profile: bool,
+    /// Matmuls on CUDA: bf16 inputs with f32 accumulation (cuBLASLt), or f32 (cuBLAS, the
+    /// parity mode); the CPU is f32 either way.
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f32"])]
+    precision: String,
     /// Accepted for scripts; the summary is always one JSON line.
     #[arg(long)]
     json: bool,
@@ -240,6 +249,7 @@ fn train_ranks(a: TrainArgs, dist: &codeclm_model::dist::Dist) -> Result<()> {
             || a.val_docs.is_some()
             || a.recompute
             || a.zero1
+            || a.precision.is_some()
         {
             bail!("--resume continues the run with its saved settings; only --steps, --stop-at and --dataset may be given with it");
         }
@@ -263,6 +273,9 @@ fn train_ranks(a: TrainArgs, dist: &codeclm_model::dist::Dist) -> Result<()> {
             ($($f:ident),*) => { $( if let Some(v) = a.$f { cfg.$f = v; } )* };
         }
         set!(context, batch, grad_accum, lr, seed, eval_every, save_every, val_docs);
+        if let Some(p) = &a.precision {
+            cfg.bf16 = p == "bf16";
+        }
         if let Some(s) = a.steps {
             cfg.steps = s;
             if a.config.is_none() {
@@ -409,6 +422,7 @@ pub fn bench_train(a: BenchTrainArgs) -> Result<()> {
         a.recompute,
         a.profile,
         a.device.device(),
+        a.precision == "bf16",
     )?;
     if a.profile {
         let total: f64 = r.profile.iter().map(|p| p.2).sum();

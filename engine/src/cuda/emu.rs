@@ -208,43 +208,37 @@ impl<T> Drop for HostMem<T> {
     }
 }
 
-/// cuBLAS's column-major `C = alpha op(A) op(B) + beta C` (`op` transposes when asked), with
-/// its leading dimensions, on host addresses; f64 accumulation per element.
+/// bf16 bits to f32 (exact).
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// cuBLAS's column-major `C = op(A) op(B) (+ C)` of `plan` (the call the backend makes) on host
+/// addresses, elements read through `to_f32` (f32, or bf16 bits), f64 accumulation per element.
 ///
 /// # Safety
-/// The addresses must hold the matrices the dimensions and leading dimensions describe.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn sgemm(
-    trans_a: bool,
-    trans_b: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    alpha: f32,
-    a: u64,
-    lda: usize,
-    b: u64,
-    ldb: usize,
-    beta: f32,
-    c: u64,
-    ldc: usize,
+/// The addresses must hold the matrices the plan describes.
+pub unsafe fn gemm<T: Copy>(
+    plan: super::lt::GemmPlan,
+    a: *const T,
+    b: *const T,
+    c: *mut f32,
+    to_f32: impl Fn(T) -> f32,
 ) {
-    let (a, b, c) = (a as *const f32, b as *const f32, c as *mut f32);
-    // Column-major: element (i, j) of an lda-leading matrix is at i + j * lda.
-    let at = |i: usize, p: usize| {
-        if trans_a {
-            *a.add(p + i * lda)
-        } else {
-            *a.add(i + p * lda)
-        }
-    };
-    let bt = |p: usize, j: usize| {
-        if trans_b {
-            *b.add(j + p * ldb)
-        } else {
-            *b.add(p + j * ldb)
-        }
-    };
+    let super::lt::GemmPlan {
+        trans_a,
+        trans_b,
+        m,
+        n,
+        k,
+        lda,
+        ldb,
+        ldc,
+        accumulate,
+    } = plan;
+    // Column-major: element (i, j) of an ld-leading matrix is at i + j * ld.
+    let at = |i: usize, p: usize| to_f32(*a.add(if trans_a { p + i * lda } else { i + p * lda }));
+    let bt = |p: usize, j: usize| to_f32(*b.add(if trans_b { j + p * ldb } else { p + j * ldb }));
     for j in 0..n {
         for i in 0..m {
             let mut acc = 0.0f64;
@@ -252,8 +246,7 @@ pub unsafe fn sgemm(
                 acc += at(i, p) as f64 * bt(p, j) as f64;
             }
             let dst = c.add(i + j * ldc);
-            let old = if beta == 0.0 { 0.0 } else { beta * *dst };
-            *dst = alpha * acc as f32 + old;
+            *dst = acc as f32 + if accumulate { *dst } else { 0.0 };
         }
     }
 }

@@ -523,6 +523,18 @@ extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, u
 
 // -- convolutional inference (NHWC), the FID network ---------------------------------------
 
+// Round to the nearest bf16, ties to even (NaN stays a quiet NaN): the bf16 matmuls' inputs.
+extern "C" __global__ void f32_to_bf16(unsigned short* dst, const float* src, u64 n) {
+    GRID_STRIDE(i, n) {
+        unsigned u = __float_as_uint(src[i]);
+        if ((u & 0x7fffffffu) > 0x7f800000u) {
+            dst[i] = (unsigned short)((u >> 16) | 0x40u);
+        } else {
+            dst[i] = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        }
+    }
+}
+
 struct Window {
     int batch, h, w, c, kh, kw, stride, pad_h, pad_w;
 };

@@ -2,7 +2,9 @@
 //! CUDA library and starts anywhere; libcuda, NVRTC and cuBLAS are opened when a `Cuda` is
 //! made, and a missing one is an error naming the library and where it comes from), the
 //! kernels of `kernels.cu` compiled at first use by NVRTC for the device's architecture (PTX
-//! cached on disk), and f32 matmuls through cuBLAS (no TF32: the parity mode).
+//! cached on disk), and matmuls in bf16 with f32 accumulation through cuBLASLt ([`lt`],
+//! [`Cuda::enable_bf16`]) or in f32 through cuBLAS (no TF32: the parity mode, the default of a
+//! bare `Cuda`; the trainer asks for bf16 unless `--precision f32`).
 //!
 //! Status: compiled and its kernels compiled by NVRTC for sm_80 and sm_90 in CI, and the kernels
 //! with this module's glue run in CI on the emulated device of [`emu`] (`CODECLM_CUDA_EMULATE=1`:
@@ -10,9 +12,10 @@
 //! available to this work). The kernels are the CPU backend's, one thread per element or one
 //! block per row; training attention is tiled through shared memory (flash style, f32, heads up
 //! to 128; the backward in two kernels without atomics), cached attention one warp per query
-//! row. No bf16 and no cuBLASLt yet: f32 throughout.
+//! row.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::sys::cublasOperation_t;
@@ -22,6 +25,7 @@ use cudarc::driver::{
 };
 
 pub mod emu;
+pub mod lt;
 pub mod nccl;
 pub use nccl::{Nccl, NcclId};
 
@@ -52,6 +56,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "cross_entropy",
     "sum_squares",
     "adamw",
+    "f32_to_bf16",
     "im2col",
     "bias_relu",
     "pool",
@@ -229,6 +234,9 @@ struct Blas(cudarc::cublas::CudaBlas);
 // Safety: the handle is used from one thread at a time (behind the backend's mutex).
 unsafe impl Send for Blas {}
 
+/// A bf16 buffer and its capacity in elements.
+type Scratch16 = (Mem<u16>, usize);
+
 /// The device behind a [`Cuda`] backend.
 enum Dev {
     /// A GPU through the driver: the kernels' module and cuBLAS on one stream.
@@ -237,6 +245,8 @@ enum Dev {
         _module: Arc<CudaModule>,
         funcs: std::collections::HashMap<&'static str, CudaFunction>,
         blas: Mutex<Blas>,
+        /// cuBLASLt for the bf16 matmuls, made at the first one.
+        lt: lt::LtCell,
     },
     /// The emulated device (`CODECLM_CUDA_EMULATE=1`): the same kernels on the CPU.
     Emu(emu::Emu),
@@ -251,6 +261,10 @@ pub struct Cuda {
     failed: Mutex<Option<String>>,
     /// The ranks' communicator of a data-parallel run (NCCL), once attached.
     comm: OnceLock<Arc<Nccl>>,
+    /// Matmuls in bf16 with f32 accumulation ([`Cuda::enable_bf16`]); f32 otherwise.
+    bf16: AtomicBool,
+    /// The bf16 copies of a matmul's inputs (grown as needed, kept).
+    scratch16: Mutex<[Option<Scratch16>; 2]>,
 }
 
 fn blocks(n: usize, per: u32) -> u32 {
@@ -297,9 +311,12 @@ impl Cuda {
                 _module: module,
                 funcs,
                 blas: Mutex::new(Blas(blas)),
+                lt: Mutex::new(None),
             },
             failed: Mutex::new(None),
             comm: OnceLock::new(),
+            bf16: AtomicBool::new(false),
+            scratch16: Mutex::new([None, None]),
         })
     }
 
@@ -311,7 +328,47 @@ impl Cuda {
             dev: Dev::Emu(emu::Emu::load()?),
             failed: Mutex::new(None),
             comm: OnceLock::new(),
+            bf16: AtomicBool::new(false),
+            scratch16: Mutex::new([None, None]),
         })
+    }
+
+    /// Matmuls in bf16 (inputs rounded to bf16 on the device, f32 accumulation and output,
+    /// through cuBLASLt) or in f32 (cuBLAS, no TF32: the parity mode, the default).
+    pub fn enable_bf16(&self, on: bool) -> Result<()> {
+        // Safety: only probes for the library.
+        if on && !self.is_emulated() && !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+            return Err(missing(
+                "libcublasLt.so.13 (cuBLASLt, CUDA 13; the bf16 matmuls)",
+                "pip install nvidia-cublas==13.0.* (its nvidia/cu13/lib), install the CUDA 13 toolkit, or train with --precision f32",
+            ));
+        }
+        self.bf16.store(on, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether matmuls run in bf16.
+    pub fn is_bf16(&self) -> bool {
+        self.bf16.load(Ordering::Relaxed)
+    }
+
+    /// `n` floats at `src` rounded to bf16 into scratch buffer `which` (grown when too small);
+    /// its device address.
+    fn to_bf16(&self, which: usize, src: u64, n: usize) -> std::result::Result<u64, String> {
+        let mut s = self.scratch16.lock().unwrap_or_else(|e| e.into_inner());
+        if s[which].as_ref().is_none_or(|(_, cap)| *cap < n) {
+            // Room for growth: the next larger shape does not reallocate at once.
+            let cap = n.next_power_of_two();
+            s[which] = Some((self.alloc_mem::<u16>(cap)?, cap));
+        }
+        let dst = self.mem_ptr(&s[which].as_ref().expect("allocated above").0);
+        drop(s);
+        self.elementwise(
+            "f32_to_bf16",
+            n,
+            &[Arg::P(dst), Arg::P(src), Arg::P(n as u64)],
+        );
+        Ok(dst)
     }
 
     /// Whether this is the emulated device.
@@ -529,11 +586,21 @@ impl Backend for Cuda {
     type Ids = CudaIds;
 
     fn name(&self) -> String {
-        format!("cuda:{} ({}, f32, cuBLAS)", self.ordinal, self.arch)
+        let mm = if self.is_bf16() {
+            "bf16 matmuls, cuBLASLt"
+        } else {
+            "f32, cuBLAS"
+        };
+        format!("cuda:{} ({}, {mm})", self.ordinal, self.arch)
     }
 
     fn status(&self) -> Result<()> {
         self.first_error()
+    }
+
+    fn set_bf16(&self, on: bool) -> Result<bool> {
+        self.enable_bf16(on)?;
+        Ok(on)
     }
 
     fn all_average(&self, x: View<Self>) -> bool {
@@ -646,9 +713,8 @@ impl Backend for Cuda {
             m,
             n,
             k,
-            trans_a,
-            trans_b,
             accumulate,
+            ..
         } = mm;
         assert!(
             c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
@@ -657,7 +723,59 @@ impl Backend for Cuda {
         if !self.ok() || m == 0 || n == 0 {
             return;
         }
-        // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
+        // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T (GemmPlan).
+        let plan = lt::GemmPlan::of(mm);
+        let (pa, pb, pc) = (self.ptr(a), self.ptr(b), self.ptr(c));
+        if self.is_bf16() {
+            let r = self
+                .to_bf16(0, pa, m * k)
+                .and_then(|a16| Ok((a16, self.to_bf16(1, pb, k * n)?)))
+                .and_then(|(a16, b16)| match &self.dev {
+                    Dev::Gpu { stream, lt, .. } => {
+                        let mut g = lt.lock().unwrap_or_else(|e| e.into_inner());
+                        if g.is_none() {
+                            *g = Some(lt::Lt::new(stream)?);
+                        }
+                        let lt = g.as_mut().expect("made above");
+                        lt.matmul(stream, plan, b16, a16, pc)
+                    }
+                    Dev::Emu(_) => {
+                        // Safety: the scratch buffers hold the converted inputs (the
+                        // conversions ran to completion), pc covers C (asserted above).
+                        unsafe {
+                            emu::gemm(
+                                plan,
+                                b16 as *const u16,
+                                a16 as *const u16,
+                                pc as *mut f32,
+                                emu::bf16_to_f32,
+                            )
+                        };
+                        Ok(())
+                    }
+                });
+            if let Err(e) = r {
+                self.fail(format!("bf16 matmul {mm:?}: {e}"));
+            }
+            return;
+        }
+        let blas = match &self.dev {
+            Dev::Gpu { blas, .. } => blas,
+            Dev::Emu(_) => {
+                // Safety: the pointers cover the matrices (asserted above); the plan is the
+                // cuBLAS call's below.
+                unsafe {
+                    emu::gemm(
+                        plan,
+                        pb as *const f32,
+                        pa as *const f32,
+                        pc as *mut f32,
+                        |x| x,
+                    )
+                };
+                return;
+            }
+        };
         let op = |t: bool| {
             if t {
                 cublasOperation_t::CUBLAS_OP_T
@@ -666,39 +784,24 @@ impl Backend for Cuda {
             }
         };
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
-        let (pa, pb, pc) = (self.ptr(a), self.ptr(b), self.ptr(c));
-        let (lda, ldb) = (if trans_a { m } else { k }, if trans_b { k } else { n });
-        let blas = match &self.dev {
-            Dev::Gpu { blas, .. } => blas,
-            Dev::Emu(_) => {
-                // Safety: the pointers cover the matrices (asserted above); same arguments as
-                // the cuBLAS call below.
-                unsafe {
-                    emu::sgemm(
-                        trans_b, trans_a, n, m, k, alpha, pb, ldb, pa, lda, beta, pc, n,
-                    )
-                };
-                return;
-            }
-        };
         let blas = blas.lock().unwrap_or_else(|e| e.into_inner());
         // Safety: the pointers cover m x k, k x n and m x n floats (asserted above).
         let r = unsafe {
             cudarc::cublas::result::sgemm(
                 *blas.0.handle(),
-                op(trans_b),
-                op(trans_a),
-                n as i32,
-                m as i32,
-                k as i32,
+                op(plan.trans_a),
+                op(plan.trans_b),
+                plan.m as i32,
+                plan.n as i32,
+                plan.k as i32,
                 &alpha,
                 pb as *const f32,
-                ldb as i32,
+                plan.lda as i32,
                 pa as *const f32,
-                lda as i32,
+                plan.ldb as i32,
                 &beta,
                 pc as *mut f32,
-                n as i32,
+                plan.ldc as i32,
             )
         };
         if let Err(e) = r {
