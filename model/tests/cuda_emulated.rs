@@ -249,3 +249,82 @@ fn bf16_training_steps_follow_the_f32_ones() {
         assert!(lc != lg, "step {step}: bf16 changed nothing ({lc})");
     }
 }
+
+/// Attention in the bf16 mode reads q, k and v rounded to bf16 (f32 accumulation): its output,
+/// log-sum-exp and gradients are the CPU's on the rounded qkv.
+#[test]
+fn bf16_attention_reads_rounded_inputs() {
+    use codeclm_model::engine::backend::Attention;
+    let Some(cuda) = emulated() else { return };
+    cuda.enable_bf16(true).unwrap();
+    let cpu = Cpu::new();
+    let s = Attention {
+        batch: 1,
+        seq: 100,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 32,
+    };
+    let (rows, row, d_out) = (s.batch * s.seq, s.row(), s.heads * s.head_dim);
+    let mut rng = codeclm_model::rng::Rng::new(21);
+    let mut draw = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
+            .collect()
+    };
+    let (qkv, dout) = (draw(rows * row), draw(rows * d_out));
+    fn run<B: Backend>(be: &B, qkv: &[f32], dout: &[f32], s: Attention) -> [Vec<f32>; 3] {
+        let (rows, row, d_out) = (s.batch * s.seq, s.row(), s.heads * s.head_dim);
+        let nl = s.batch * s.heads * s.seq;
+        let buf = |x: &[f32]| {
+            let b = be.alloc(x.len()).unwrap();
+            be.upload(view::<B>(&b, x.len()), x);
+            b
+        };
+        let (q, g) = (buf(qkv), buf(dout));
+        let (o, l, d) = (
+            be.alloc(rows * d_out).unwrap(),
+            be.alloc(nl).unwrap(),
+            be.alloc(rows * row).unwrap(),
+        );
+        let (vq, vg) = (view::<B>(&q, rows * row), view::<B>(&g, rows * d_out));
+        let (vo, vl, vd) = (
+            view::<B>(&o, rows * d_out),
+            view::<B>(&l, nl),
+            view::<B>(&d, rows * row),
+        );
+        be.attention_forward(vo, vl, vq, s);
+        be.attention_backward(vd, vg, vo, vl, vq, s);
+        be.status().unwrap();
+        let down = |v: View<B>, n: usize| {
+            let mut h = vec![0f32; n];
+            be.download(v, &mut h);
+            h
+        };
+        [down(vo, rows * d_out), down(vl, nl), down(vd, rows * row)]
+    }
+    let got = run(&cuda, &qkv, &dout, s);
+    let rounded: Vec<f32> = qkv.iter().map(|&x| bf16(x)).collect();
+    let want = run(&cpu, &rounded, &dout, s);
+    let exact = run(&cpu, &qkv, &dout, s);
+    for (k, name) in ["out", "lse", "dqkv"].iter().enumerate() {
+        let worst = got[k]
+            .iter()
+            .zip(&want[k])
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        let moved = got[k]
+            .iter()
+            .zip(&exact[k])
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 1e-5,
+            "{name}: {worst} from the CPU on rounded inputs"
+        );
+        assert!(
+            moved > 1e-5,
+            "{name}: the inputs were not rounded ({moved})"
+        );
+    }
+}

@@ -252,15 +252,20 @@ extern "C" __global__ void attention_backward(float* dqkv, const float* dout, co
 #define FK 32
 #define FD 128
 
+// An element of qkv as f32: f32 itself, or bf16 bits (the attention of the bf16 mode).
+__device__ __forceinline__ float ld(const float* p, u64 i) { return p[i]; }
+__device__ __forceinline__ float ld(const unsigned short* p, u64 i) { return __uint_as_float(((unsigned)p[i]) << 16); }
+
 // Keys and values j0..j0+nk of key/value head g into shared ks, vs (rows of FD), between barriers
 // (the previous tile is consumed before it is overwritten).
-__device__ void kv_tile(float* ks, float* vs, const float* base, u64 row, int heads, int kv_heads, int g, int dh, int j0, int nk) {
+template <typename T>
+__device__ void kv_tile(float* ks, float* vs, const T* base, u64 row, int heads, int kv_heads, int g, int dh, int j0, int nk) {
     __syncthreads();
     for (int e = threadIdx.x; e < nk * dh; e += blockDim.x) {
         int r = e / dh, d = e % dh;
-        const float* kr = base + (u64)(j0 + r) * row + (u64)(heads + g) * dh;
-        ks[r * FD + d] = kr[d];
-        vs[r * FD + d] = kr[(u64)kv_heads * dh + d];
+        const T* kr = base + (u64)(j0 + r) * row + (u64)(heads + g) * dh;
+        ks[r * FD + d] = ld(kr, d);
+        vs[r * FD + d] = ld(kr, (u64)kv_heads * dh + d);
     }
     __syncthreads();
 }
@@ -277,19 +282,20 @@ __device__ FlashTile flash_tile(int seq, int heads, int kv_heads) {
     return t;
 }
 
-extern "C" __global__ void flash_forward(float* out, float* lse, const float* qkv, int batch, int seq, int heads, int kv_heads, int dh) {
+template <typename T>
+__device__ void flash_forward_t(float* out, float* lse, const T* qkv, int batch, int seq, int heads, int kv_heads, int dh) {
     __shared__ float ks[FK * FD];
     __shared__ float vs[FK * FD];
     FlashTile t = flash_tile(seq, heads, kv_heads);
     int tile = t.tile, b = t.b, h = t.h, g = t.g;
     if (b >= batch) return;
     u64 row = (u64)(heads + 2 * kv_heads) * dh;
-    const float* base = qkv + (u64)b * seq * row;
+    const T* base = qkv + (u64)b * seq * row;
     int i = tile * FQ + threadIdx.x;
     bool live = i < seq;
     float q[FD], acc[FD];
     for (int d = 0; d < dh; d++) {
-        q[d] = live ? base[(u64)i * row + (u64)h * dh + d] : 0.0f;
+        q[d] = live ? ld(base, (u64)i * row + (u64)h * dh + d) : 0.0f;
         acc[d] = 0.0f;
     }
     float scale = 1.0f / sqrtf((float)dh), m = -CUDA_INF, s = 0.0f;
@@ -316,23 +322,27 @@ extern "C" __global__ void flash_forward(float* out, float* lse, const float* qk
     if (lse) lse[((u64)b * heads + h) * seq + i] = m + logf(s);
 }
 
+extern "C" __global__ void flash_forward(float* out, float* lse, const float* qkv, int batch, int seq, int heads, int kv_heads, int dh) { flash_forward_t(out, lse, qkv, batch, seq, heads, kv_heads, dh); }
+extern "C" __global__ void flash_forward_bf16(float* out, float* lse, const unsigned short* qkv, int batch, int seq, int heads, int kv_heads, int dh) { flash_forward_t(out, lse, qkv, batch, seq, heads, kv_heads, dh); }
+
 // The backward of flash_forward without atomics, in two kernels. dq: a block of FQ query rows
 // (one thread each) walks the keys in shared tiles, recomputing each probability from the saved
 // log-sum-exp: ds = p (dout . v - D) with D = dout . out of the row.
-extern "C" __global__ void flash_backward_dq(float* dqkv, const float* dout, const float* out, const float* lse, const float* qkv, int batch, int seq, int heads, int kv_heads, int dh) {
+template <typename T>
+__device__ void flash_backward_dq_t(float* dqkv, const float* dout, const float* out, const float* lse, const T* qkv, int batch, int seq, int heads, int kv_heads, int dh) {
     __shared__ float ks[FK * FD];
     __shared__ float vs[FK * FD];
     FlashTile t = flash_tile(seq, heads, kv_heads);
     int tile = t.tile, b = t.b, h = t.h, g = t.g;
     if (b >= batch) return;
     u64 row = (u64)(heads + 2 * kv_heads) * dh, d_out = (u64)heads * dh;
-    const float* base = qkv + (u64)b * seq * row;
+    const T* base = qkv + (u64)b * seq * row;
     int i = tile * FQ + threadIdx.x;
     bool live = i < seq;
     float q[FD], go[FD], dq[FD];
     float di = 0.0f, l = 0.0f;
     for (int d = 0; d < dh; d++) {
-        q[d] = live ? base[(u64)i * row + (u64)h * dh + d] : 0.0f;
+        q[d] = live ? ld(base, (u64)i * row + (u64)h * dh + d) : 0.0f;
         go[d] = live ? dout[((u64)b * seq + i) * d_out + (u64)h * dh + d] : 0.0f;
         dq[d] = 0.0f;
         if (live) di += go[d] * out[((u64)b * seq + i) * d_out + (u64)h * dh + d];
@@ -360,10 +370,14 @@ extern "C" __global__ void flash_backward_dq(float* dqkv, const float* dout, con
     for (int d = 0; d < dh; d++) dqp[d] = dq[d];
 }
 
+extern "C" __global__ void flash_backward_dq(float* dqkv, const float* dout, const float* out, const float* lse, const float* qkv, int batch, int seq, int heads, int kv_heads, int dh) { flash_backward_dq_t(dqkv, dout, out, lse, qkv, batch, seq, heads, kv_heads, dh); }
+extern "C" __global__ void flash_backward_dq_bf16(float* dqkv, const float* dout, const float* out, const float* lse, const unsigned short* qkv, int batch, int seq, int heads, int kv_heads, int dh) { flash_backward_dq_t(dqkv, dout, out, lse, qkv, batch, seq, heads, kv_heads, dh); }
+
 // dk and dv: a block of FQ key rows of one (batch row, key/value head), one thread each, walks
 // the queries that see them (i >= j) of every head of its group in shared tiles (q, dout, the
 // log-sum-exp and D per query row) and writes its rows once.
-extern "C" __global__ void flash_backward_dkv(float* dqkv, const float* dout, const float* out, const float* lse, const float* qkv, int batch, int seq, int heads, int kv_heads, int dh) {
+template <typename T>
+__device__ void flash_backward_dkv_t(float* dqkv, const float* dout, const float* out, const float* lse, const T* qkv, int batch, int seq, int heads, int kv_heads, int dh) {
     __shared__ float qs[FK * FD];
     __shared__ float gs[FK * FD];
     __shared__ float ls[FK];
@@ -374,13 +388,13 @@ extern "C" __global__ void flash_backward_dkv(float* dqkv, const float* dout, co
     if (b >= batch) return;
     int group = heads / kv_heads;
     u64 row = (u64)(heads + 2 * kv_heads) * dh, d_out = (u64)heads * dh;
-    const float* base = qkv + (u64)b * seq * row;
+    const T* base = qkv + (u64)b * seq * row;
     int j = tile * FQ + threadIdx.x;
     bool live = j < seq;
     float k[FD], v[FD], dk[FD], dv[FD];
     for (int d = 0; d < dh; d++) {
-        k[d] = live ? base[(u64)j * row + (u64)(heads + g) * dh + d] : 0.0f;
-        v[d] = live ? base[(u64)j * row + (u64)(heads + kv_heads + g) * dh + d] : 0.0f;
+        k[d] = live ? ld(base, (u64)j * row + (u64)(heads + g) * dh + d) : 0.0f;
+        v[d] = live ? ld(base, (u64)j * row + (u64)(heads + kv_heads + g) * dh + d) : 0.0f;
         dk[d] = 0.0f;
         dv[d] = 0.0f;
     }
@@ -392,7 +406,7 @@ extern "C" __global__ void flash_backward_dkv(float* dqkv, const float* dout, co
             __syncthreads();
             for (int e = threadIdx.x; e < nq * dh; e += blockDim.x) {
                 int r = e / dh, d = e % dh;
-                qs[r * FD + d] = base[(u64)(i0 + r) * row + (u64)h * dh + d];
+                qs[r * FD + d] = ld(base, (u64)(i0 + r) * row + (u64)h * dh + d);
                 gs[r * FD + d] = dout[((u64)b * seq + i0 + r) * d_out + (u64)h * dh + d];
             }
             for (int r = threadIdx.x; r < nq; r += blockDim.x) {
@@ -429,6 +443,9 @@ extern "C" __global__ void flash_backward_dkv(float* dqkv, const float* dout, co
         dvp[d] = dv[d];
     }
 }
+
+extern "C" __global__ void flash_backward_dkv(float* dqkv, const float* dout, const float* out, const float* lse, const float* qkv, int batch, int seq, int heads, int kv_heads, int dh) { flash_backward_dkv_t(dqkv, dout, out, lse, qkv, batch, seq, heads, kv_heads, dh); }
+extern "C" __global__ void flash_backward_dkv_bf16(float* dqkv, const float* dout, const float* out, const float* lse, const unsigned short* qkv, int batch, int seq, int heads, int kv_heads, int dh) { flash_backward_dkv_t(dqkv, dout, out, lse, qkv, batch, seq, heads, kv_heads, dh); }
 
 extern "C" __global__ void kv_store(float* kc, float* vc, const float* qkv, int batch, int seq, int heads, int kv_heads, int dh, int cache_len, int pos0) {
     u64 kvd = (u64)kv_heads * dh, row = (u64)(heads + 2 * kv_heads) * dh;

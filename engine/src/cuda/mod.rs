@@ -50,6 +50,9 @@ pub const KERNEL_NAMES: &[&str] = &[
     "flash_forward",
     "flash_backward_dq",
     "flash_backward_dkv",
+    "flash_forward_bf16",
+    "flash_backward_dq_bf16",
+    "flash_backward_dkv_bf16",
     "kv_store",
     "swiglu_forward",
     "swiglu_backward",
@@ -264,7 +267,7 @@ pub struct Cuda {
     /// Matmuls in bf16 with f32 accumulation ([`Cuda::enable_bf16`]); f32 otherwise.
     bf16: AtomicBool,
     /// The bf16 copies of a matmul's inputs (grown as needed, kept).
-    scratch16: Mutex<[Option<Scratch16>; 2]>,
+    scratch16: Mutex<[Option<Scratch16>; 3]>,
 }
 
 fn blocks(n: usize, per: u32) -> u32 {
@@ -316,7 +319,7 @@ impl Cuda {
             failed: Mutex::new(None),
             comm: OnceLock::new(),
             bf16: AtomicBool::new(false),
-            scratch16: Mutex::new([None, None]),
+            scratch16: Mutex::new([None, None, None]),
         })
     }
 
@@ -329,7 +332,7 @@ impl Cuda {
             failed: Mutex::new(None),
             comm: OnceLock::new(),
             bf16: AtomicBool::new(false),
-            scratch16: Mutex::new([None, None]),
+            scratch16: Mutex::new([None, None, None]),
         })
     }
 
@@ -951,10 +954,14 @@ impl Backend for Cuda {
             s.head_dim
         );
         if s.head_dim <= FLASH_MAX_HEAD_DIM {
-            let args = self.flash_args(None, None, Some(out), Some(lse), qkv, s);
+            let Some((q, name)) = self.flash_qkv(qkv, s, ["flash_forward", "flash_forward_bf16"])
+            else {
+                return;
+            };
+            let args = self.flash_args(None, None, Some(out), Some(lse), q, s);
             let tiles = s.seq.div_ceil(FLASH_ROWS);
             self.launch(
-                "flash_forward",
+                name,
                 (tiles * s.batch * s.heads) as u32,
                 FLASH_ROWS as u32,
                 &args,
@@ -1037,12 +1044,20 @@ impl Backend for Cuda {
         assert!(s.head_dim <= MAX_HEAD_DIM);
         if s.head_dim <= FLASH_MAX_HEAD_DIM {
             // Every element of dqkv is written once: no zeroing, no atomics.
-            let args = self.flash_args(Some(dqkv), Some(dout), Some(out), Some(lse), qkv, s);
+            let names = [
+                ["flash_backward_dq", "flash_backward_dq_bf16"],
+                ["flash_backward_dkv", "flash_backward_dkv_bf16"],
+            ];
+            let Some((q, dq)) = self.flash_qkv(qkv, s, names[0]) else {
+                return;
+            };
+            let dkv = names[1][self.is_bf16() as usize];
+            let args = self.flash_args(Some(dqkv), Some(dout), Some(out), Some(lse), q, s);
             let tiles = s.seq.div_ceil(FLASH_ROWS) as u32;
             let rows = FLASH_ROWS as u32;
             let (bh, bg) = ((s.batch * s.heads) as u32, (s.batch * s.kv_heads) as u32);
-            self.launch("flash_backward_dq", tiles * bh, rows, &args);
-            self.launch("flash_backward_dkv", tiles * bg, rows, &args);
+            self.launch(dq, tiles * bh, rows, &args);
+            self.launch(dkv, tiles * bg, rows, &args);
             return;
         }
         self.fill(dqkv.prefix(s.batch * s.seq * s.row()), 0.0);
@@ -1276,6 +1291,27 @@ impl Cuda {
 
     /// The attention kernel: queries (pointer, row stride), keys and values (k, v, row stride,
     /// rows per batch row, keys per batch row, pos0), optional pads.
+    /// The qkv the flash kernels read and the kernel of `names` ([f32, bf16]) to launch: in the
+    /// bf16 mode a bf16 copy of qkv (rounded on the device), else qkv itself. None after a
+    /// device error (recorded).
+    fn flash_qkv(
+        &self,
+        qkv: View<Self>,
+        s: Attention,
+        names: [&'static str; 2],
+    ) -> Option<(u64, &'static str)> {
+        if !self.is_bf16() {
+            return Some((self.ptr(qkv), names[0]));
+        }
+        match self.to_bf16(2, self.ptr(qkv), s.batch * s.seq * s.row()) {
+            Ok(p) => Some((p, names[1])),
+            Err(e) => {
+                self.fail(format!("attention in bf16: {e}"));
+                None
+            }
+        }
+    }
+
     /// The flash kernels' arguments: the forward's (out, lse, qkv, dims) or, with dqkv and dout,
     /// the backward's (dqkv, dout, out, lse, qkv, dims).
     fn flash_args(
@@ -1284,7 +1320,7 @@ impl Cuda {
         dout: Option<View<Self>>,
         out: Option<View<Self>>,
         lse: Option<View<Self>>,
-        qkv: View<Self>,
+        qkv: u64,
         s: Attention,
     ) -> Vec<Arg> {
         let p = |v: Option<View<Self>>| v.map(|v| Arg::P(self.ptr(v)));
@@ -1292,7 +1328,7 @@ impl Cuda {
             .into_iter()
             .flatten()
             .collect();
-        args.push(Arg::P(self.ptr(qkv)));
+        args.push(Arg::P(qkv));
         args.extend([s.batch, s.seq, s.heads, s.kv_heads, s.head_dim].map(|x| Arg::I(x as i32)));
         args
     }
