@@ -7,7 +7,7 @@
 //! into `RUN/` and `.next/` is removed. A run killed while saving is rolled forward (complete
 //! journal) or back (incomplete journal) by [`recover`], so a resume never sees a torn set.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use crate::llama::LlamaConfig;
@@ -54,8 +54,25 @@ pub fn serialize_f32(
         meta.insert(k.to_string(), v.clone());
     }
     let views: Vec<(&str, F32)> = tensors.iter().map(|(n, s, v)| (*n, F32(s, v))).collect();
-    safetensors::serialize(views.iter().map(|(n, v)| (*n, v)), Some(meta))
-        .map_err(|e| Error::Config(format!("cannot serialize tensors: {e}")))
+    // safetensors writes the metadata map in the HashMap's order, which varies by process: the
+    // same JSON in sorted order (same length) takes its place, so equal checkpoints are equal
+    // bytes. A clone iterates in the original's order.
+    let unsorted =
+        serde_json::to_string(&meta.clone()).map_err(|e| Error::Config(e.to_string()))?;
+    let sorted = serde_json::to_string(&meta.iter().collect::<BTreeMap<_, _>>())
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let mut bytes = safetensors::serialize(views.iter().map(|(n, v)| (*n, v)), Some(meta))
+        .map_err(|e| Error::Config(format!("cannot serialize tensors: {e}")))?;
+    let header = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let key = format!("\"__metadata__\":{unsorted}");
+    if let Some(at) = bytes[8..8 + header]
+        .windows(key.len())
+        .position(|w| w == key.as_bytes())
+    {
+        let start = 8 + at + key.len() - unsorted.len();
+        bytes[start..start + sorted.len()].copy_from_slice(sorted.as_bytes());
+    }
+    Ok(bytes)
 }
 
 /// Reads every tensor of a safetensors file as f32 (f32, bf16 and f16 files: HF exports).
@@ -247,6 +264,26 @@ pub fn path_in(dir: &Path, name: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Equal tensors and metadata give equal bytes, whatever order each HashMap iterates in,
+    /// and safetensors reads them back.
+    #[test]
+    fn equal_checkpoints_are_equal_bytes() {
+        let w = [1.0f32, -2.5, 3.25, 0.0];
+        let meta: Vec<(&str, String)> =
+            [("step", "7"), ("zeta", "z"), ("alpha", "a"), ("mid", "m")]
+                .iter()
+                .map(|(k, v)| (*k, v.to_string()))
+                .collect();
+        let first = serialize_f32(&[("w", &[2, 2], &w)], &meta).unwrap();
+        for _ in 0..20 {
+            assert_eq!(serialize_f32(&[("w", &[2, 2], &w)], &meta).unwrap(), first);
+        }
+        let (_, m) = safetensors::SafeTensors::read_metadata(&first).unwrap();
+        let md = m.metadata().as_ref().unwrap();
+        assert_eq!(md.get("zeta").map(String::as_str), Some("z"));
+        assert_eq!(md.len(), 5, "format, step and the three others");
+    }
 
     #[test]
     fn interrupted_journal_rolls_forward_or_back() {

@@ -213,3 +213,40 @@ fn bench_allreduce_averages_over_mpi_ranks() {
     assert_eq!(j["bytes"], 10_000_000);
     assert!(j["seconds_per_allreduce"].as_f64().unwrap() > 0.0);
 }
+
+/// CUDA ranks without NCCL (`--dist mpi`) average through host memory and MPI: on the emulated
+/// device (kernels.cu on the CPU) 2 ranks get the exact average.
+#[test]
+fn cuda_ranks_average_through_mpi_on_the_emulated_device() {
+    let out = mpirun(
+        2,
+        &[
+            "bench",
+            "allreduce",
+            "--device",
+            "cuda",
+            "--dist",
+            "mpi",
+            "--floats",
+            "300000",
+            "--iters",
+            "2",
+            "--threads",
+            "1",
+        ]
+        .map(String::from),
+    )
+    .env("CODECLM_CUDA_EMULATE", "1")
+    .output()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(j["world"], 2);
+    assert_eq!(j["max_error"], 0.0);
+    assert!(j["device"].as_str().unwrap().contains("emulated"), "{j}");
+}
