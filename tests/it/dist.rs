@@ -180,25 +180,13 @@ fn a_torchrun_launch_on_cpu_says_what_to_use() {
     assert!(err.contains("mpirun") && err.contains("NCCL"), "{err}");
 }
 
-/// `bench allreduce` on 2 MPI ranks: the average is exact and timed; one JSON line from rank 0.
-#[test]
-fn bench_allreduce_averages_over_mpi_ranks() {
-    let out = mpirun(
-        2,
-        &[
-            "bench",
-            "allreduce",
-            "--floats",
-            "2500000",
-            "--iters",
-            "2",
-            "--threads",
-            "1",
-        ]
-        .map(String::from),
-    )
-    .output()
-    .unwrap();
+/// `mpirun -np 2 codeclm bench allreduce ARGS` (with `env`): rank 0's one JSON line.
+fn allreduce_2_ranks(args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
+    let mut a = vec!["bench", "allreduce", "--iters", "2", "--threads", "1"];
+    a.extend(args);
+    let mut cmd = mpirun(2, &a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    cmd.envs(env.iter().copied());
+    let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -207,7 +195,13 @@ fn bench_allreduce_averages_over_mpi_ranks() {
     );
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 1, "rank 0 alone prints: {stdout}");
-    let j: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    serde_json::from_str(lines[0]).unwrap()
+}
+
+/// `bench allreduce` on 2 MPI ranks: the average is exact and timed; one JSON line from rank 0.
+#[test]
+fn bench_allreduce_averages_over_mpi_ranks() {
+    let j = allreduce_2_ranks(&["--floats", "2500000"], &[]);
     assert_eq!(j["world"], 2);
     assert_eq!(j["max_error"], 0.0);
     assert_eq!(j["bytes"], 10_000_000);
@@ -218,34 +212,10 @@ fn bench_allreduce_averages_over_mpi_ranks() {
 /// device (kernels.cu on the CPU) 2 ranks get the exact average.
 #[test]
 fn cuda_ranks_average_through_mpi_on_the_emulated_device() {
-    let out = mpirun(
-        2,
-        &[
-            "bench",
-            "allreduce",
-            "--device",
-            "cuda",
-            "--dist",
-            "mpi",
-            "--floats",
-            "300000",
-            "--iters",
-            "2",
-            "--threads",
-            "1",
-        ]
-        .map(String::from),
-    )
-    .env("CODECLM_CUDA_EMULATE", "1")
-    .output()
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let j = allreduce_2_ranks(
+        &["--device", "cuda", "--dist", "mpi", "--floats", "300000"],
+        &[("CODECLM_CUDA_EMULATE", "1")],
     );
-    let j: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(j["world"], 2);
     assert_eq!(j["max_error"], 0.0);
     assert!(j["device"].as_str().unwrap().contains("emulated"), "{j}");
