@@ -358,3 +358,53 @@ fn eval_fid_run_mode_end_to_end() {
     let err = run_err(codeclm().args(["eval", "fid", "--run"]).arg(tmp.path()));
     assert!(err.contains("trainer_state.json"), "{err}");
 }
+
+/// The FID network on the engine's CUDA backend, run on the emulated device (kernels.cu on the
+/// CPU: im2col, bias + ReLU, pools, concatenation, global pooling and the matmuls' column-major
+/// mapping): `eval fid --device cuda` gives the CPU's FID.
+#[test]
+fn fid_on_the_emulated_cuda_device_equals_the_cpu() {
+    if weights().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (real, fake) = (tmp.path().join("real"), tmp.path().join("fake"));
+    for (dir, names) in [
+        (&real, ["astronaut.png", "coffee.png"]),
+        (&fake, ["horse.png", "rocket.jpg"]),
+    ] {
+        std::fs::create_dir_all(dir).unwrap();
+        for n in names {
+            std::fs::copy(fixtures("images").join(n), dir.join(n)).unwrap();
+        }
+    }
+    let fid_of = |emulate: bool| -> f64 {
+        let mut cmd = codeclm();
+        cmd.args(["eval", "fid", "--real"])
+            .arg(&real)
+            .arg("--fake")
+            .arg(&fake);
+        if emulate {
+            cmd.args(["--device", "cuda"])
+                .env("CODECLM_CUDA_EMULATE", "1");
+        }
+        let out = run_ok(&mut cmd);
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("FID "))
+            .unwrap_or_else(|| panic!("{text}"));
+        line[4..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (cpu, cuda) = (fid_of(false), fid_of(true));
+    assert!(
+        cpu > 0.0 && (cpu - cuda).abs() <= 1e-3 * cpu,
+        "FID {cpu} (cpu) vs {cuda} (emulated cuda)"
+    );
+}

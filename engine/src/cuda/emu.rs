@@ -1,8 +1,8 @@
 //! The CUDA backend on an emulated device, for machines without a GPU
 //! (`CODECLM_CUDA_EMULATE=1`): `kernels.cu` compiled as C++ by the host compiler with the
 //! `emu.h` prelude (blocks one after another, each block's threads as fibers with real
-//! `__syncthreads` and warp-shuffle barriers), host memory for device memory, and a
-//! column-major sgemm with cuBLAS's arguments for the matmuls. Every `--device cuda` path (the
+//! `__syncthreads` and warp-shuffle barriers), host memory for device memory, and cuBLAS's
+//! column-major arguments (the `GemmPlan`) turned into strides for the `gemm` crate. Every `--device cuda` path (the
 //! backend's launch geometry, pointer arithmetic, the row-major to column-major matmul mapping,
 //! the trainer, generation, the FID network) then runs the CUDA code on the CPU, slowly. It is a
 //! test of the CUDA source and its glue, not of a GPU: no timing, no concurrent memory model,
@@ -214,7 +214,8 @@ pub fn bf16_to_f32(b: u16) -> f32 {
 }
 
 /// cuBLAS's column-major `C = op(A) op(B) (+ C)` of `plan` (the call the backend makes) on host
-/// addresses, elements read through `to_f32` (f32, or bf16 bits), f64 accumulation per element.
+/// addresses, elements read through `to_f32` (f32, or bf16 bits): the plan's strides handed to
+/// the `gemm` crate (the CPU backend's), single-threaded.
 ///
 /// # Safety
 /// The addresses must hold the matrices the plan describes.
@@ -236,17 +237,47 @@ pub unsafe fn gemm<T: Copy>(
         ldc,
         accumulate,
     } = plan;
-    // Column-major: element (i, j) of an ld-leading matrix is at i + j * ld.
-    let at = |i: usize, p: usize| to_f32(*a.add(if trans_a { p + i * lda } else { i + p * lda }));
-    let bt = |p: usize, j: usize| to_f32(*b.add(if trans_b { j + p * ldb } else { p + j * ldb }));
-    for j in 0..n {
-        for i in 0..m {
-            let mut acc = 0.0f64;
-            for p in 0..k {
-                acc += at(i, p) as f64 * bt(p, j) as f64;
-            }
-            let dst = c.add(i + j * ldc);
-            *dst = acc as f32 + if accumulate { *dst } else { 0.0 };
-        }
+    if m == 0 || n == 0 {
+        return;
     }
+    if k == 0 {
+        if !accumulate {
+            for j in 0..n {
+                std::ptr::write_bytes(c.add(j * ldc), 0, m);
+            }
+        }
+        return;
+    }
+    // Column-major storage of an (rows x cols) matrix with leading dimension ld.
+    let widen = |p: *const T, rows: usize, cols: usize, ld: usize| -> Vec<f32> {
+        let len = (cols - 1) * ld + rows;
+        (0..len).map(|i| to_f32(*p.add(i))).collect()
+    };
+    let (a_rows, a_cols) = if trans_a { (k, m) } else { (m, k) };
+    let (b_rows, b_cols) = if trans_b { (n, k) } else { (k, n) };
+    let (a32, b32) = (widen(a, a_rows, a_cols, lda), widen(b, b_rows, b_cols, ldb));
+    // Element (i, p) of op(A): at i + p * lda, or p + i * lda when transposed.
+    let (a_rs, a_cs) = if trans_a { (lda, 1) } else { (1, lda) };
+    let (b_rs, b_cs) = if trans_b { (ldb, 1) } else { (1, ldb) };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        ldc as isize,
+        1,
+        accumulate,
+        a32.as_ptr(),
+        a_cs as isize,
+        a_rs as isize,
+        b32.as_ptr(),
+        b_cs as isize,
+        b_rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
 }
