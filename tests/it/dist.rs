@@ -220,3 +220,62 @@ fn cuda_ranks_average_through_mpi_on_the_emulated_device() {
     assert_eq!(j["max_error"], 0.0);
     assert!(j["device"].as_str().unwrap().contains("emulated"), "{j}");
 }
+
+/// The trainer on the CUDA backend across 2 MPI ranks with ZeRO-1 (`--dist mpi`: gradients and
+/// parameter slices staged through host memory), on the emulated device: it trains as the same
+/// 2 ranks do on the CPU (a synthetic token set of short documents keeps validation cheap).
+#[test]
+fn cuda_ranks_train_as_cpu_ranks_on_the_emulated_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let syn = tmp.path().join("syn");
+    run_ok(
+        codeclm()
+            .args(["bench", "loader", "--write-synthetic"])
+            .arg(&syn)
+            .args(["--tokens", "30000", "--doc-tokens", "120"]),
+    );
+    let run = |out: &Path, cuda: bool| {
+        let mut a: Vec<String> = train_args(&syn, out, 1, &["--zero1", "--dist", "mpi"]);
+        // A shorter run than the other tests': every CUDA thread is a fiber on the CPU.
+        for (flag, v) in [("--steps", "3"), ("--eval-every", "3")] {
+            let at = a.iter().position(|x| x == flag).unwrap();
+            a[at + 1] = v.into();
+        }
+        a.extend(["--val-docs".into(), "2".into()]);
+        if cuda {
+            // f32 matmuls (the parity mode; bf16 is the CUDA default).
+            a.extend(["--device", "cuda", "--precision", "f32"].map(String::from));
+        }
+        let o = mpirun(2, &a)
+            .env("CODECLM_CUDA_EMULATE", "1")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let (c, g) = (tmp.path().join("cpu"), tmp.path().join("cuda"));
+    run(&c, false);
+    run(&g, true);
+    let (lc, lg) = (losses(&c), losses(&g));
+    assert_eq!(lc.len(), lg.len());
+    for (s, (x, y)) in lc.iter().zip(&lg).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs(),
+            "step {}: {x} (cpu) vs {y}",
+            s + 1
+        );
+    }
+    // fp32 AdamW moves a weight whose gradient is near eps by up to lr when the summation order
+    // changes (tests/it/dist.rs's floor above): nearly all weights agree to 1e-6, none is off by
+    // more than a few steps of lr.
+    let d = diffs(&c, &g, "model.safetensors");
+    let above = d.iter().filter(|&&x| x > 1e-6).count();
+    let w = max_of(&d);
+    eprintln!("weights: {above} of {} above 1e-6, max {w:.2e}", d.len());
+    assert!(
+        above as f64 <= 1e-3 * d.len() as f64 && w <= 1e-3,
+        "weights: {above} of {} above 1e-6, max {w}",
+        d.len()
+    );
+    let m = max_of(&diffs(&c, &g, "optimizer.safetensors"));
+    assert!(m.is_finite() && m <= 1e-4, "moments differ by {m}");
+}
