@@ -2,9 +2,9 @@
 // (engine/src/cuda/mod.rs). Each is the CPU backend's kernel of the same name, element for
 // element (engine/src/cpu.rs, engine/src/conv.rs): f32 in, f32 accumulation out. One thread per
 // output element, one block per row for reductions; attention tiled through shared memory for
-// training (flash_*: an online softmax, no T x T matrix, a backward without atomics) and one warp
-// per query row for the KV cache and heads above 128 (its backward uses atomics); atomics where
-// embedding rows meet. No headers: NVRTC has none.
+// training and the KV cache's prefill (flash_*: an online softmax, no T x T matrix, a backward
+// without atomics) and one warp per query row for decode steps and heads above 128 (its backward
+// uses atomics); atomics where embedding rows meet. No headers: NVRTC has none.
 
 typedef unsigned long long u64;
 
@@ -256,16 +256,16 @@ extern "C" __global__ void attention_backward(float* dqkv, const float* dout, co
 __device__ __forceinline__ float ld(const float* p, u64 i) { return p[i]; }
 __device__ __forceinline__ float ld(const unsigned short* p, u64 i) { return __uint_as_float(((unsigned)p[i]) << 16); }
 
-// Keys and values j0..j0+nk of key/value head g into shared ks, vs (rows of FD), between barriers
-// (the previous tile is consumed before it is overwritten).
+// Key and value rows j0..j0+nk (row stride rs from kb, vb: one key/value head of one batch row)
+// into shared ks, vs (rows of FD), between barriers (the previous tile is consumed before it is
+// overwritten).
 template <typename T>
-__device__ void kv_tile(float* ks, float* vs, const T* base, u64 row, int heads, int kv_heads, int g, int dh, int j0, int nk) {
+__device__ void kv_tile(float* ks, float* vs, const T* kb, const T* vb, u64 rs, int dh, int j0, int nk) {
     __syncthreads();
     for (int e = threadIdx.x; e < nk * dh; e += blockDim.x) {
         int r = e / dh, d = e % dh;
-        const T* kr = base + (u64)(j0 + r) * row + (u64)(heads + g) * dh;
-        ks[r * FD + d] = ld(kr, d);
-        vs[r * FD + d] = ld(kr, (u64)kv_heads * dh + d);
+        ks[r * FD + d] = ld(kb, (u64)(j0 + r) * rs + d);
+        vs[r * FD + d] = ld(vb, (u64)(j0 + r) * rs + d);
     }
     __syncthreads();
 }
@@ -282,31 +282,47 @@ __device__ FlashTile flash_tile(int seq, int heads, int kv_heads) {
     return t;
 }
 
+// The general form (the warp kernel attention_forward's arguments): queries at
+// q + (b * seq + i) * q_rs + h * dh at positions pos0 + i, keys and values at
+// k/v + (b * kv_rows + j) * kv_rs + g * dh for j < n_keys, causal, the first pads[b] keys left
+// padding no real query sees (pads may be null); lse may be null. Training passes the packed
+// qkv (pos0 0, no pads); the KV cache's prefill passes the cache.
 template <typename T>
-__device__ void flash_forward_t(float* out, float* lse, const T* qkv, int batch, int seq, int heads, int kv_heads, int dh) {
+__device__ void flash_attend_t(float* out, float* lse, const T* q, int q_rs, const T* k, const T* v, int kv_rs, int kv_rows, int n_keys, int pos0, const u64* pads, int batch, int seq, int heads, int kv_heads, int dh) {
     __shared__ float ks[FK * FD];
     __shared__ float vs[FK * FD];
     FlashTile t = flash_tile(seq, heads, kv_heads);
     int tile = t.tile, b = t.b, h = t.h, g = t.g;
     if (b >= batch) return;
-    u64 row = (u64)(heads + 2 * kv_heads) * dh;
-    const T* base = qkv + (u64)b * seq * row;
+    const T* kb = k + (u64)b * kv_rows * kv_rs + (u64)g * dh;
+    const T* vb = v + (u64)b * kv_rows * kv_rs + (u64)g * dh;
+    int pad = pads ? (int)pads[b] : 0;
     int i = tile * FQ + threadIdx.x;
     bool live = i < seq;
-    float q[FD], acc[FD];
+    int qpos = pos0 + i;
+    int lo = qpos >= pad ? pad : 0;
+    int hi = qpos + 1 < n_keys ? qpos + 1 : n_keys;
+    float qr[FD], acc[FD];
     for (int d = 0; d < dh; d++) {
-        q[d] = live ? ld(base, (u64)i * row + (u64)h * dh + d) : 0.0f;
+        qr[d] = live ? ld(q, ((u64)b * seq + i) * q_rs + (u64)h * dh + d) : 0.0f;
         acc[d] = 0.0f;
     }
     float scale = 1.0f / sqrtf((float)dh), m = -CUDA_INF, s = 0.0f;
-    int last = tile * FQ + FQ < seq ? tile * FQ + FQ : seq;  // keys the block's last query sees
-    for (int j0 = 0; j0 < last; j0 += FK) {
-        int nk = last - j0 < FK ? last - j0 : FK;
-        kv_tile(ks, vs, base, row, heads, kv_heads, g, dh, j0, nk);
-        int jend = live ? (i - j0 + 1 < nk ? i - j0 + 1 : nk) : 0;
-        for (int r = 0; r < jend; r++) {
+    // The keys some query of the block sees: from the pad (0 if a query is itself padding) to
+    // the block's last query.
+    int first_q = pos0 + tile * FQ;
+    int last_q = pos0 + (tile * FQ + FQ < seq ? tile * FQ + FQ : seq) - 1;
+    int j_begin = first_q >= pad ? pad : 0;
+    int j_end = last_q + 1 < n_keys ? last_q + 1 : n_keys;
+    for (int j0 = j_begin; j0 < j_end; j0 += FK) {
+        int nk = j_end - j0 < FK ? j_end - j0 : FK;
+        kv_tile(ks, vs, kb, vb, (u64)kv_rs, dh, j0, nk);
+        if (!live) continue;
+        int r0 = lo > j0 ? lo - j0 : 0;
+        int r1 = hi - j0 < nk ? hi - j0 : nk;
+        for (int r = r0; r < r1; r++) {
             float dot = 0.0f;
-            for (int d = 0; d < dh; d++) dot += q[d] * ks[r * FD + d];
+            for (int d = 0; d < dh; d++) dot += qr[d] * ks[r * FD + d];
             dot *= scale;
             float mn = fmaxf(m, dot);
             float alpha = expf(m - mn), p = expf(dot - mn);
@@ -316,16 +332,16 @@ __device__ void flash_forward_t(float* out, float* lse, const T* qkv, int batch,
         }
     }
     if (!live) return;
-    float inv = 1.0f / s;
+    float inv = s > 0.0f ? 1.0f / s : 0.0f;
     float* op = out + ((u64)b * seq + i) * heads * dh + (u64)h * dh;
     for (int d = 0; d < dh; d++) op[d] = acc[d] * inv;
     if (lse) lse[((u64)b * heads + h) * seq + i] = m + logf(s);
 }
 
-extern "C" __global__ void flash_forward(float* out, float* lse, const float* qkv, int batch, int seq, int heads, int kv_heads, int dh) { flash_forward_t(out, lse, qkv, batch, seq, heads, kv_heads, dh); }
-extern "C" __global__ void flash_forward_bf16(float* out, float* lse, const unsigned short* qkv, int batch, int seq, int heads, int kv_heads, int dh) { flash_forward_t(out, lse, qkv, batch, seq, heads, kv_heads, dh); }
+extern "C" __global__ void flash_attend(float* out, float* lse, const float* q, int q_rs, const float* k, const float* v, int kv_rs, int kv_rows, int n_keys, int pos0, const u64* pads, int batch, int seq, int heads, int kv_heads, int dh) { flash_attend_t(out, lse, q, q_rs, k, v, kv_rs, kv_rows, n_keys, pos0, pads, batch, seq, heads, kv_heads, dh); }
+extern "C" __global__ void flash_attend_bf16(float* out, float* lse, const unsigned short* q, int q_rs, const unsigned short* k, const unsigned short* v, int kv_rs, int kv_rows, int n_keys, int pos0, const u64* pads, int batch, int seq, int heads, int kv_heads, int dh) { flash_attend_t(out, lse, q, q_rs, k, v, kv_rs, kv_rows, n_keys, pos0, pads, batch, seq, heads, kv_heads, dh); }
 
-// The backward of flash_forward without atomics, in two kernels. dq: a block of FQ query rows
+// The backward of flash_attend's training form (packed qkv, no cache) without atomics, in two kernels. dq: a block of FQ query rows
 // (one thread each) walks the keys in shared tiles, recomputing each probability from the saved
 // log-sum-exp: ds = p (dout . v - D) with D = dout . out of the row.
 template <typename T>
@@ -352,7 +368,7 @@ __device__ void flash_backward_dq_t(float* dqkv, const float* dout, const float*
     int last = tile * FQ + FQ < seq ? tile * FQ + FQ : seq;
     for (int j0 = 0; j0 < last; j0 += FK) {
         int nk = last - j0 < FK ? last - j0 : FK;
-        kv_tile(ks, vs, base, row, heads, kv_heads, g, dh, j0, nk);
+        kv_tile(ks, vs, base + (u64)(heads + g) * dh, base + (u64)(heads + kv_heads + g) * dh, row, dh, j0, nk);
         int jend = live ? (i - j0 + 1 < nk ? i - j0 + 1 : nk) : 0;
         for (int r = 0; r < jend; r++) {
             float sc = 0.0f, dp = 0.0f;

@@ -10,9 +10,9 @@
 //! with this module's glue run in CI on the emulated device of [`emu`] (`CODECLM_CUDA_EMULATE=1`:
 //! the same CUDA C on the CPU) against the CPU backend; it has not run on a GPU yet (none was
 //! available to this work). The kernels are the CPU backend's, one thread per element or one
-//! block per row; training attention is tiled through shared memory (flash style, f32, heads up
-//! to 128; the backward in two kernels without atomics), cached attention one warp per query
-//! row.
+//! block per row; attention is tiled through shared memory (flash style, heads up to 128) for
+//! training and for the KV cache's prefill (the backward in two kernels without atomics), and one
+//! warp per query row for decode steps and larger heads.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,10 +47,10 @@ pub const KERNEL_NAMES: &[&str] = &[
     "rope",
     "attention_forward",
     "attention_backward",
-    "flash_forward",
+    "flash_attend",
     "flash_backward_dq",
     "flash_backward_dkv",
-    "flash_forward_bf16",
+    "flash_attend_bf16",
     "flash_backward_dq_bf16",
     "flash_backward_dkv_bf16",
     "kv_store",
@@ -953,26 +953,29 @@ impl Backend for Cuda {
             "head_dim {} > {MAX_HEAD_DIM}",
             s.head_dim
         );
-        if s.head_dim <= FLASH_MAX_HEAD_DIM {
-            let Some((q, name)) = self.flash_qkv(qkv, s, ["flash_forward", "flash_forward_bf16"])
+        let (rs, t) = (s.row() as i32, s.seq as i32);
+        let flash = s.head_dim <= FLASH_MAX_HEAD_DIM;
+        let (q, kernel, elem) = if flash {
+            let Some((q, name)) = self.flash_qkv(qkv, s, ["flash_attend", "flash_attend_bf16"])
             else {
                 return;
             };
-            let args = self.flash_args(None, None, Some(out), Some(lse), q, s);
-            let tiles = s.seq.div_ceil(FLASH_ROWS);
-            self.launch(
-                name,
-                (tiles * s.batch * s.heads) as u32,
-                FLASH_ROWS as u32,
-                &args,
-            );
-            return;
-        }
-        let q = self.ptr(qkv);
-        let k = q + (s.heads * s.head_dim * 4) as u64;
-        let v = k + (s.kv_heads * s.head_dim * 4) as u64;
-        let (rs, t) = (s.row() as i32, s.seq as i32);
-        self.attend(out, Some(lse), (q, rs), (k, v, rs, t, t, 0), None, s);
+            // bf16 elements are 2 bytes.
+            (q, name, if name.ends_with("bf16") { 2 } else { 4 })
+        } else {
+            (self.ptr(qkv), "attention_forward", 4)
+        };
+        let k = q + (s.heads * s.head_dim * elem) as u64;
+        let v = k + (s.kv_heads * s.head_dim * elem) as u64;
+        self.attend(
+            kernel,
+            out,
+            Some(lse),
+            (q, rs),
+            (k, v, rs, t, t, 0),
+            None,
+            s,
+        );
     }
 
     fn kv_store(
@@ -1024,7 +1027,22 @@ impl Backend for Cuda {
             (pos0 + s.seq) as i32,
             pos0 as i32,
         );
-        self.attend(out, None, (self.ptr(qkv), s.row() as i32), src, Some(pp), s);
+        // A prefill (several new positions) takes the tiled kernel; a decode step, one query per
+        // row, the warp kernel.
+        let kernel = if s.seq > 1 && s.head_dim <= FLASH_MAX_HEAD_DIM {
+            "flash_attend"
+        } else {
+            "attention_forward"
+        };
+        self.attend(
+            kernel,
+            out,
+            None,
+            (self.ptr(qkv), s.row() as i32),
+            src,
+            Some(pp),
+            s,
+        );
         // The pads buffer must outlive the kernel.
         if let Err(e) = self.sync() {
             self.fail(e);
@@ -1333,8 +1351,12 @@ impl Cuda {
         args
     }
 
+    /// Launches `kernel` (`attention_forward`, one warp per query row, or `flash_attend[_bf16]`,
+    /// tiles of FLASH_ROWS query rows) with their common arguments.
+    #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
+        kernel: &'static str,
         out: View<Self>,
         lse: Option<View<Self>>,
         q: (u64, i32),
@@ -1362,7 +1384,13 @@ impl Cuda {
             Arg::P(pp),
         ];
         args.extend(a.map(Arg::I));
-        self.warps("attention_forward", s.batch * s.heads * s.seq, &args);
+        if kernel == "attention_forward" {
+            self.warps(kernel, s.batch * s.heads * s.seq, &args);
+        } else {
+            let tiles = s.seq.div_ceil(FLASH_ROWS);
+            let grid = (tiles * s.batch * s.heads) as u32;
+            self.launch(kernel, grid, FLASH_ROWS as u32, &args);
+        }
     }
 
     fn pool(&self, out: View<Self>, x: View<Self>, g: Window, is_max: i32) {
