@@ -1070,7 +1070,7 @@ impl Backend for Cuda {
                 return;
             };
             let dkv = names[1][self.is_bf16() as usize];
-            let args = self.flash_args(Some(dqkv), Some(dout), Some(out), Some(lse), q, s);
+            let args = self.flash_args(dqkv, dout, out, lse, q, s);
             let tiles = s.seq.div_ceil(FLASH_ROWS) as u32;
             let rows = FLASH_ROWS as u32;
             let (bh, bg) = ((s.batch * s.heads) as u32, (s.batch * s.kv_heads) as u32);
@@ -1330,22 +1330,17 @@ impl Cuda {
         }
     }
 
-    /// The flash kernels' arguments: the forward's (out, lse, qkv, dims) or, with dqkv and dout,
-    /// the backward's (dqkv, dout, out, lse, qkv, dims).
+    /// The flash backward kernels' arguments: (dqkv, dout, out, lse, qkv, dims).
     fn flash_args(
         &self,
-        dqkv: Option<View<Self>>,
-        dout: Option<View<Self>>,
-        out: Option<View<Self>>,
-        lse: Option<View<Self>>,
+        dqkv: View<Self>,
+        dout: View<Self>,
+        out: View<Self>,
+        lse: View<Self>,
         qkv: u64,
         s: Attention,
     ) -> Vec<Arg> {
-        let p = |v: Option<View<Self>>| v.map(|v| Arg::P(self.ptr(v)));
-        let mut args: Vec<Arg> = [p(dqkv), p(dout), p(out), p(lse)]
-            .into_iter()
-            .flatten()
-            .collect();
+        let mut args: Vec<Arg> = [dqkv, dout, out, lse].map(|v| Arg::P(self.ptr(v))).to_vec();
         args.push(Arg::P(qkv));
         args.extend([s.batch, s.seq, s.heads, s.kv_heads, s.head_dim].map(|x| Arg::I(x as i32)));
         args
